@@ -1,0 +1,93 @@
+/* bnfast public C API: batch normalization kernels for float32 and float64.
+ * Include this header; see kernels.h for the entry points. */
+#ifndef BNFAST_H
+#define BNFAST_H
+#include "kernels.h"
+
+/* Dtype-generic entry points used by the Python extension (void* operands). */
+typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1 } bn_dtype;
+
+static inline int bn_moments(bn_dtype dt, const bn_geometry *geo, bn_array x, double *count,
+                             double *mean, double *m2, int nthreads)
+{
+    return dt == BN_FLOAT32 ? bn_moments_f32(geo, x, count, mean, m2, nthreads)
+                            : bn_moments_f64(geo, x, count, mean, m2, nthreads);
+}
+
+static inline int bn_forward_train(bn_dtype dt, const bn_geometry *geo, bn_array x, bn_array y,
+                                   const void *weight, const void *bias, void *running_mean,
+                                   void *running_var, double momentum, double eps,
+                                   void *save_mean, void *save_invstd, int nthreads)
+{
+    if (dt == BN_FLOAT32)
+        return bn_forward_train_f32(geo, x, y, (const float *)weight, (const float *)bias,
+                                    (float *)running_mean, (float *)running_var, momentum, eps,
+                                    (float *)save_mean, (float *)save_invstd, nthreads);
+    return bn_forward_train_f64(geo, x, y, (const double *)weight, (const double *)bias,
+                                (double *)running_mean, (double *)running_var, momentum, eps,
+                                (double *)save_mean, (double *)save_invstd, nthreads);
+}
+
+static inline int bn_inference(bn_dtype dt, const bn_geometry *geo, bn_array x, bn_array y,
+                               const void *running_mean, const void *running_var,
+                               const void *weight, const void *bias, double eps, int nthreads)
+{
+    if (dt == BN_FLOAT32)
+        return bn_inference_f32(geo, x, y, (const float *)running_mean, (const float *)running_var,
+                                (const float *)weight, (const float *)bias, eps, nthreads);
+    return bn_inference_f64(geo, x, y, (const double *)running_mean, (const double *)running_var,
+                            (const double *)weight, (const double *)bias, eps, nthreads);
+}
+
+static inline int bn_backward(bn_dtype dt, const bn_geometry *geo, bn_array grad_out, bn_array x,
+                              bn_array grad_in, const void *save_mean, const void *save_invstd,
+                              const void *weight, int training, void *grad_weight,
+                              void *grad_bias, int nthreads)
+{
+    if (dt == BN_FLOAT32)
+        return bn_backward_f32(geo, grad_out, x, grad_in, (const float *)save_mean,
+                               (const float *)save_invstd, (const float *)weight, training,
+                               (float *)grad_weight, (float *)grad_bias, nthreads);
+    return bn_backward_f64(geo, grad_out, x, grad_in, (const double *)save_mean,
+                           (const double *)save_invstd, (const double *)weight, training,
+                           (double *)grad_weight, (double *)grad_bias, nthreads);
+}
+
+/* Threads OpenMP would use by default (1 in a serial build). */
+static inline int bn_default_threads(void)
+{
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static inline int bn_openmp_enabled(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The widest SIMD instruction set this translation unit was compiled for. */
+static inline const char *bn_simd_compiled(void)
+{
+#if defined(__AVX512F__)
+    return "AVX-512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "AVX2+FMA";
+#elif defined(__AVX__)
+    return "AVX";
+#elif defined(__SSE2__) || defined(_M_X64)
+    return "SSE2";
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+    return "NEON";
+#else
+    return "scalar";
+#endif
+}
+
+#endif

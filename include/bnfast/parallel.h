@@ -1,0 +1,137 @@
+/* Work decomposition shared by every kernel.
+ *
+ * An operand is seen as (outer, channels, inner).  Two families cover every
+ * layout:
+ *   planar        inner > 1, inner stride 1: reduce along contiguous runs;
+ *   channels-last inner == 1, channel stride 1: vectorize across channels.
+ * The task grid depends on the shape only, and partial results are merged in
+ * task order, so every result is bit-identical for any thread count. */
+#ifndef BNFAST_PARALLEL_H
+#define BNFAST_PARALLEL_H
+
+#include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Elements per task: large enough to amortize scheduling, small enough that
+ * few channels or a batch of one still give every core work. */
+#define BN_TASK_ELEMS 16384
+/* Welford block: L1-resident, merged with Chan's formula. */
+#define BN_BLOCK 4096
+/* Channels per channels-last task: keeps the per-channel state in L1. */
+#define BN_CHANNEL_TILE 1024
+/* Below this many elements a parallel region costs more than it saves. */
+#define BN_PARALLEL_MIN_ELEMS 65536
+
+typedef struct {
+    ptrdiff_t outer, channels, inner;
+} bn_geometry;
+
+/* A strided operand: element strides of the outer and channel axes; the inner
+ * stride is 1 (planar) or unused (channels-last). */
+typedef struct {
+    void *data;
+    ptrdiff_t outer_stride, channel_stride;
+} bn_array;
+
+typedef struct {
+    int channels_last;
+    ptrdiff_t ntasks;
+    ptrdiff_t partial_rows;  /* rows of per-channel partial states */
+    /* planar: a task covers `group` whole runs, or one `segment` of a long run */
+    ptrdiff_t group, segments, segment_len;
+    /* channels-last: a task covers `chunk` rows of one tile of channels */
+    ptrdiff_t chunk, tile, ntiles;
+} bn_grid;
+
+static inline ptrdiff_t bn_ceil_div(ptrdiff_t a, ptrdiff_t b) { return (a + b - 1) / b; }
+static inline ptrdiff_t bn_min(ptrdiff_t a, ptrdiff_t b) { return a < b ? a : b; }
+static inline ptrdiff_t bn_max(ptrdiff_t a, ptrdiff_t b) { return a > b ? a : b; }
+
+static inline bn_grid bn_make_grid(const bn_geometry *geo)
+{
+    bn_grid g = {0};
+    const ptrdiff_t C = geo->channels;
+    if (geo->inner == 1) {
+        g.channels_last = 1;
+        g.tile = bn_min(C, BN_CHANNEL_TILE);
+        g.ntiles = bn_ceil_div(C, g.tile);
+        g.chunk = bn_max(1, BN_TASK_ELEMS / g.tile);
+        g.partial_rows = bn_ceil_div(geo->outer, g.chunk);
+        g.ntasks = g.partial_rows * g.ntiles;
+    } else {
+        if (geo->inner > BN_TASK_ELEMS) {
+            g.group = 1;
+            g.segment_len = BN_TASK_ELEMS;
+            g.segments = bn_ceil_div(geo->inner, BN_TASK_ELEMS);
+        } else {
+            g.group = bn_max(1, BN_TASK_ELEMS / geo->inner);
+            g.segment_len = geo->inner;
+            g.segments = 1;
+        }
+        g.partial_rows = bn_ceil_div(geo->outer, g.group) * g.segments;
+        g.ntasks = g.partial_rows * C;
+    }
+    return g;
+}
+
+/* One planar task: runs [row0, row1) of channel c, elements [offset, offset+len)
+ * of each run; its partial state goes to partial row `prow`. */
+typedef struct {
+    ptrdiff_t channel, row0, row1, offset, len, prow;
+} bn_planar_task;
+
+static inline bn_planar_task bn_planar_task_of(const bn_grid *g, const bn_geometry *geo, ptrdiff_t t)
+{
+    bn_planar_task u;
+    const ptrdiff_t s = t % g->segments;
+    const ptrdiff_t rest = t / g->segments;
+    const ptrdiff_t group = rest / geo->channels;
+    u.channel = rest % geo->channels;
+    u.row0 = group * g->group;
+    u.row1 = bn_min(geo->outer, u.row0 + g->group);
+    u.offset = s * g->segment_len;
+    u.len = bn_min(g->segment_len, geo->inner - u.offset);
+    u.prow = group * g->segments + s;
+    return u;
+}
+
+/* One channels-last task: rows [row0, row1), channels [c0, c1). */
+typedef struct {
+    ptrdiff_t row0, row1, c0, c1, prow;
+} bn_rows_task;
+
+static inline bn_rows_task bn_rows_task_of(const bn_grid *g, const bn_geometry *geo, ptrdiff_t t)
+{
+    bn_rows_task u;
+    u.prow = t / g->ntiles;
+    u.row0 = u.prow * g->chunk;
+    u.row1 = bn_min(geo->outer, u.row0 + g->chunk);
+    u.c0 = (t % g->ntiles) * g->tile;
+    u.c1 = bn_min(geo->channels, u.c0 + g->tile);
+    return u;
+}
+
+typedef void (*bn_task_fn)(const void *ctx, ptrdiff_t task);
+
+/* Run tasks 0..ntasks-1; tasks write disjoint outputs, so the schedule never
+ * changes a result.  Small inputs stay off the thread pool altogether. */
+static inline void bn_run_tasks(bn_task_fn fn, const void *ctx, ptrdiff_t ntasks,
+                                ptrdiff_t elements, int nthreads)
+{
+#ifdef _OPENMP
+    if (nthreads > 1 && ntasks > 1 && elements >= BN_PARALLEL_MIN_ELEMS) {
+        const int nt = ntasks < nthreads ? (int)ntasks : nthreads;
+#pragma omp parallel for num_threads(nt) schedule(static)
+        for (ptrdiff_t t = 0; t < ntasks; t++) fn(ctx, t);
+        return;
+    }
+#else
+    (void)nthreads;
+    (void)elements;
+#endif
+    for (ptrdiff_t t = 0; t < ntasks; t++) fn(ctx, t);
+}
+
+#endif

@@ -1,0 +1,74 @@
+"""Build the bnfast extension: portable by default, OpenMP when the compiler has it.
+
+Environment:
+    BNFAST_NATIVE=1      add -march=native (fastest on this machine, not portable)
+    BNFAST_NO_OPENMP=1   build the serial kernels even where OpenMP is available
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INCLUDE = os.path.join(HERE, "include")
+
+
+def _compiles_with(compiler, flags):
+    """Whether a tiny OpenMP program compiles and links with ``flags``."""
+    tmp = tempfile.mkdtemp(prefix="bnfast-omp-")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn n>0?0:1;}\n")
+        objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+        compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=flags)
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BuildExt(build_ext):
+    """build_ext that probes for OpenMP and picks portable optimization flags."""
+
+    def build_extensions(self):
+        ctype = self.compiler.compiler_type
+        if ctype == "msvc":
+            cflags, omp = ["/O2"], ["/openmp"]
+        else:
+            cflags = ["-O3", "-std=c11", "-fno-math-errno"]
+            omp = ["-fopenmp"]
+            if os.environ.get("BNFAST_NATIVE") == "1":
+                cflags.append("-march=native")
+        use_omp = os.environ.get("BNFAST_NO_OPENMP") != "1" and _compiles_with(self.compiler, omp)
+        if not use_omp:
+            warnings.warn("bnfast: OpenMP not available; building serial kernels", stacklevel=1)
+            omp = []
+        for ext in self.extensions:
+            ext.extra_compile_args = cflags + omp
+            ext.extra_link_args = omp if ctype != "msvc" else []
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "bnfast._kernels",
+        ["src/bnfast/_kernels.pyx"],
+        include_dirs=[INCLUDE, np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=[os.path.join(INCLUDE, "bnfast", h) for h in os.listdir(os.path.join(INCLUDE, "bnfast"))],
+    )
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}),
+    cmdclass={"build_ext": BuildExt},
+)

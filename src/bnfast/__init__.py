@@ -1,0 +1,34 @@
+"""bnfast: fast, accurate batch normalization for NumPy on the CPU.
+
+C kernels (OpenMP, SIMD) for batch-norm training forward, inference and
+backward in channels-first and channels-last layouts, float32 and float64,
+with one-pass Welford statistics merged by Chan's formula.
+"""
+
+from ._config import show_config
+from ._functional import (
+    batch_norm,
+    batch_norm_backward,
+    batch_norm_forward,
+    batch_norm_inference,
+    get_num_threads,
+    moments,
+    set_num_threads,
+)
+from ._moments import Moments
+from ._parameter import Parameter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Moments",
+    "Parameter",
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "get_num_threads",
+    "moments",
+    "set_num_threads",
+    "show_config",
+]

@@ -1,0 +1,588 @@
+"""The functional API: the one place that validates arguments and plans views.
+
+Every public op sees its array as ``(outer, C, inner)`` around the channel
+axis and hands the kernels one of two layout families:
+
+* planar (``inner > 1``, contiguous inner runs): NCHW, NCL, NCDHW, ...;
+* channels-last (``inner == 1``, contiguous channels): NC, NHWC, NLC, ...
+
+Strided input maps onto a family through its element strides when it can
+(slices, negative strides, a channels-last memory layout passed with
+``axis=1``, Fortran order) and is copied once, here, when it cannot.  Nothing
+a call would change -- running statistics, ``out=`` buffers -- is touched
+before every argument has been checked.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _kernels
+from ._moments import Moments
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "get_num_threads",
+    "moments",
+    "set_num_threads",
+]
+
+_SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Layout modes: how (outer, C, inner) maps onto a kernel family.
+_PLANAR = 0  # (outer, C, inner), inner stride 1
+_ROWS = 1  # inner == 1, channel stride 1: (outer rows, C)
+_ROWS_MERGED = 2  # channel stride 1, outer and inner merge into rows
+_TRANSPOSED = 3  # inner == 1, outer stride 1: planar (1, C, outer)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _float_array(x, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    return x
+
+
+def _channel_axis(x: np.ndarray, axis) -> int:
+    if x.ndim < 2:
+        raise ValueError(
+            f"expected an array of at least 2 dimensions (N, C, ...), got shape {x.shape}"
+        )
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an integer, got {axis!r}")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of {x.ndim} dimensions")
+    return int(axis) % x.ndim
+
+
+def _eps(eps) -> float:
+    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+def _momentum(momentum) -> float:
+    if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
+def _vector(v, name: str, channels: int, dtype: np.dtype) -> np.ndarray | None:
+    """A read-only per-channel argument as a contiguous array of ``dtype``."""
+    if v is None:
+        return None
+    v = np.asarray(v)
+    if v.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array, got dtype {v.dtype}")
+    if v.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+def _state_vector(v, name: str, channels: int, dtype: np.dtype) -> np.ndarray:
+    """A per-channel buffer updated in place (running statistics)."""
+    if not isinstance(v, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray updated in place, got {type(v).__name__}")
+    if v.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of the input ({dtype}), got {v.dtype}")
+    if v.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
+    if not v.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place")
+    return v
+
+
+def _check_out(out, x: np.ndarray, name: str = "out") -> None:
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"{name} must have shape {x.shape}, got {out.shape}")
+    if out.dtype != x.dtype:
+        raise ValueError(f"{name} must have dtype {x.dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+
+
+# ------------------------------------------------------------------ planning
+
+
+def _merge_dims(shape, strides):
+    """(size, element stride) of ``shape`` collapsed to one axis, or None."""
+    size, stride, expected = 1, 0, None
+    for n, s in zip(reversed(shape), reversed(strides)):
+        if n == 1:
+            continue
+        if expected is not None and s != expected:
+            return None
+        if expected is None:
+            stride = s
+        size *= n
+        expected = s * n
+    return size, stride
+
+
+def _geometry(a: np.ndarray, axis: int):
+    """(outer, C, inner) and their element strides, or None if not expressible."""
+    item = a.itemsize
+    if any(s % item for s in a.strides):
+        return None
+    strides = [s // item for s in a.strides]
+    before = _merge_dims(a.shape[:axis], strides[:axis])
+    after = _merge_dims(a.shape[axis + 1 :], strides[axis + 1 :])
+    if before is None or after is None:
+        return None
+    (outer, so), (inner, si) = before, after
+    channels, sc = a.shape[axis], strides[axis]
+    if channels == 1:
+        sc = 1
+    return outer, channels, inner, so, sc, si
+
+
+def _strides_for(geo, mode: int):
+    """Kernel (outer, channel) strides of an operand under ``mode``, or None."""
+    outer, _, inner, so, sc, si = geo
+    if mode == _PLANAR:
+        return (so, sc) if inner > 1 and si == 1 else None
+    if mode == _ROWS:
+        return (so, 1) if inner == 1 and sc == 1 else None
+    if mode == _ROWS_MERGED:
+        ok = inner > 1 and sc == 1 and (outer == 1 or so == si * inner)
+        return (si, 1) if ok else None
+    ok = inner == 1 and (so == 1 or outer == 1)
+    return (0, sc) if ok else None
+
+
+def _kernel_shape(geo, mode: int):
+    outer, channels, inner = geo[:3]
+    if mode == _ROWS_MERGED:
+        return outer * inner, channels, 1
+    if mode == _TRANSPOSED:
+        return 1, channels, outer
+    return outer, channels, inner
+
+
+class _Plan(NamedTuple):
+    """How the kernels see the data of one call."""
+
+    axis: int
+    mode: int
+    shape: tuple  # kernel (outer, C, inner)
+    x: np.ndarray  # the input, or its one contiguous copy
+    xs: tuple
+
+
+def _plan(x: np.ndarray, axis: int) -> _Plan:
+    geo = _geometry(x, axis)
+    if geo is not None:
+        for mode in (_PLANAR, _ROWS, _ROWS_MERGED, _TRANSPOSED):
+            xs = _strides_for(geo, mode)
+            if xs is not None:
+                return _Plan(axis, mode, _kernel_shape(geo, mode), x, xs)
+    x = np.ascontiguousarray(x)
+    geo = _geometry(x, axis)
+    mode = _PLANAR if geo[2] > 1 else _ROWS
+    return _Plan(axis, mode, _kernel_shape(geo, mode), x, _strides_for(geo, mode))
+
+
+def _fit(plan: _Plan, a: np.ndarray):
+    """Kernel strides of ``a`` (same shape as the input) under ``plan``, or None."""
+    if a is plan.x:
+        return plan.xs
+    geo = _geometry(a, plan.axis)
+    return None if geo is None else _strides_for(geo, plan.mode)
+
+
+def _fresh(plan: _Plan) -> np.ndarray:
+    """A new array of the input's shape whose memory order fits ``plan``
+    (and, for every usual layout, is the input's own memory order)."""
+    x, ax = plan.x, plan.axis
+    if plan.mode == _ROWS_MERGED:  # channels innermost
+        return np.moveaxis(np.empty(x.shape[:ax] + x.shape[ax + 1 :] + (x.shape[ax],), x.dtype), -1, ax)
+    if plan.mode == _TRANSPOSED:  # channels outermost
+        return np.moveaxis(np.empty((x.shape[ax],) + x.shape[:ax] + x.shape[ax + 1 :], x.dtype), 0, ax)
+    return np.empty(x.shape, x.dtype)
+
+
+def _input(plan: _Plan, a: np.ndarray):
+    """A second input (grad_out) and its kernel strides, copied once if it must be."""
+    strides = _fit(plan, a)
+    if strides is not None:
+        return a, strides
+    copy = _fresh(plan)
+    np.copyto(copy, a)
+    return copy, _fit(plan, copy)
+
+
+def _output(plan: _Plan, out: np.ndarray | None, inputs):
+    """Where the kernel writes: ``out`` itself when it fits and aliases no input
+    except element-for-element, else a fresh array (copied to ``out`` after)."""
+    if out is not None:
+        strides = _fit(plan, out)
+        if strides is not None and all(
+            not np.may_share_memory(out, a)
+            or (a.__array_interface__["data"][0] == out.__array_interface__["data"][0] and s == strides)
+            for a, s in inputs
+        ):
+            return out, strides
+    y = _fresh(plan)
+    return y, _fit(plan, y)
+
+
+def _finish(target: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    if out is None:
+        return target
+    if target is not out:
+        np.copyto(out, target)
+    return out
+
+
+# ------------------------------------------------------------ public functions
+
+
+def batch_norm_forward(
+    x,
+    weight=None,
+    bias=None,
+    running_mean=None,
+    running_var=None,
+    *,
+    momentum=0.1,
+    eps=1e-5,
+    axis=1,
+    out=None,
+):
+    """Batch normalization in training mode: batch statistics, then normalize.
+
+    Per channel, the mean and biased variance over every axis but ``axis`` are
+    computed in one pass with Welford's algorithm (accumulated in float64,
+    blocks merged with Chan's formula in a fixed order), and
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+        Input, any strides and memory order.
+    weight, bias : array_like of shape (C,), optional
+        Affine parameters; ``None`` means 1 and 0.
+    running_mean, running_var : numpy.ndarray of shape (C,) and x's dtype, optional
+        Updated in place as PyTorch does:
+        ``r_mean = (1 - momentum) * r_mean + momentum * mean`` and
+        ``r_var = (1 - momentum) * r_var + momentum * var * n / (n - 1)``,
+        n the number of values per channel.  Pass both or neither.
+    momentum : float in [0, 1], default 0.1
+    eps : float >= 0, default 1e-5
+    axis : int, default 1
+        The channel axis: 1 for channels-first (NC, NCL, NCHW, NCDHW), -1 for
+        channels-last (NLC, NHWC, NDHWC).
+    out : numpy.ndarray, optional
+        Where to write ``y``: x's shape and dtype, writable; may be ``x``.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        Normalized input, x's shape and dtype.
+    save_mean : numpy.ndarray of shape (C,)
+        Batch mean, x's dtype.
+    save_invstd : numpy.ndarray of shape (C,)
+        ``1 / sqrt(var + eps)``, x's dtype.
+
+    Raises
+    ------
+    TypeError
+        If x is not float32/float64, or running statistics have another dtype.
+    ValueError
+        For a bad shape, axis, eps, momentum or ``out``; read-only running
+        statistics; one value per channel or an empty batch.  Nothing is
+        modified when an exception is raised.
+
+    See Also
+    --------
+    batch_norm_backward : gradients of this function.
+    batch_norm : the torch.nn.functional.batch_norm-compatible wrapper.
+    """
+    x = _float_array(x, "x")
+    ax = _channel_axis(x, axis)
+    channels = x.shape[ax]
+    weight = _vector(weight, "weight", channels, x.dtype)
+    bias = _vector(bias, "bias", channels, x.dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    if running_mean is not None:
+        running_mean = _state_vector(running_mean, "running_mean", channels, x.dtype)
+        running_var = _state_vector(running_var, "running_var", channels, x.dtype)
+    momentum, eps = _momentum(momentum), _eps(eps)
+    _check_out(out, x)
+    per_channel = x.size // channels if channels else math.prod(x.shape[:ax] + x.shape[ax + 1 :])
+    if per_channel == 0:
+        raise ValueError(f"cannot compute batch statistics of an empty batch (input shape {x.shape})")
+    if per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.shape}"
+        )
+
+    save_mean = np.empty(channels, x.dtype)
+    save_invstd = np.empty(channels, x.dtype)
+    if channels == 0:
+        return (out if out is not None else np.empty_like(x)), save_mean, save_invstd
+    plan = _plan(x, ax)
+    y, ys = _output(plan, out, [(plan.x, plan.xs)])
+    # non-contiguous running buffers are updated through a copy, written back on success
+    rm = None if running_mean is None else np.ascontiguousarray(running_mean)
+    rv = None if running_var is None else np.ascontiguousarray(running_var)
+    _kernels.forward_train(
+        plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd
+    )
+    if rm is not None and rm is not running_mean:
+        running_mean[...] = rm
+    if rv is not None and rv is not running_var:
+        running_var[...] = rv
+    return _finish(y, out), save_mean, save_invstd
+
+
+def batch_norm_inference(
+    x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1, out=None
+):
+    """Batch normalization with given statistics (evaluation mode).
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``,
+    computed in float64 per element and rounded once to x's dtype.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+    running_mean, running_var : array_like of shape (C,)
+        The statistics to normalize with (not modified).
+    weight, bias : array_like of shape (C,), optional
+        Affine parameters; ``None`` means 1 and 0.
+    eps : float >= 0, default 1e-5
+    axis : int, default 1
+        The channel axis (negative allowed).
+    out : numpy.ndarray, optional
+        Where to write the result; may be ``x``.
+
+    Returns
+    -------
+    numpy.ndarray
+        x's shape and dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `batch_norm_forward`.
+    """
+    x = _float_array(x, "x")
+    ax = _channel_axis(x, axis)
+    channels = x.shape[ax]
+    running_mean = _vector(running_mean, "running_mean", channels, x.dtype)
+    running_var = _vector(running_var, "running_var", channels, x.dtype)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required for inference")
+    weight = _vector(weight, "weight", channels, x.dtype)
+    bias = _vector(bias, "bias", channels, x.dtype)
+    eps = _eps(eps)
+    _check_out(out, x)
+    if x.size == 0:
+        return out if out is not None else np.empty_like(x)
+    plan = _plan(x, ax)
+    y, ys = _output(plan, out, [(plan.x, plan.xs)])
+    _kernels.inference(plan.shape, plan.x, plan.xs, y, ys, running_mean, running_var, weight, bias, eps)
+    return _finish(y, out)
+
+
+def batch_norm_backward(
+    grad_out, x, save_mean, save_invstd, weight=None, *, training=True, axis=1, out=None
+):
+    """Gradients of batch normalization with respect to input, weight and bias.
+
+    With ``training=True`` the statistics are those of the batch and the
+    gradient flows through them::
+
+        grad_input = weight * invstd * (g - mean(g) - xhat * mean(g * xhat))
+
+    With ``training=False`` they are constants (evaluation mode, frozen-BN
+    fine-tuning): ``grad_input = g * weight * invstd``.  In both cases
+    ``grad_weight = sum(g * xhat)`` and ``grad_bias = sum(g)``, with
+    ``xhat = (x - save_mean) * save_invstd``.
+
+    Parameters
+    ----------
+    grad_out : numpy.ndarray
+        Gradient of the loss with respect to the output; x's shape and dtype.
+    x : numpy.ndarray of float32 or float64
+        The forward input.
+    save_mean, save_invstd : array_like of shape (C,)
+        From `batch_norm_forward`; for ``training=False`` the running mean and
+        ``1 / sqrt(running_var + eps)``.
+    weight : array_like of shape (C,), optional
+        ``None`` means 1.
+    training : bool, default True
+    axis : int, default 1
+    out : numpy.ndarray, optional
+        Where to write grad_input; may be ``grad_out`` or ``x``.
+
+    Returns
+    -------
+    grad_input : numpy.ndarray
+        x's shape and dtype.
+    grad_weight, grad_bias : numpy.ndarray of shape (C,)
+        x's dtype (computed even when ``weight`` is None).
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad dtypes, shapes, axis or ``out``.
+    """
+    x = _float_array(x, "x")
+    grad_out = _float_array(grad_out, "grad_out")
+    ax = _channel_axis(x, axis)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have the shape of x {x.shape}, got {grad_out.shape}")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
+    channels = x.shape[ax]
+    save_mean = _vector(save_mean, "save_mean", channels, x.dtype)
+    save_invstd = _vector(save_invstd, "save_invstd", channels, x.dtype)
+    if save_mean is None or save_invstd is None:
+        raise ValueError("save_mean and save_invstd are required")
+    weight = _vector(weight, "weight", channels, x.dtype)
+    _check_out(out, x)
+    grad_weight = np.zeros(channels, x.dtype)
+    grad_bias = np.zeros(channels, x.dtype)
+    if x.size == 0:
+        grad_in = out if out is not None else np.empty_like(x)
+        return grad_in, grad_weight, grad_bias
+    plan = _plan(x, ax)
+    g, gs = _input(plan, grad_out)
+    grad_in, gis = _output(plan, out, [(plan.x, plan.xs), (g, gs)])
+    _kernels.backward(
+        plan.shape, g, gs, plan.x, plan.xs, grad_in, gis,
+        save_mean, save_invstd, weight, bool(training), grad_weight, grad_bias,
+    )  # fmt: skip
+    return _finish(grad_in, out), grad_weight, grad_bias
+
+
+def batch_norm(
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    axis=1,
+    out=None,
+):
+    """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
+
+    Code written for PyTorch ports by changing the import: in training mode the
+    batch statistics normalize and update the running statistics (when given);
+    otherwise the running statistics normalize.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+    running_mean, running_var : numpy.ndarray of shape (C,) or None
+        Required when ``training`` is False; updated in place when training.
+    weight, bias : array_like of shape (C,), optional
+    training : bool, default False
+    momentum : float in [0, 1], default 0.1
+    eps : float >= 0, default 1e-5
+    axis : int, default 1
+        The channel axis (keyword only; PyTorch has none).
+    out : numpy.ndarray, optional
+
+    Returns
+    -------
+    numpy.ndarray
+        x's shape and dtype.
+
+    See Also
+    --------
+    batch_norm_forward, batch_norm_inference
+    """
+    if training:
+        y, _, _ = batch_norm_forward(
+            x, weight, bias, running_mean, running_var, momentum=momentum, eps=eps, axis=axis, out=out
+        )
+        return y
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be given when training is False")
+    return batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps, axis=axis, out=out)
+
+
+def moments(x, *, axis=1) -> Moments:
+    """Per-channel Welford state (count, mean, M2) of ``x``.
+
+    The state merges exactly with others (`Moments.merge`), for statistics of
+    data sets seen in pieces: ``bnfast.recalibrate`` and distributed use.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+    axis : int, default 1
+        The channel axis.
+
+    Returns
+    -------
+    Moments
+        ``count`` (int64), ``mean`` and ``m2`` (float64), each of shape (C,).
+    """
+    x = _float_array(x, "x")
+    ax = _channel_axis(x, axis)
+    channels = x.shape[ax]
+    count = np.zeros(channels, np.float64)
+    mean = np.zeros(channels, np.float64)
+    m2 = np.zeros(channels, np.float64)
+    if x.size:
+        plan = _plan(x, ax)
+        _kernels.moments(plan.shape, plan.x, plan.xs, count, mean, m2)
+    return Moments(count.astype(np.int64), mean, m2)
+
+
+# ------------------------------------------------------------------- threads
+
+
+def set_num_threads(n) -> None:
+    """Set the number of threads every kernel uses.
+
+    Parameters
+    ----------
+    n : int >= 1, or None
+        ``None`` restores the default: OpenMP's, which follows
+        ``OMP_NUM_THREADS`` and threadpoolctl limits.
+
+    Notes
+    -----
+    Results are bit-identical for any thread count.
+    """
+    if n is None:
+        _kernels.set_num_threads(0)
+        return
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"number of threads must be an integer >= 1 or None, got {n!r}")
+    _kernels.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Number of threads the next kernel call uses.
+
+    Returns
+    -------
+    int
+    """
+    return _kernels.get_num_threads()

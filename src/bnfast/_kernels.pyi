@@ -1,0 +1,56 @@
+"""Type stubs for the compiled bridge to the C kernels (bnfast._kernels)."""
+
+import numpy as np
+
+Shape3 = tuple[int, int, int]
+Strides2 = tuple[int, int]
+
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def openmp_enabled() -> bool: ...
+def simd_compiled() -> str: ...
+def moments(
+    shape: Shape3, x: np.ndarray, xs: Strides2, count: np.ndarray, mean: np.ndarray, m2: np.ndarray
+) -> None: ...
+def forward_train(
+    shape: Shape3,
+    x: np.ndarray,
+    xs: Strides2,
+    y: np.ndarray,
+    ys: Strides2,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    momentum: float,
+    eps: float,
+    save_mean: np.ndarray,
+    save_invstd: np.ndarray,
+) -> None: ...
+def inference(
+    shape: Shape3,
+    x: np.ndarray,
+    xs: Strides2,
+    y: np.ndarray,
+    ys: Strides2,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    weight: np.ndarray | None,
+    bias: np.ndarray | None,
+    eps: float,
+) -> None: ...
+def backward(
+    shape: Shape3,
+    grad_out: np.ndarray,
+    gs: Strides2,
+    x: np.ndarray,
+    xs: Strides2,
+    grad_in: np.ndarray,
+    gis: Strides2,
+    save_mean: np.ndarray,
+    save_invstd: np.ndarray,
+    weight: np.ndarray | None,
+    training: bool,
+    grad_weight: np.ndarray,
+    grad_bias: np.ndarray,
+) -> None: ...
