@@ -17,10 +17,18 @@ from ._functional import (
 )
 from ._moments import Moments
 from ._parameter import Parameter
+from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, recalibrate
+from .fold import fold_batch_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "fold_batch_norm",
+    "recalibrate",
     "Moments",
     "Parameter",
     "batch_norm",
