@@ -19,10 +19,13 @@ from ._moments import Moments
 from ._parameter import Parameter
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, recalibrate
 from .fold import fold_batch_norm
+from . import nn, testing
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "nn",
+    "testing",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

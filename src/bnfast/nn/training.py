@@ -1,0 +1,281 @@
+"""A small training loop: :func:`fit`, :func:`evaluate` and :func:`predict`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from .losses import CrossEntropyLoss
+
+__all__ = ["fit", "evaluate", "predict"]
+
+
+def _check_xy(X: Any, y: Any, who: str) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim < 1 or y.ndim < 1:
+        raise ValueError(f"{who}: X and y must have a leading sample dimension")
+    if len(X) != len(y):
+        raise ValueError(f"{who}: X has {len(X)} samples but y has {len(y)}")
+    if len(X) == 0:
+        raise ValueError(f"{who}: no samples")
+    return X, y
+
+
+def _check_batch_size(batch_size: Any, who: str) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"{who}: batch_size must be a positive int, got {batch_size!r}")
+    return int(batch_size)
+
+
+class _Progress:
+    """One progress bar per epoch: tqdm when importable, a plain line otherwise."""
+
+    def __init__(self, enabled: bool, total: int, desc: str, stream: Any = None) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.desc = desc
+        self.stream = stream if stream is not None else sys.stderr
+        self.count = 0
+        self._bar = None
+        self._last = 0.0
+        self._t0 = time.perf_counter()
+        if not enabled:
+            return
+        try:
+            from tqdm.auto import tqdm  # type: ignore[import-not-found]
+        except Exception:  # tqdm missing or broken: plain fallback
+            tqdm = None
+        if tqdm is not None:
+            self._bar = tqdm(total=total, desc=desc, file=self.stream, leave=True, unit="batch")
+        self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def update(self, loss: float) -> None:
+        self.count += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            return
+        now = time.perf_counter()
+        if self._tty and (now - self._last > 0.1 or self.count == self.total):
+            self._last = now
+            width = 20
+            filled = int(width * self.count / max(self.total, 1))
+            bar = "#" * filled + "." * (width - filled)
+            self.stream.write(f"\r{self.desc} [{bar}] {self.count}/{self.total} loss {loss:.4f}")
+            self.stream.flush()
+
+    def close(self, summary: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(summary, refresh=True)
+            self._bar.close()
+            return
+        prefix = "\r" if self._tty else ""
+        self.stream.write(f"{prefix}{self.desc} {self.count}/{self.total} - {summary}\n")
+        self.stream.flush()
+
+
+def _format(entry: dict) -> str:
+    parts = [f"{entry['seconds']:.2f}s"]
+    for k in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if k in entry:
+            parts.append(f"{k} {entry[k]:.4f}")
+    parts.append(f"lr {entry['lr']:.4g}")
+    return " - ".join(parts)
+
+
+def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, batch_size: int,
+        shuffle: bool = True, validation_data: tuple | None = None, scheduler: Any = None,
+        progress: bool = True, seed: Any = None, drop_last: bool = False) -> dict[str, list[float]]:
+    """Train ``model`` with mini-batches and return the per-epoch history.
+
+    Each step runs ``out = model(xb)``, ``loss(out, yb)``,
+    ``optimizer.zero_grad()``, ``model.backward(loss.backward())`` and
+    ``optimizer.step()``.  The model is in training mode while it learns and
+    in evaluation mode while it is validated; the mode it had before the call
+    is restored at the end.  ``scheduler.step()`` runs after every epoch.
+
+    Parameters
+    ----------
+    model : layer
+        Any object following the layer contract (e.g. a
+        :class:`~bnfast.nn.Sequential`).
+    loss : CrossEntropyLoss, MSELoss or compatible
+        Called as ``loss(pred, target) -> float``, then ``loss.backward()``.
+    optimizer : SGD, Adam or compatible
+        Has ``zero_grad()``, ``step()`` and torch-style ``param_groups``.
+    X, y : array_like
+        Inputs and targets with the same number of samples (first dimension).
+    epochs : int
+    batch_size : int
+    shuffle : bool, default True
+        Visit the samples in a new random order every epoch.
+    validation_data : (X_val, y_val), optional
+        Evaluated after every epoch (``val_loss``, ``val_accuracy``).
+    scheduler : StepLR, CosineAnnealingLR or compatible, optional
+    progress : bool, default True
+        Show a progress bar per epoch on stderr (tqdm when installed, a plain
+        fallback otherwise); ``False`` prints nothing.
+    seed : int, numpy.random.Generator or None
+        Seed of the shuffling.
+    drop_last : bool, default False
+        Skip the last batch when it is smaller than ``batch_size`` (useful
+        with batch normalization when ``len(X) % batch_size == 1``).
+
+    Returns
+    -------
+    dict of str to list of float
+        One entry per epoch under ``"loss"`` (mean training loss over the
+        epoch's samples, measured while training), ``"accuracy"`` (for
+        :class:`CrossEntropyLoss`), ``"val_loss"`` / ``"val_accuracy"`` (with
+        ``validation_data``), ``"lr"`` (learning rate used during the epoch)
+        and ``"seconds"`` (wall time of the training part of the epoch).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from bnfast import nn
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(64, 2)).astype(np.float32)
+    >>> y = (X[:, 0] > 0).astype(np.int64)
+    >>> model = nn.Sequential(nn.Linear(2, 8, rng=0), nn.ReLU(), nn.Linear(8, 2, rng=1))
+    >>> hist = nn.fit(model, nn.CrossEntropyLoss(), nn.SGD(model.parameters(), lr=0.5), X, y,
+    ...               epochs=20, batch_size=16, progress=False, seed=0)
+    >>> hist["accuracy"][-1] > 0.9
+    True
+    """
+    X, y = _check_xy(X, y, "fit")
+    batch_size = _check_batch_size(batch_size, "fit")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+        raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise ValueError("fit: validation_data must be a pair (X_val, y_val)")
+        Xv, yv = _check_xy(validation_data[0], validation_data[1], "fit (validation_data)")
+    classification = isinstance(loss, CrossEntropyLoss)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    n = len(X)
+    n_batches = n // batch_size if drop_last else -(-n // batch_size)
+    if n_batches == 0:
+        raise ValueError(f"fit: drop_last=True with batch_size {batch_size} > {n} samples leaves no batch")
+    keys = ["loss"] + (["accuracy"] if classification else [])
+    if validation_data is not None:
+        keys += ["val_loss"] + (["val_accuracy"] if classification else [])
+    history: dict[str, list[float]] = {k: [] for k in keys + ["lr", "seconds"]}
+    was_training = bool(getattr(model, "training", True))
+    try:
+        for epoch in range(int(epochs)):
+            model.train()
+            lr = float(optimizer.param_groups[0]["lr"])
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            bar = _Progress(progress, n_batches, f"Epoch {epoch + 1}/{epochs}")
+            t0 = time.perf_counter()
+            total_loss = 0.0
+            correct = 0
+            seen = 0
+            for b in range(n_batches):
+                idx = order[b * batch_size:(b + 1) * batch_size]
+                xb, yb = X[idx], y[idx]
+                out = model(xb)
+                value = loss(out, yb)
+                optimizer.zero_grad()
+                model.backward(loss.backward())
+                optimizer.step()
+                total_loss += value * len(idx)
+                seen += len(idx)
+                if classification:
+                    correct += int(np.count_nonzero(np.argmax(out, axis=1) == yb))
+                bar.update(value)
+            seconds = time.perf_counter() - t0
+            entry: dict[str, float] = {"loss": total_loss / seen}
+            if classification:
+                entry["accuracy"] = correct / seen
+            if validation_data is not None:
+                val = evaluate(model, loss, Xv, yv, batch_size=max(batch_size, 256))
+                entry["val_loss"] = val["loss"]
+                if classification:
+                    entry["val_accuracy"] = val["accuracy"]
+            entry["lr"] = lr
+            entry["seconds"] = seconds
+            for k in history:
+                history[k].append(entry[k])
+            bar.close(_format(entry))
+            if scheduler is not None:
+                scheduler.step()
+    finally:
+        model.train(was_training)
+    return history
+
+
+def evaluate(model: Any, loss: Any, X: Any, y: Any, batch_size: int = 256) -> dict[str, float]:
+    """Loss (and accuracy for classification) of ``model`` on a data set, in evaluation mode.
+
+    Parameters
+    ----------
+    model : layer
+    loss : CrossEntropyLoss, MSELoss or compatible
+    X, y : array_like
+    batch_size : int, default 256
+
+    Returns
+    -------
+    dict
+        ``{"loss": ...}`` (mean over samples) plus ``"accuracy"`` for
+        :class:`CrossEntropyLoss`.  The model's mode is restored afterwards.
+    """
+    X, y = _check_xy(X, y, "evaluate")
+    batch_size = _check_batch_size(batch_size, "evaluate")
+    classification = isinstance(loss, CrossEntropyLoss)
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        total = 0.0
+        correct = 0
+        for s in range(0, len(X), batch_size):
+            xb, yb = X[s:s + batch_size], y[s:s + batch_size]
+            out = model(xb)
+            total += loss(out, yb) * len(xb)
+            if classification:
+                correct += int(np.count_nonzero(np.argmax(out, axis=1) == yb))
+    finally:
+        model.train(was_training)
+    result = {"loss": total / len(X)}
+    if classification:
+        result["accuracy"] = correct / len(X)
+    return result
+
+
+def predict(model: Any, X: Any, batch_size: int = 256) -> np.ndarray:
+    """Outputs of ``model`` for every sample of ``X``, in evaluation mode.
+
+    Parameters
+    ----------
+    model : layer
+    X : array_like
+    batch_size : int, default 256
+
+    Returns
+    -------
+    numpy.ndarray
+        The outputs concatenated along the first axis (logits for a
+        classifier: take ``argmax(axis=1)`` for labels).  The model's mode is
+        restored afterwards.
+    """
+    X = np.asarray(X)
+    if X.ndim < 1 or len(X) == 0:
+        raise ValueError("predict: X must have at least one sample")
+    batch_size = _check_batch_size(batch_size, "predict")
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        outs = [np.asarray(model(X[s:s + batch_size])) for s in range(0, len(X), batch_size)]
+    finally:
+        model.train(was_training)
+    return np.concatenate(outs, axis=0)
