@@ -20,7 +20,8 @@ torch = pytest.importorskip("torch")
 
 import bnfast  # noqa: E402
 
-DIFFS: dict[str, float] = {}
+# comparison -> {"abs": max |ours - torch|, "rel": max of that / max |torch value| per array}
+DIFFS: dict[str, dict[str, float]] = {}
 
 TOL = {
     np.float32: dict(rtol=1e-4, atol=2e-5),
@@ -41,8 +42,11 @@ def compare(what, dtype, actual, expected):
     assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
     assert actual.dtype == np.dtype(dtype), (what, actual.dtype)
     key = f"{what} [{DTYPE_NAME[dtype]}]"
-    diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)))) if actual.size else 0.0
-    DIFFS[key] = max(DIFFS.get(key, 0.0), diff)
+    if actual.size:
+        diff = float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+        rel = diff / max(float(np.max(np.abs(expected.astype(np.float64)))), 1e-300)
+        old = DIFFS.get(key, {"abs": 0.0, "rel": 0.0})
+        DIFFS[key] = {"abs": max(old["abs"], diff), "rel": max(old["rel"], rel)}
     np.testing.assert_allclose(actual, expected, err_msg=what, **TOL[dtype])
 
 
@@ -56,9 +60,9 @@ def _report_diffs():
     )
     with open(path, "w") as f:
         json.dump(dict(sorted(DIFFS.items())), f, indent=1)
-    print("\nlargest |bnfast - torch| per comparison:")
+    print("\nlargest |bnfast - torch| per comparison (absolute, relative to max |torch|):")
     for k, v in sorted(DIFFS.items()):
-        print(f"  {k:45s} {v:.3e}")
+        print(f"  {k:48s} {v['abs']:.3e}  {v['rel']:.3e}")
     print(f"(written to {path})")
 
 

@@ -174,7 +174,7 @@ class BatchNorm:
             dt = np.dtype(dtype)
         except TypeError:
             dt = None
-        if dt not in _FLOAT_DTYPES:
+        if dtype is None or dt is None or dt not in _FLOAT_DTYPES:  # (np.dtype(None) is float64)
             raise TypeError(f"dtype must be float32 or float64 (got {dtype!r})")
         self._num_features = int(num_features)
         self._axis = int(axis)
