@@ -34,7 +34,7 @@ __all__ = [
     "set_num_threads",
 ]
 
-_SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
+_SUPPORTED_CHARS = frozenset("fd")  # float32, float64
 
 # Layout modes: how (outer, C, inner) maps onto a kernel family.
 _PLANAR = 0  # (outer, C, inner), inner stride 1
@@ -47,8 +47,9 @@ _TRANSPOSED = 3  # inner == 1, outer stride 1: planar (1, C, outer)
 
 
 def _float_array(x, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.dtype not in _SUPPORTED:
+    if type(x) is not np.ndarray:
+        x = np.asarray(x)
+    if x.dtype.char not in _SUPPORTED_CHARS:
         raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
     return x
 
@@ -58,7 +59,7 @@ def _channel_axis(x: np.ndarray, axis) -> int:
         raise ValueError(
             f"expected an array of at least 2 dimensions (N, C, ...), got shape {x.shape}"
         )
-    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+    if type(axis) is not int and (not isinstance(axis, numbers.Integral) or isinstance(axis, bool)):
         raise TypeError(f"axis must be an integer, got {axis!r}")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for an array of {x.ndim} dimensions")
@@ -66,12 +67,16 @@ def _channel_axis(x: np.ndarray, axis) -> int:
 
 
 def _eps(eps) -> float:
+    if type(eps) is float and 0.0 <= eps < math.inf:
+        return eps
     if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     return float(eps)
 
 
 def _momentum(momentum) -> float:
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:
+        return momentum
     if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     return float(momentum)
@@ -81,6 +86,8 @@ def _vector(v, name: str, channels: int, dtype: np.dtype) -> np.ndarray | None:
     """A read-only per-channel argument as a contiguous array of ``dtype``."""
     if v is None:
         return None
+    if type(v) is np.ndarray and v.dtype is dtype and v.shape == (channels,) and v.flags.c_contiguous:
+        return v
     v = np.asarray(v)
     if v.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {v.dtype}")
@@ -184,6 +191,13 @@ class _Plan(NamedTuple):
 
 
 def _plan(x: np.ndarray, axis: int) -> _Plan:
+    if x.flags.c_contiguous:  # the common case, without stride arithmetic
+        shape = x.shape
+        channels, inner = shape[axis], math.prod(shape[axis + 1 :])
+        outer = math.prod(shape[:axis])
+        if inner > 1:
+            return _Plan(axis, _PLANAR, (outer, channels, inner), x, (channels * inner, inner))
+        return _Plan(axis, _ROWS, (outer, channels, 1), x, (channels, 1))
     geo = _geometry(x, axis)
     if geo is not None:
         for mode in (_PLANAR, _ROWS, _ROWS_MERGED, _TRANSPOSED):
@@ -204,15 +218,18 @@ def _fit(plan: _Plan, a: np.ndarray):
     return None if geo is None else _strides_for(geo, plan.mode)
 
 
-def _fresh(plan: _Plan) -> np.ndarray:
-    """A new array of the input's shape whose memory order fits ``plan``
-    (and, for every usual layout, is the input's own memory order)."""
+def _fresh(plan: _Plan):
+    """A new array of the input's shape whose memory order fits ``plan`` (for
+    every usual layout, the input's own memory order), and its kernel strides."""
     x, ax = plan.x, plan.axis
+    _, channels, inner = plan.shape
     if plan.mode == _ROWS_MERGED:  # channels innermost
-        return np.moveaxis(np.empty(x.shape[:ax] + x.shape[ax + 1 :] + (x.shape[ax],), x.dtype), -1, ax)
+        rest = x.shape[:ax] + x.shape[ax + 1 :]
+        return np.moveaxis(np.empty(rest + (channels,), x.dtype), -1, ax), (channels, 1)
     if plan.mode == _TRANSPOSED:  # channels outermost
-        return np.moveaxis(np.empty((x.shape[ax],) + x.shape[:ax] + x.shape[ax + 1 :], x.dtype), 0, ax)
-    return np.empty(x.shape, x.dtype)
+        rest = x.shape[:ax] + x.shape[ax + 1 :]
+        return np.moveaxis(np.empty((channels,) + rest, x.dtype), 0, ax), (0, inner)
+    return np.empty(x.shape, x.dtype), (channels * inner, inner)
 
 
 def _input(plan: _Plan, a: np.ndarray):
@@ -220,24 +237,24 @@ def _input(plan: _Plan, a: np.ndarray):
     strides = _fit(plan, a)
     if strides is not None:
         return a, strides
-    copy = _fresh(plan)
+    copy, strides = _fresh(plan)
     np.copyto(copy, a)
-    return copy, _fit(plan, copy)
+    return copy, strides
 
 
 def _output(plan: _Plan, out: np.ndarray | None, inputs):
-    """Where the kernel writes: ``out`` itself when it fits and aliases no input
-    except element-for-element, else a fresh array (copied to ``out`` after)."""
+    """Where the kernel writes: ``out`` itself when its strides fit and it
+    overlaps no input except as that very array (element for element, which
+    every kernel allows), else a fresh array copied to ``out`` afterwards."""
     if out is not None:
         strides = _fit(plan, out)
-        if strides is not None and all(
-            not np.may_share_memory(out, a)
-            or (a.__array_interface__["data"][0] == out.__array_interface__["data"][0] and s == strides)
-            for a, s in inputs
-        ):
+        if strides is not None and all(out is a or not np.may_share_memory(out, a) for a in inputs):
             return out, strides
-    y = _fresh(plan)
-    return y, _fit(plan, y)
+    return _fresh(plan)
+
+
+def _contiguous(a: np.ndarray | None) -> np.ndarray | None:
+    return a if a is None or a.flags.c_contiguous else a.copy()
 
 
 def _finish(target: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -338,10 +355,10 @@ def batch_norm_forward(
     if channels == 0:
         return (out if out is not None else np.empty_like(x)), save_mean, save_invstd
     plan = _plan(x, ax)
-    y, ys = _output(plan, out, [(plan.x, plan.xs)])
+    y, ys = _output(plan, out, (plan.x,))
     # non-contiguous running buffers are updated through a copy, written back on success
-    rm = None if running_mean is None else np.ascontiguousarray(running_mean)
-    rv = None if running_var is None else np.ascontiguousarray(running_var)
+    rm = _contiguous(running_mean)
+    rv = _contiguous(running_var)
     _kernels.forward_train(
         plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd
     )
@@ -397,7 +414,7 @@ def batch_norm_inference(
     if x.size == 0:
         return out if out is not None else np.empty_like(x)
     plan = _plan(x, ax)
-    y, ys = _output(plan, out, [(plan.x, plan.xs)])
+    y, ys = _output(plan, out, (plan.x,))
     _kernels.inference(plan.shape, plan.x, plan.xs, y, ys, running_mean, running_var, weight, bias, eps)
     return _finish(y, out)
 
@@ -466,7 +483,7 @@ def batch_norm_backward(
         return grad_in, grad_weight, grad_bias
     plan = _plan(x, ax)
     g, gs = _input(plan, grad_out)
-    grad_in, gis = _output(plan, out, [(plan.x, plan.xs), (g, gs)])
+    grad_in, gis = _output(plan, out, (plan.x, g))
     _kernels.backward(
         plan.shape, g, gs, plan.x, plan.xs, grad_in, gis,
         save_mean, save_invstd, weight, bool(training), grad_weight, grad_bias,
