@@ -97,6 +97,7 @@ def test_affine_false_and_no_tracking():
         (dict(num_features=3, dtype=np.int32), TypeError),
         (dict(num_features=3, dtype=np.float16), TypeError),
         (dict(num_features=3, dtype="nonsense"), TypeError),
+        (dict(num_features=3, dtype=None), TypeError),
         (dict(num_features=3, axis=1.0), TypeError),
     ],
 )
