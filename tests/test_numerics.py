@@ -147,6 +147,7 @@ def _finite_check(got, want, axis, dtype, what, bad_channel=1):
                                err_msg=what)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the float64 reference
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", NAN_LAYOUTS)
 @pytest.mark.parametrize("kind", list(BAD))
@@ -205,6 +206,7 @@ def test_nonfinite_input_stays_in_its_channel(shape, axis, dtype, kind, where, t
     assert np.array_equal(np.isfinite(yi), np.isfinite(wi))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the float64 reference
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", NAN_LAYOUTS[:3])
 @pytest.mark.parametrize("kind", list(BAD))
@@ -222,7 +224,8 @@ def test_nonfinite_grad_out_stays_in_its_channel(shape, axis, dtype, kind, train
         gi, gw, gb = bnfast.batch_norm_backward(g, x, sm, si, w, training=training, axis=axis)
     assert not np.isfinite(gw[1]) and not np.isfinite(gb[1])
     if training:
-        assert np.isnan(take(gi, 1, axis)).all()
+        # every element depends on the channel's sums (one of them +-inf): NaN or +-inf
+        assert not np.isfinite(take(gi, 1, axis)).any()
     else:
         assert np.array_equal(np.isfinite(gi), np.isfinite(want[0]))
     _finite_check(gi, want[0], axis, dtype, "grad_input")
@@ -244,18 +247,20 @@ def test_huge_magnitudes_float32(shape, axis, spread):
     assert np.isfinite(x).all()
     w = rng.uniform(0.5, 2.0, c).astype(np.float32)
     b = rng.standard_normal(c).astype(np.float32)
-    want_y, want_m, want_s, _, _ = ref.batch_norm_forward(x, w, b, axis=axis)
+    rm, rv = np.zeros(c, np.float32), np.ones(c, np.float32)
+    want_y, want_m, want_s, want_rm, want_rv = ref.batch_norm_forward(x, w, b, rm, rv, axis=axis)
 
-    rm = np.zeros(c, np.float32)
-    with np.errstate(over="ignore"):
-        y, sm, si = bnfast.batch_norm_forward(x, w, b, rm, None, axis=axis)
+    y, sm, si = bnfast.batch_norm_forward(x, w, b, rm, rv, axis=axis)
     for name, got in (("y", y), ("save_mean", sm), ("save_invstd", si), ("running_mean", rm)):
         assert np.isfinite(got).all(), f"{name} not finite"
     np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(sm, want_m, rtol=1e-5)
     np.testing.assert_allclose(si, want_s, rtol=1e-5)
     assert si.min() > 0
-    np.testing.assert_allclose(rm, 0.1 * want_m, rtol=1e-5)
+    np.testing.assert_allclose(rm, want_rm, rtol=1e-5)
+    # running_var ~ 0.1 * spread**2: beyond float32's range (inf) when spread = 1e30
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(rv, want_rv.astype(np.float32), rtol=1e-5)
 
     m = bnfast.moments(x, axis=axis)
     cnt, mean, m2 = ref.moments(x, axis=axis)
@@ -275,7 +280,7 @@ def test_huge_magnitudes_float32(shape, axis, spread):
 
     # inference with float32 running statistics of that magnitude
     rvar = (want_s.astype(np.float64) ** -2)  # ~spread**2: overflows float32 when spread=1e30
-    if np.isfinite(rvar.astype(np.float32)).all():
+    if rvar.max() < np.finfo(np.float32).max:
         yi = bnfast.batch_norm_inference(x, want_m.astype(np.float32), rvar.astype(np.float32),
                                          w, b, axis=axis)
         np.testing.assert_allclose(yi, want_y, rtol=1e-4, atol=1e-3)
