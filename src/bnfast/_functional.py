@@ -167,7 +167,7 @@ def _strides_for(geo, mode: int):
     if mode == _ROWS_MERGED:
         ok = inner > 1 and sc == 1 and (outer == 1 or so == si * inner)
         return (si, 1) if ok else None
-    ok = inner == 1 and (so == 1 or outer == 1)
+    ok = inner == 1 and outer > 1 and so == 1  # kernel inner == outer > 1: planar
     return (0, sc) if ok else None
 
 
