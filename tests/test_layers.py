@@ -565,3 +565,83 @@ def test_random_shapes_and_axes(ndim, data, dtype, training, affine):
     rgx = ref_backward(g, x, mean, var, bn.weight, 1e-5, axis, training)[0]
     scale = 1e-3 if dtype == np.float32 else 1e-9
     np.testing.assert_allclose(gx, rgx, rtol=scale, atol=scale * max(1.0, float(np.abs(rgx).max())))
+
+
+# ----------------------------------------------------------------- memory layouts & special values
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_and_mixed_layout_inputs_match_contiguous(training):
+    rng = np.random.default_rng(21)
+    big = (3 + rng.standard_normal((4, 6, 8, 10))).astype(np.float32)
+    gbig = rng.standard_normal((4, 6, 8, 10)).astype(np.float32)
+
+    def run(x, g, axis=1):
+        bn = BatchNorm(x.shape[axis], axis=axis).train(training)
+        bn.running_mean = np.full(x.shape[axis], 0.5)
+        bn.running_var = np.full(x.shape[axis], 2.0)
+        y = bn(x)
+        gx = bn.backward(g)
+        return [y, gx, bn.running_mean, bn.running_var, bn.grad_weight, bn.grad_bias]
+
+    view, gview = big[:, ::2, ::-1, 1::3], gbig[:, ::2, ::-1, 1::3]
+    ref = run(np.ascontiguousarray(view), np.ascontiguousarray(gview))
+    chl = np.ascontiguousarray(np.moveaxis(big, 1, -1))  # NHWC memory seen as NCHW, axis=1
+    variants = [
+        (view, gview),
+        (np.asfortranarray(view), np.ascontiguousarray(gview)),  # x and grad_out in different orders
+    ]
+    for x, g in variants:
+        for a, b in zip(run(x, g), ref):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    ref2 = run(big, gbig)
+    for a, b in zip(run(np.moveaxis(chl, -1, 1), gbig), ref2):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_nan_stays_in_its_channel(axis):
+    x = rand((4, 5, 3, 3), seed=22) if axis == 1 else rand((4, 3, 3, 5), seed=22)
+    idx = (0, 2, 0, 0) if axis == 1 else (0, 0, 0, 2)
+    x[idx] = np.nan
+    bn = BatchNorm2d(5, axis=axis)
+    y = bn(x)
+    gx = bn.backward(np.ones_like(x))
+    red = tuple(i for i in range(4) if i != axis % 4)
+    expect = np.arange(5) == 2
+    np.testing.assert_array_equal(np.isnan(y).any(axis=red), expect)
+    np.testing.assert_array_equal(np.isnan(gx).any(axis=red), expect)
+    np.testing.assert_array_equal(np.isnan(bn.running_mean), expect)
+    np.testing.assert_array_equal(np.isnan(bn.running_var), expect)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_constant_channel_gives_exactly_bias(axis):
+    x = rand((4, 3, 5, 5), seed=23)
+    x[:, 1] = 7.25
+    if axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    bn = BatchNorm2d(3, axis=axis)
+    bn.bias = [0.0, 0.375, 0.0]
+    y = bn(x)
+    assert np.all(np.take(y, 1, axis=axis) == np.float32(0.375))
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_large_offset_float32_running_var(offset, axis):
+    x = (offset + np.random.default_rng(24).standard_normal((16, 4, 8, 8))).astype(np.float32)
+    v = x.astype(np.float64).var(axis=(0, 2, 3), ddof=1)
+    if axis == -1:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    bn = BatchNorm2d(4, momentum=1.0, axis=axis)
+    bn(x)
+    np.testing.assert_allclose(bn.running_var, v, rtol=1e-5)
+
+
+def test_empty_batch_eval_ok_training_error():
+    bn = BatchNorm2d(3).eval()
+    assert bn(np.zeros((0, 3, 2, 2), np.float32)).shape == (0, 3, 2, 2)
+    assert bn.backward(np.zeros((0, 3, 2, 2), np.float32)).shape == (0, 3, 2, 2)
+    bn.train()
+    with pytest.raises(ValueError):
+        bn(np.zeros((0, 3, 2, 2), np.float32))
+    assert int(bn.num_batches_tracked) == 0
