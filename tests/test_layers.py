@@ -645,3 +645,9 @@ def test_empty_batch_eval_ok_training_error():
     with pytest.raises(ValueError):
         bn(np.zeros((0, 3, 2, 2), np.float32))
     assert int(bn.num_batches_tracked) == 0
+
+
+def test_exports():
+    for name in ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "recalibrate", "fold_batch_norm"]:
+        assert name in bnfast.__all__ and hasattr(bnfast, name)
+    assert bnfast.BatchNorm2d is BatchNorm2d and issubclass(BatchNorm2d, BatchNorm)
