@@ -138,7 +138,9 @@ class BatchNorm:
     with one value per channel) leaves ``num_batches_tracked`` and the running
     statistics untouched, where PyTorch has already incremented the counter;
     :meth:`backward` *replaces* ``Parameter.grad`` instead of accumulating;
-    :meth:`state_dict` returns copies, not views.
+    :meth:`state_dict` returns copies, not views; a strict
+    :meth:`load_state_dict` requires ``num_batches_tracked`` (PyTorch fills in
+    a missing one for dicts without version metadata; use ``strict=False``).
 
     ``forward`` keeps a reference to its input (no copy) for :meth:`backward`:
     do not modify the input in place between the two calls.
