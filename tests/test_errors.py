@@ -42,7 +42,7 @@ def valid(dtype):
     )
 
 
-# op name -> (function, positional parameter names, default arguments)
+# default (valid) arguments of each op, by parameter name
 def defaults(op, A):
     if op == "forward":
         return dict(x=A.x, weight=A.w, bias=A.b, running_mean=A.rm, running_var=A.rv, out=A.out)
@@ -99,7 +99,6 @@ def assert_untouched(snap, context):
 
 
 ALL = ["forward", "inference", "backward", "backward_eval", "bn_train", "bn_eval", "moments"]
-WITH_AXIS = ALL
 AFFINE = ["forward", "inference", "bn_train", "bn_eval"]
 WEIGHTED = AFFINE + ["backward", "backward_eval"]
 RUNNING = ["forward", "inference", "bn_train", "bn_eval"]

@@ -700,3 +700,64 @@ def test_threads_bitwise_identical(shape, axis, strided, dtype):
     # and the outputs are right
     want = ref.batch_norm_forward(x, w, b, rm, rv, axis=axis)
     assert_close(two[0], want[0], dtype, "y")
+
+
+# --------------------------------------------------------------------------- sizes around blocking
+
+BLOCK_CASES = [
+    # (shape, axis, memory transform) -- lengths straddling SIMD lanes, blocks, tasks, tiles
+    pytest.param((2, 3, 17), 1, None, id="planar-17"),
+    pytest.param((2, 3, 4097), 1, None, id="planar-4097"),
+    pytest.param((1, 2, 16385), 1, None, id="planar-16385"),
+    pytest.param((3, 1, 65537), 1, None, id="planar-65537-C1"),
+    pytest.param((33, 5, 2049), 1, None, id="planar-many-tasks"),
+    pytest.param((4097, 3), -1, None, id="rows-4097"),
+    pytest.param((17, 1025), -1, None, id="rows-C1025"),
+    pytest.param((70, 2049), 1, None, id="rows-NC-C2049"),
+    pytest.param((65537, 1), -1, None, id="rows-C1"),
+    pytest.param((8, 33, 33, 17), -1, None, id="NHWC-odd"),
+    pytest.param((5000, 3), 1, "F", id="fortran-NC"),
+    pytest.param((9, 7, 33, 31), 1, "NHWC-memory", id="NCHW-view-of-NHWC"),
+    pytest.param((3, 2000, 5), -1, "F", id="fortran-NLC"),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis,memory", BLOCK_CASES)
+def test_sizes_around_kernel_blocks(shape, axis, memory, dtype, threads):
+    bnfast.set_num_threads(threads)
+    rng = np.random.default_rng(15)
+    x = (0.7 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    if memory == "F":
+        x, g = np.asfortranarray(x), np.asfortranarray(g)
+    elif memory == "NHWC-memory":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        g = np.ascontiguousarray(g.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    c = shape[axis]
+    w = rng.uniform(0.5, 2, c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    rm, rv = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
+    want = ref.batch_norm_forward(x, w, b, rm, rv, axis=axis)
+    y, sm, si = bnfast.batch_norm_forward(x, w, b, rm, rv, axis=axis)
+    assert_close(y, want[0], dtype, "y")
+    assert_close(sm, want[1], dtype, "save_mean")
+    assert_close(si, want[2], dtype, "save_invstd")
+    assert_close(rm, want[3], dtype, "running_mean")
+    assert_close(rv, want[4], dtype, "running_var")
+    assert_close(bnfast.batch_norm_inference(x, rm, rv, w, b, axis=axis),
+                 ref.batch_norm_inference(x, rm, rv, w, b, axis=axis), dtype, "inference")
+    x_hat = (x.astype(np.float64) - per_channel(sm.astype(np.float64), axis, x.ndim)) \
+        * per_channel(si.astype(np.float64), axis, x.ndim)
+    for training in (True, False):
+        gw_want = ref.batch_norm_backward(g, x, sm, si, w, training=training, axis=axis)
+        gi, gw, gb = bnfast.batch_norm_backward(g, x, sm, si, w, training=training, axis=axis)
+        assert_close(gi, gw_want[0], dtype, f"grad_input training={training}")
+        assert_sum_close(gw, gw_want[1], channel_sum_abs(g * x_hat, axis), dtype, "grad_weight")
+        assert_sum_close(gb, gw_want[2], channel_sum_abs(g, axis), dtype, "grad_bias")
+    m = bnfast.moments(x, axis=axis)
+    count, mean, m2 = ref.moments(x, axis=axis)
+    assert np.array_equal(m.count, count)
+    np.testing.assert_allclose(m.mean, mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m.m2, m2, rtol=1e-10)
