@@ -221,6 +221,42 @@ class Module:
                     out.append(p)
         return out
 
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
+        """Return ``(name, parameter)`` pairs under torch's dotted names.
+
+        Children that have no ``named_parameters`` (for example bnfast's
+        BatchNorm layers) are named by each :class:`Parameter`'s ``name``.
+
+        Parameters
+        ----------
+        prefix : str, default ""
+            Prepended to every name.
+
+        Returns
+        -------
+        list of (str, Parameter)
+            E.g. ``[("0.weight", ...), ("0.bias", ...), ("1.weight", ...)]``
+            for a :class:`Sequential`; each parameter once.
+        """
+        out: list[tuple[str, Parameter]] = []
+        seen: set[int] = set()
+
+        def add(name: str, p: Parameter) -> None:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((name, p))
+
+        for name, p in self._params.items():
+            add(prefix + name, p)
+        for cname, child in self._children.items():
+            if hasattr(child, "named_parameters"):
+                for name, p in child.named_parameters(prefix=f"{prefix}{cname}."):
+                    add(name, p)
+            else:
+                for k, p in enumerate(child.parameters()):
+                    add(f"{prefix}{cname}.{getattr(p, 'name', '') or k}", p)
+        return out
+
     def train(self, mode: bool = True) -> "Module":
         """Set training mode (``mode=True``) or evaluation mode on every layer.
 
