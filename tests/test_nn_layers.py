@@ -60,6 +60,13 @@ def test_gradcheck_batchnorm1d(axis):
     assert gradcheck(nn.BatchNorm1d(4, dtype=F64), _x((6, 4)))
 
 
+@pytest.mark.parametrize("axis", [1, -1])
+def test_gradcheck_batchnorm3d_and_any_rank(axis):
+    x5 = _x((2, 2, 2, 3, 2)) if axis == 1 else _x((2, 2, 3, 2, 2))
+    assert gradcheck(nn.BatchNorm3d(2, axis=axis, dtype=F64), x5)
+    assert gradcheck(nn.BatchNorm(3, axis=axis, dtype=F64), _x((4, 3, 2)) if axis == 1 else _x((4, 2, 3)))
+
+
 @pytest.mark.parametrize("shape", [(5, 3), (2, 4, 3)])
 def test_gradcheck_linear(shape):
     assert gradcheck(nn.Linear(3, 4, dtype=F64, rng=0), _x(shape))

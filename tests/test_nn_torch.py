@@ -65,12 +65,17 @@ def test_linear_matches_torch_and_default_init_distribution():
     assert _maxdiff(fc.backward(g), xt.grad) < 1e-12
     assert _maxdiff(fc.grad_weight, ref.weight.grad) < 1e-12
     assert _maxdiff(fc.grad_bias, ref.bias.grad) < 1e-12
-    # same init bounds as torch's kaiming_uniform_(a=sqrt(5)) for weight and bias
+    # same distribution as torch's default init (kaiming_uniform_(a=sqrt(5)) weight, uniform bias):
+    # uniform on +-1/sqrt(fan_in), fan_in = in_channels * kh * kw
     torch.manual_seed(0)
-    big = torch.nn.Conv2d(8, 16, 3)
-    ours = nn.Conv2d(8, 16, 3, rng=0)
-    for a, b in ((ours.weight, big.weight), (ours.bias, big.bias)):
-        assert abs(np.abs(a).max() - b.detach().abs().max().item()) < 0.01 * np.abs(a).max()
+    for theirs, ours in ((torch.nn.Conv2d(30, 40, 3), nn.Conv2d(30, 40, 3, rng=0)),
+                         (torch.nn.Linear(300, 400), nn.Linear(300, 400, rng=0))):
+        bound = 1 / math.sqrt(270 if isinstance(ours, nn.Conv2d) else 300)
+        for a, b in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
+            b = b.detach().numpy()
+            for arr in (a, b):
+                assert bound * (1 - 5 / arr.size) < np.abs(arr).max() <= bound
+                assert abs(arr.std() - bound / math.sqrt(3)) < 0.1 * bound
 
 
 @pytest.mark.parametrize("axis", [1, -1])

@@ -286,7 +286,7 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) ->
     >>> p = Parameter(np.zeros(2)); p.grad = np.array([3.0, 4.0])
     >>> clip_grad_norm_([p], 1.0)
     5.0
-    >>> np.linalg.norm(p.grad).round(5)
+    >>> round(float(np.linalg.norm(p.grad)), 5)
     1.0
     """
     params = [p for p in _param_list(parameters, "clip_grad_norm_") if p.grad is not None]
