@@ -56,3 +56,12 @@ def test_demo_bad_arguments(capsys):
     assert _demo.main(["--bogus"]) == 2
     assert _demo.main(["--help"]) == 0
     assert "--plot" in capsys.readouterr().out
+
+
+def test_command_line_entry_point():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "bnfast", "demo", "--epochs", "1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "with BN" in proc.stdout and "without BN" in proc.stdout

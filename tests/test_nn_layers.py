@@ -429,3 +429,16 @@ def test_schedulers():
     expected = [0.01 + 0.19 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(5)]
     np.testing.assert_allclose(lrs, expected, rtol=1e-12)
     assert sched.get_last_lr() == [opt.lr]
+
+
+def test_recalibrate_reaches_batch_norm_inside_sequential():
+    import bnfast
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, rng=0), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(36, 2, rng=1))
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((8, 1, 5, 5)).astype(np.float32) for _ in range(3)]
+    bnfast.recalibrate(model, batches)
+    feats = np.concatenate([model[0](b) for b in batches]).astype(np.float64)
+    np.testing.assert_allclose(model[1].running_mean, feats.mean(axis=(0, 2, 3)), atol=1e-6)
+    np.testing.assert_allclose(model[1].running_var, feats.var(axis=(0, 2, 3), ddof=1), rtol=1e-5)

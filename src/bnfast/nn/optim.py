@@ -8,7 +8,7 @@ Parameters whose ``grad`` is ``None`` are skipped, as in PyTorch.  Like
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
