@@ -487,6 +487,12 @@ class Linear(Module):
         return g @ self.weight.astype(g.dtype, copy=False)
 
     def extra_repr(self) -> str:
+        """Return the constructor arguments shown in the repr.
+
+        Returns
+        -------
+        str
+        """
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._bias is not None}"
 
 
@@ -663,6 +669,12 @@ class Conv2d(Module):
         return np.ascontiguousarray(dx)
 
     def extra_repr(self) -> str:
+        """Return the constructor arguments shown in the repr.
+
+        Returns
+        -------
+        str
+        """
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}")
         if self.padding != (0, 0):
@@ -781,6 +793,12 @@ class Flatten(Module):
         return g.reshape(self._in_shape)
 
     def extra_repr(self) -> str:
+        """Return the constructor arguments shown in the repr.
+
+        Returns
+        -------
+        str
+        """
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
 
@@ -879,6 +897,12 @@ class MaxPool2d(Module):
         return dx
 
     def extra_repr(self) -> str:
+        """Return the constructor arguments shown in the repr.
+
+        Returns
+        -------
+        str
+        """
         s = f"kernel_size={self.kernel_size}, stride={self.kernel_size}"
         if self.axis != 1:
             s += f", axis={self.axis}"
@@ -957,6 +981,12 @@ class Dropout(Module):
         return g if self._mask is None else g * self._mask
 
     def extra_repr(self) -> str:
+        """Return the constructor arguments shown in the repr.
+
+        Returns
+        -------
+        str
+        """
         return f"p={self.p}"
 
 
