@@ -44,7 +44,7 @@ class BuildExt(build_ext):
         if ctype == "msvc":
             cflags, omp = ["/O2"], ["/openmp"]
         else:
-            cflags = ["-O3", "-std=c11", "-fno-math-errno"]
+            cflags = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=fast"]
             omp = ["-fopenmp"]
             if os.environ.get("BNFAST_NATIVE") == "1":
                 cflags.append("-march=native")

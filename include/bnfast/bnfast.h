@@ -72,22 +72,38 @@ static inline int bn_openmp_enabled(void)
 #endif
 }
 
-/* The widest SIMD instruction set this translation unit was compiled for. */
+/* The instruction set of the portable (baseline) kernels. */
+#if defined(__AVX512F__)
+#define BN_SIMD_BASELINE_NAME "AVX-512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define BN_SIMD_BASELINE_NAME "AVX2+FMA"
+#elif defined(__AVX__)
+#define BN_SIMD_BASELINE_NAME "AVX"
+#elif defined(__SSE2__) || defined(_M_X64)
+#define BN_SIMD_BASELINE_NAME "SSE2"
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+#define BN_SIMD_BASELINE_NAME "NEON"
+#else
+#define BN_SIMD_BASELINE_NAME "scalar"
+#endif
+
+/* Name of kernel variant `isa` (BN_ISA_*). */
+static inline const char *bn_isa_name(int isa)
+{
+    return isa == BN_ISA_AVX2 ? "AVX2+FMA" : BN_SIMD_BASELINE_NAME;
+}
+
+/* Every variant compiled in, baseline first: e.g. "SSE2, AVX2+FMA". */
 static inline const char *bn_simd_compiled(void)
 {
-#if defined(__AVX512F__)
-    return "AVX-512";
-#elif defined(__AVX2__) && defined(__FMA__)
-    return "AVX2+FMA";
-#elif defined(__AVX__)
-    return "AVX";
-#elif defined(__SSE2__) || defined(_M_X64)
-    return "SSE2";
-#elif defined(__ARM_NEON) || defined(__aarch64__)
-    return "NEON";
+#if BN_HAVE_AVX2_VARIANT
+    return BN_SIMD_BASELINE_NAME ", AVX2+FMA";
 #else
-    return "scalar";
+    return BN_SIMD_BASELINE_NAME;
 #endif
 }
+
+/* The variant the kernels run now. */
+static inline const char *bn_simd_in_use(void) { return bn_isa_name(bn_isa()); }
 
 #endif

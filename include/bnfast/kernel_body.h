@@ -1,236 +1,676 @@
-/* Batch-norm kernels, written once and instantiated per element type by
- * kernels.h: define BN_T (the element type) and BN_SFX (the name suffix),
- * then include this file.  No include guard on purpose. */
+/* Batch-norm kernels, written once and instantiated per element type and
+ * instruction set by kernels.h: define BN_T (the element type), BN_T_IS_FLOAT,
+ * BN_VEC_BYTES (SIMD register width) and BN_SFX (the name suffix), then
+ * include this file.  No include guard on purpose.
+ *
+ * Every value is accumulated in double whatever BN_T is.  Vector loops and
+ * their scalar tails evaluate the same expressions, and which elements a
+ * vector loop covers depends on the shape and addresses only, so results are
+ * bit-identical for any thread count. */
 
 #define BN_CAT_(a, b) a##b
 #define BN_CAT(a, b) BN_CAT_(a, b)
 #define BN_FN(name) BN_CAT(name, BN_SFX)
 
-/* Lanes of the vectorized loops: independent accumulators that share one
- * count, so Welford needs one division per LANES elements and the compiler
- * maps the lane arrays onto SIMD registers without reassociating anything. */
-#define BN_LANES 16
+/* ---- vectors ------------------------------------------------------------
+ * VD: W doubles in one SIMD register; VT: W elements of BN_T.  The statistics
+ * loops keep BN_U independent vectors of lanes that share one Welford count,
+ * so there is one division per BN_U * W elements and no reassociation. */
+#define W (BN_VEC_BYTES / 8)
+#define BN_U 4
 
-/* Welford over a contiguous run of at most BN_BLOCK elements. */
-static inline bn_welford BN_FN(bn_welford_block_)(const BN_T *x, ptrdiff_t n)
+#if BN_VECTORS
+typedef double BN_FN(vd_) __attribute__((vector_size(BN_VEC_BYTES)));
+typedef BN_T BN_FN(vt_) __attribute__((vector_size(W * sizeof(BN_T))));
+#define VD BN_FN(vd_)
+#define VT BN_FN(vt_)
+
+static inline VD BN_FN(ld_)(const BN_T *p)
 {
-    double mean[BN_LANES] = {0}, m2[BN_LANES] = {0};
-    const ptrdiff_t steps = n / BN_LANES;
-    for (ptrdiff_t k = 0; k < steps; k++) {
-        const double r = 1.0 / (double)(k + 1);
-        const BN_T *v = x + k * BN_LANES;
-        for (int l = 0; l < BN_LANES; l++) {
-            const double xv = (double)v[l];
-            const double d = xv - mean[l];
-            mean[l] += d * r;
-            m2[l] += d * (xv - mean[l]);
-        }
-    }
-    bn_welford acc = {0.0, 0.0, 0.0};
-    if (steps > 0) {
-        for (int l = 0; l < BN_LANES; l++)
-            bn_welford_merge(&acc, (bn_welford){(double)steps, mean[l], m2[l]});
-    }
-    bn_welford tail = {0.0, 0.0, 0.0};
-    for (ptrdiff_t i = steps * BN_LANES; i < n; i++) {
-        const double xv = (double)x[i];
-        tail.count += 1.0;
-        const double d = xv - tail.mean;
-        tail.mean += d / tail.count;
-        tail.m2 += d * (xv - tail.mean);
-    }
-    bn_welford_merge(&acc, tail);
-    return acc;
+    VT v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, VD);
 }
 
-static inline bn_welford BN_FN(bn_welford_run_)(const BN_T *x, ptrdiff_t n)
+static inline VD BN_FN(ldd_)(const double *p)
 {
-    bn_welford acc = {0.0, 0.0, 0.0};
-    for (ptrdiff_t start = 0; start < n; start += BN_BLOCK)
-        bn_welford_merge(&acc, BN_FN(bn_welford_block_)(x + start, bn_min(BN_BLOCK, n - start)));
-    return acc;
+    VD v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* ---- statistics ------------------------------------------------------ */
-
-static void BN_FN(bn_planar_stats_task_)(const void *vctx, ptrdiff_t t)
+static inline void BN_FN(st_)(BN_T *p, VD v)
 {
-    const bn_context *k = (const bn_context *)vctx;
+    VT t = __builtin_convertvector(v, VT);
+    memcpy(p, &t, sizeof t);
+}
+
+static inline VD BN_FN(splat_)(double s)
+{
+    VD v;
+    for (int l = 0; l < W; l++) v[l] = s;
+    return v;
+}
+
+#define BN_LD BN_FN(ld_)
+#define BN_LDD BN_FN(ldd_)
+#define BN_ST BN_FN(st_)
+#define BN_SPLAT BN_FN(splat_)
+
+/* Non-temporal store of 2 W elements to an address aligned to BN_VEC_BYTES. */
+#if BN_X86
+#define BN_CAN_STREAM 1
+static inline void BN_FN(stream2_)(BN_T *p, VD a, VD b)
+{
+#if BN_T_IS_FLOAT
+    typedef float vf2 __attribute__((vector_size(2 * W * sizeof(float))));
+    const VT fa = __builtin_convertvector(a, VT), fb = __builtin_convertvector(b, VT);
+#if BN_VEC_BYTES == 32
+    const vf2 v = __builtin_shufflevector(fa, fb, 0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_stream_ps(p, (__m256)v);
+#else
+    const vf2 v = __builtin_shufflevector(fa, fb, 0, 1, 2, 3);
+    _mm_stream_ps(p, (__m128)v);
+#endif
+#else
+#if BN_VEC_BYTES == 32
+    _mm256_stream_pd(p, (__m256d)a);
+    _mm256_stream_pd(p + W, (__m256d)b);
+#else
+    _mm_stream_pd(p, (__m128d)a);
+    _mm_stream_pd(p + W, (__m128d)b);
+#endif
+#endif
+}
+#define BN_STREAM2 BN_FN(stream2_)
+#else
+#define BN_CAN_STREAM 0
+#endif
+#else
+#define BN_CAN_STREAM 0
+#endif
+
+/* Elements before p reaches a BN_VEC_BYTES boundary, or -1 if it never does. */
+static inline ptrdiff_t BN_FN(peel_)(const BN_T *p)
+{
+    const size_t a = (size_t)p % BN_VEC_BYTES;
+    if (a == 0) return 0;
+    if (a % sizeof(BN_T)) return -1;
+    return (ptrdiff_t)((BN_VEC_BYTES - a) / sizeof(BN_T));
+}
+
+static inline void BN_FN(stream_fence_)(int stream)
+{
+#if BN_CAN_STREAM
+    if (stream) _mm_sfence();
+#else
+    (void)stream;
+#endif
+}
+
+/* ---- statistics: Welford over the runs of one planar task --------------- */
+
+static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
+{
     const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
     const BN_T *base = (const BN_T *)k->x.data + u.channel * k->x.channel_stride + u.offset;
-    bn_welford acc = {0.0, 0.0, 0.0};
-    for (ptrdiff_t n = u.row0; n < u.row1; n++)
-        bn_welford_merge(&acc, BN_FN(bn_welford_run_)(base + n * k->x.outer_stride, u.len));
+    const ptrdiff_t len = u.len;
+    bn_welford acc = {0.0, 0.0, 0.0}, tail = {0.0, 0.0, 0.0};
+#if BN_VECTORS
+    const ptrdiff_t body = len - len % (BN_U * W);
+    VD mean[BN_U], m2[BN_U];
+    for (int v = 0; v < BN_U; v++) mean[v] = m2[v] = BN_SPLAT(0.0);
+    double steps = 0.0;
+#else
+    const ptrdiff_t body = 0;
+#endif
+    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
+        const BN_T *x = base + n * k->x.outer_stride;
+#if BN_VECTORS
+        for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
+            steps += 1.0;
+            const double rs = 1.0 / steps;
+            const VD r = BN_SPLAT(rs), q = BN_SPLAT(1.0 - rs);
+            for (int v = 0; v < BN_U; v++) {
+                const VD d = BN_LD(x + i + v * W) - mean[v];
+                mean[v] += d * r;
+                m2[v] += (d * q) * d; /* = d * (x - new mean) */
+            }
+        }
+#endif
+        for (ptrdiff_t i = body; i < len; i++) {
+            const double xv = (double)x[i];
+            tail.count += 1.0;
+            const double d = xv - tail.mean;
+            tail.mean += d / tail.count;
+            tail.m2 += d * (xv - tail.mean);
+        }
+    }
+#if BN_VECTORS
+    if (steps > 0.0) {
+        /* lanes of equal count: a fixed tree over the vectors, then the lanes
+         * of the last vector in order; no divisions */
+        double n = steps;
+        for (int half = BN_U / 2; half >= 1; half /= 2, n *= 2.0)
+            for (int v = 0; v < half; v++) {
+                const VD delta = mean[v + half] - mean[v];
+                mean[v] += delta * BN_SPLAT(0.5);
+                m2[v] += m2[v + half] + delta * delta * BN_SPLAT(0.5 * n);
+            }
+        acc = (bn_welford){n, mean[0][0], m2[0][0]};
+        for (int l = 1; l < W; l++) {
+            bn_welford_merge_known(&acc.mean, &acc.m2, mean[0][l], m2[0][l], 1.0 / (l + 1),
+                                   n * l / (l + 1));
+            acc.count += n;
+        }
+    }
+#endif
+    bn_welford_merge(&acc, tail);
     const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
-    k->part.count[i] = acc.count;
     k->part.mean[i] = acc.mean;
     k->part.m2[i] = acc.m2;
 }
 
-static void BN_FN(bn_rows_stats_task_)(const void *vctx, ptrdiff_t t)
+/* Channels-last: strips of BN_U * W channels keep their Welford lanes in
+ * registers down the task's rows; the remaining channels use L1 arrays. */
+static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
 {
-    const bn_context *k = (const bn_context *)vctx;
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
-    const ptrdiff_t at = u.prow * k->geo.channels;
-    double *restrict mean = k->part.mean + at;
-    double *restrict m2 = k->part.m2 + at;
-    for (ptrdiff_t c = u.c0; c < u.c1; c++) {
-        mean[c] = 0.0;
-        m2[c] = 0.0;
-        k->part.count[at + c] = (double)(u.row1 - u.row0);
+    const ptrdiff_t os = k->x.outer_stride;
+    double *restrict pmean = k->part.mean + u.prow * k->geo.channels;
+    double *restrict pm2 = k->part.m2 + u.prow * k->geo.channels;
+    const BN_T *x0 = (const BN_T *)k->x.data;
+    ptrdiff_t c = u.c0;
+#if BN_VECTORS
+    for (; c + BN_U * W <= u.c1; c += BN_U * W) {
+        VD mean[BN_U], m2[BN_U];
+        for (int v = 0; v < BN_U; v++) mean[v] = m2[v] = BN_SPLAT(0.0);
+        for (ptrdiff_t r = u.row0; r < u.row1; r++) {
+            const double rs = 1.0 / (double)(r - u.row0 + 1);
+            const VD rk = BN_SPLAT(rs), q = BN_SPLAT(1.0 - rs);
+            const BN_T *x = x0 + r * os + c;
+            for (int v = 0; v < BN_U; v++) {
+                const VD d = BN_LD(x + v * W) - mean[v];
+                mean[v] += d * rk;
+                m2[v] += (d * q) * d;
+            }
+        }
+        for (int v = 0; v < BN_U; v++) {
+            memcpy(pmean + c + v * W, &mean[v], sizeof(VD));
+            memcpy(pm2 + c + v * W, &m2[v], sizeof(VD));
+        }
     }
+#endif
+    const ptrdiff_t rest = u.c1 - c;
+    if (rest <= 0) return;
+    double mean_s[BN_CHANNEL_TILE], m2_s[BN_CHANNEL_TILE];
+    for (ptrdiff_t j = 0; j < rest; j++) mean_s[j] = m2_s[j] = 0.0;
     for (ptrdiff_t r = u.row0; r < u.row1; r++) {
         const double rk = 1.0 / (double)(r - u.row0 + 1);
-        const BN_T *restrict row = (const BN_T *)k->x.data + r * k->x.outer_stride;
-        for (ptrdiff_t c = u.c0; c < u.c1; c++) {
-            const double xv = (double)row[c];
-            const double d = xv - mean[c];
-            mean[c] += d * rk;
-            m2[c] += d * (xv - mean[c]);
+        const BN_T *x = x0 + r * os + c;
+        for (ptrdiff_t j = 0; j < rest; j++) {
+            const double xv = (double)x[j];
+            const double d = xv - mean_s[j];
+            mean_s[j] += d * rk;
+            m2_s[j] += d * (xv - mean_s[j]);
         }
+    }
+    for (ptrdiff_t j = 0; j < rest; j++) {
+        pmean[c + j] = mean_s[j];
+        pm2[c + j] = m2_s[j];
     }
 }
 
 /* ---- y = (x - mean) * scale + shift, per channel, in double ------------ */
 
-static void BN_FN(bn_planar_affine_task_)(const void *vctx, ptrdiff_t t)
+static inline void BN_FN(affine_run_)(const BN_T *x, BN_T *y, ptrdiff_t len, double mu, double s,
+                                      double b, int stream)
 {
-    const bn_context *k = (const bn_context *)vctx;
-    const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
-    const double mu = k->mean[u.channel], s = k->scale[u.channel], b = k->shift[u.channel];
-    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
-        const BN_T *restrict x = (const BN_T *)k->x.data + n * k->x.outer_stride
-                                 + u.channel * k->x.channel_stride + u.offset;
-        BN_T *restrict y = (BN_T *)k->y.data + n * k->y.outer_stride
-                           + u.channel * k->y.channel_stride + u.offset;
-        for (ptrdiff_t i = 0; i < u.len; i++)
-            y[i] = (BN_T)(((double)x[i] - mu) * s + b);
+    ptrdiff_t i = 0;
+#if BN_VECTORS
+    const VD vmu = BN_SPLAT(mu), vs = BN_SPLAT(s), vb = BN_SPLAT(b);
+#if BN_CAN_STREAM
+    ptrdiff_t peel;
+    if (stream && (peel = BN_FN(peel_)(y)) >= 0 && peel < len) {
+        for (; i < peel; i++) y[i] = (BN_T)(((double)x[i] - mu) * s + b);
+        for (; i + 2 * W <= len; i += 2 * W) {
+            const VD a = (BN_LD(x + i) - vmu) * vs + vb;
+            const VD c = (BN_LD(x + i + W) - vmu) * vs + vb;
+            BN_STREAM2(y + i, a, c);
+        }
     }
+#else
+    (void)stream;
+#endif
+    for (; i + BN_U * W <= len; i += BN_U * W) {
+        VD v[BN_U];
+        for (int j = 0; j < BN_U; j++) v[j] = (BN_LD(x + i + j * W) - vmu) * vs + vb;
+        for (int j = 0; j < BN_U; j++) BN_ST(y + i + j * W, v[j]);
+    }
+#else
+    (void)stream;
+#endif
+    for (; i < len; i++) y[i] = (BN_T)(((double)x[i] - mu) * s + b);
 }
 
-static void BN_FN(bn_rows_affine_task_)(const void *vctx, ptrdiff_t t)
+static void BN_FN(affine_planar_)(const bn_context *k, ptrdiff_t t)
 {
-    const bn_context *k = (const bn_context *)vctx;
-    const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
-    const double *restrict mu = k->mean, *restrict s = k->scale, *restrict b = k->shift;
-    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-        const BN_T *restrict x = (const BN_T *)k->x.data + r * k->x.outer_stride;
-        BN_T *restrict y = (BN_T *)k->y.data + r * k->y.outer_stride;
-        for (ptrdiff_t c = u.c0; c < u.c1; c++)
-            y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
+    const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
+    const ptrdiff_t c = u.channel;
+    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
+        const BN_T *x = (const BN_T *)k->ax.data + n * k->ax.outer_stride + c * k->ax.channel_stride
+                        + u.offset;
+        BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + c * k->y.channel_stride + u.offset;
+        BN_FN(affine_run_)(x, y, u.len, k->amean[c], k->scale[c], k->shift[c], k->stream);
     }
+    BN_FN(stream_fence_)(k->stream);
+}
+
+static void BN_FN(affine_rows_)(const bn_context *k, ptrdiff_t t)
+{
+    const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
+    const double *mu = k->amean, *s = k->scale, *b = k->shift;
+    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
+        const BN_T *x = (const BN_T *)k->ax.data + r * k->ax.outer_stride;
+        BN_T *y = (BN_T *)k->y.data + r * k->y.outer_stride; /* may alias x */
+        ptrdiff_t c = u.c0;
+#if BN_VECTORS
+#if BN_CAN_STREAM
+        ptrdiff_t peel;
+        if (k->stream && (peel = BN_FN(peel_)(y + c)) >= 0 && peel < u.c1 - c) {
+            for (const ptrdiff_t e = c + peel; c < e; c++)
+                y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
+            for (; c + 2 * W <= u.c1; c += 2 * W) {
+                const VD a = (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c);
+                const VD d = (BN_LD(x + c + W) - BN_LDD(mu + c + W)) * BN_LDD(s + c + W)
+                             + BN_LDD(b + c + W);
+                BN_STREAM2(y + c, a, d);
+            }
+        }
+#endif
+        for (; c + 2 * W <= u.c1; c += 2 * W) {
+            const VD a = (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c);
+            const VD d = (BN_LD(x + c + W) - BN_LDD(mu + c + W)) * BN_LDD(s + c + W)
+                         + BN_LDD(b + c + W);
+            BN_ST(y + c, a);
+            BN_ST(y + c + W, d);
+        }
+#endif
+        for (; c < u.c1; c++) y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
+    }
+    BN_FN(stream_fence_)(k->stream);
 }
 
 /* ---- backward: per-channel sum(g) and sum(g * (x - mean)) --------------- */
 
-static void BN_FN(bn_planar_grad_sums_task_)(const void *vctx, ptrdiff_t t)
+static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
 {
-    const bn_context *k = (const bn_context *)vctx;
     const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
-    const double mu = k->mean[u.channel];
-    double sg[BN_LANES] = {0}, sgx[BN_LANES] = {0};
+    const ptrdiff_t c = u.channel, len = u.len;
+    const double mu = k->mean[c];
+    double tg = 0.0, tgx = 0.0;
+#if BN_VECTORS
+    const ptrdiff_t body = len - len % (BN_U * W);
+    const VD vmu = BN_SPLAT(mu);
+    VD sg[BN_U], sgx[BN_U];
+    for (int v = 0; v < BN_U; v++) sg[v] = sgx[v] = BN_SPLAT(0.0);
+#else
+    const ptrdiff_t body = 0;
+#endif
     for (ptrdiff_t n = u.row0; n < u.row1; n++) {
-        const BN_T *restrict x = (const BN_T *)k->x.data + n * k->x.outer_stride
-                                 + u.channel * k->x.channel_stride + u.offset;
-        const BN_T *restrict g = (const BN_T *)k->g.data + n * k->g.outer_stride
-                                 + u.channel * k->g.channel_stride + u.offset;
-        const ptrdiff_t body = u.len - u.len % BN_LANES;
-        for (ptrdiff_t i = 0; i < body; i += BN_LANES) {
-            for (int l = 0; l < BN_LANES; l++) {
-                const double gv = (double)g[i + l];
-                sg[l] += gv;
-                sgx[l] += gv * ((double)x[i + l] - mu);
+        const BN_T *x = (const BN_T *)k->x.data + n * k->x.outer_stride + c * k->x.channel_stride
+                        + u.offset;
+        const BN_T *g = (const BN_T *)k->g.data + n * k->g.outer_stride + c * k->g.channel_stride
+                        + u.offset;
+#if BN_VECTORS
+        for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
+            for (int v = 0; v < BN_U; v++) {
+                const VD gv = BN_LD(g + i + v * W);
+                sg[v] += gv;
+                sgx[v] += gv * (BN_LD(x + i + v * W) - vmu);
             }
         }
-        for (ptrdiff_t i = body; i < u.len; i++) {
+#endif
+        for (ptrdiff_t i = body; i < len; i++) {
             const double gv = (double)g[i];
-            sg[i - body] += gv;
-            sgx[i - body] += gv * ((double)x[i] - mu);
+            tg += gv;
+            tgx += gv * ((double)x[i] - mu);
         }
     }
     double total_g = 0.0, total_gx = 0.0;
-    for (int l = 0; l < BN_LANES; l++) {
-        total_g += sg[l];
-        total_gx += sgx[l];
-    }
-    const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
+#if BN_VECTORS
+    for (int v = 0; v < BN_U; v++)
+        for (int l = 0; l < W; l++) {
+            total_g += sg[v][l];
+            total_gx += sgx[v][l];
+        }
+#endif
+    total_g += tg;
+    total_gx += tgx;
+    const ptrdiff_t i = u.prow * k->geo.channels + c;
     k->part.mean[i] = total_g;
     k->part.m2[i] = total_gx;
 }
 
-static void BN_FN(bn_rows_grad_sums_task_)(const void *vctx, ptrdiff_t t)
+static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 {
-    const bn_context *k = (const bn_context *)vctx;
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
-    const ptrdiff_t at = u.prow * k->geo.channels;
-    double *restrict sg = k->part.mean + at;
-    double *restrict sgx = k->part.m2 + at;
-    const double *restrict mu = k->mean;
-    for (ptrdiff_t c = u.c0; c < u.c1; c++) {
-        sg[c] = 0.0;
-        sgx[c] = 0.0;
-    }
-    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-        const BN_T *restrict x = (const BN_T *)k->x.data + r * k->x.outer_stride;
-        const BN_T *restrict g = (const BN_T *)k->g.data + r * k->g.outer_stride;
-        for (ptrdiff_t c = u.c0; c < u.c1; c++) {
-            const double gv = (double)g[c];
-            sg[c] += gv;
-            sgx[c] += gv * ((double)x[c] - mu[c]);
+    const double *mu = k->mean;
+    double *restrict psg = k->part.mean + u.prow * k->geo.channels;
+    double *restrict psgx = k->part.m2 + u.prow * k->geo.channels;
+    const BN_T *x0 = (const BN_T *)k->x.data, *g0 = (const BN_T *)k->g.data;
+    ptrdiff_t c = u.c0;
+#if BN_VECTORS
+    for (; c + BN_U * W <= u.c1; c += BN_U * W) {
+        VD sg[BN_U], sgx[BN_U], vmu[BN_U];
+        for (int v = 0; v < BN_U; v++) {
+            sg[v] = sgx[v] = BN_SPLAT(0.0);
+            vmu[v] = BN_LDD(mu + c + v * W);
         }
+        for (ptrdiff_t r = u.row0; r < u.row1; r++) {
+            const BN_T *x = x0 + r * k->x.outer_stride + c;
+            const BN_T *g = g0 + r * k->g.outer_stride + c;
+            for (int v = 0; v < BN_U; v++) {
+                const VD gv = BN_LD(g + v * W);
+                sg[v] += gv;
+                sgx[v] += gv * (BN_LD(x + v * W) - vmu[v]);
+            }
+        }
+        for (int v = 0; v < BN_U; v++) {
+            memcpy(psg + c + v * W, &sg[v], sizeof(VD));
+            memcpy(psgx + c + v * W, &sgx[v], sizeof(VD));
+        }
+    }
+#endif
+    const ptrdiff_t rest = u.c1 - c;
+    if (rest <= 0) return;
+    double sg_s[BN_CHANNEL_TILE], sgx_s[BN_CHANNEL_TILE];
+    for (ptrdiff_t j = 0; j < rest; j++) sg_s[j] = sgx_s[j] = 0.0;
+    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
+        const BN_T *x = x0 + r * k->x.outer_stride + c;
+        const BN_T *g = g0 + r * k->g.outer_stride + c;
+        for (ptrdiff_t j = 0; j < rest; j++) {
+            const double gv = (double)g[j];
+            sg_s[j] += gv;
+            sgx_s[j] += gv * ((double)x[j] - mu[c + j]);
+        }
+    }
+    for (ptrdiff_t j = 0; j < rest; j++) {
+        psg[c + j] = sg_s[j];
+        psgx[c + j] = sgx_s[j];
     }
 }
 
 /* ---- backward: grad_in = g * scale + (x - mean) * coef_x + shift -------- */
 
-static void BN_FN(bn_planar_grad_apply_task_)(const void *vctx, ptrdiff_t t)
+static inline void BN_FN(grad_apply_run_)(const BN_T *g, const BN_T *x, BN_T *y, ptrdiff_t len,
+                                          double mu, double a, double bx, double c0, int stream)
 {
-    const bn_context *k = (const bn_context *)vctx;
-    const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
-    const double mu = k->mean[u.channel], a = k->scale[u.channel];
-    const double bx = k->coef_x[u.channel], c0 = k->shift[u.channel];
-    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
-        const ptrdiff_t xo = n * k->x.outer_stride + u.channel * k->x.channel_stride + u.offset;
-        const ptrdiff_t go = n * k->g.outer_stride + u.channel * k->g.channel_stride + u.offset;
-        const ptrdiff_t yo = n * k->y.outer_stride + u.channel * k->y.channel_stride + u.offset;
-        const BN_T *x = (const BN_T *)k->x.data + xo;
-        const BN_T *g = (const BN_T *)k->g.data + go;
-        BN_T *y = (BN_T *)k->y.data + yo; /* may alias g or x element-for-element */
-        for (ptrdiff_t i = 0; i < u.len; i++)
-            y[i] = (BN_T)((double)g[i] * a + ((double)x[i] - mu) * bx + c0);
+    ptrdiff_t i = 0; /* y may alias g or x element for element */
+#if BN_VECTORS
+    const VD vmu = BN_SPLAT(mu), va = BN_SPLAT(a), vbx = BN_SPLAT(bx), vc = BN_SPLAT(c0);
+#if BN_CAN_STREAM
+    ptrdiff_t peel;
+    if (stream && (peel = BN_FN(peel_)(y)) >= 0 && peel < len) {
+        for (; i < peel; i++) y[i] = (BN_T)((double)g[i] * a + ((double)x[i] - mu) * bx + c0);
+        for (; i + 2 * W <= len; i += 2 * W) {
+            const VD p = BN_LD(g + i) * va + (BN_LD(x + i) - vmu) * vbx + vc;
+            const VD q = BN_LD(g + i + W) * va + (BN_LD(x + i + W) - vmu) * vbx + vc;
+            BN_STREAM2(y + i, p, q);
+        }
     }
+#else
+    (void)stream;
+#endif
+    for (; i + 2 * W <= len; i += 2 * W) {
+        const VD p = BN_LD(g + i) * va + (BN_LD(x + i) - vmu) * vbx + vc;
+        const VD q = BN_LD(g + i + W) * va + (BN_LD(x + i + W) - vmu) * vbx + vc;
+        BN_ST(y + i, p);
+        BN_ST(y + i + W, q);
+    }
+#else
+    (void)stream;
+#endif
+    for (; i < len; i++) y[i] = (BN_T)((double)g[i] * a + ((double)x[i] - mu) * bx + c0);
 }
 
-static void BN_FN(bn_rows_grad_apply_task_)(const void *vctx, ptrdiff_t t)
+static void BN_FN(grad_apply_planar_)(const bn_context *k, ptrdiff_t t)
 {
-    const bn_context *k = (const bn_context *)vctx;
+    const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
+    const ptrdiff_t c = u.channel;
+    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
+        const BN_T *x = (const BN_T *)k->x.data + n * k->x.outer_stride + c * k->x.channel_stride
+                        + u.offset;
+        const BN_T *g = (const BN_T *)k->g.data + n * k->g.outer_stride + c * k->g.channel_stride
+                        + u.offset;
+        BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + c * k->y.channel_stride + u.offset;
+        BN_FN(grad_apply_run_)(g, x, y, u.len, k->mean[c], k->scale[c], k->coef_x[c], k->shift[c],
+                               k->stream);
+    }
+    BN_FN(stream_fence_)(k->stream);
+}
+
+static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
+{
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
     const double *mu = k->mean, *a = k->scale, *bx = k->coef_x, *c0 = k->shift;
     for (ptrdiff_t r = u.row0; r < u.row1; r++) {
         const BN_T *x = (const BN_T *)k->x.data + r * k->x.outer_stride;
         const BN_T *g = (const BN_T *)k->g.data + r * k->g.outer_stride;
         BN_T *y = (BN_T *)k->y.data + r * k->y.outer_stride;
-        for (ptrdiff_t c = u.c0; c < u.c1; c++)
+        ptrdiff_t c = u.c0;
+#if BN_VECTORS
+#define BN_GRAD_VEC(c)                                                                          \
+    (BN_LD(g + (c)) * BN_LDD(a + (c)) + (BN_LD(x + (c)) - BN_LDD(mu + (c))) * BN_LDD(bx + (c)) \
+     + BN_LDD(c0 + (c)))
+#if BN_CAN_STREAM
+        ptrdiff_t peel;
+        if (k->stream && (peel = BN_FN(peel_)(y + c)) >= 0 && peel < u.c1 - c) {
+            for (const ptrdiff_t e = c + peel; c < e; c++)
+                y[c] = (BN_T)((double)g[c] * a[c] + ((double)x[c] - mu[c]) * bx[c] + c0[c]);
+            for (; c + 2 * W <= u.c1; c += 2 * W) {
+                const VD p = BN_GRAD_VEC(c), q = BN_GRAD_VEC(c + W);
+                BN_STREAM2(y + c, p, q);
+            }
+        }
+#endif
+        for (; c + 2 * W <= u.c1; c += 2 * W) {
+            const VD p = BN_GRAD_VEC(c), q = BN_GRAD_VEC(c + W);
+            BN_ST(y + c, p);
+            BN_ST(y + c + W, q);
+        }
+#undef BN_GRAD_VEC
+#endif
+        for (; c < u.c1; c++)
             y[c] = (BN_T)((double)g[c] * a[c] + ((double)x[c] - mu[c]) * bx[c] + c0[c]);
+    }
+    BN_FN(stream_fence_)(k->stream);
+}
+
+/* ---- per-channel finishing steps between the phases ---------------------
+ * Channels [c0, c1): merge the partials of every channel in partial order
+ * (the weights are shared, so the loop runs across channels), then derive
+ * the op's outputs and coefficients. */
+#define BN_FINISH_BLOCK 64
+
+static void BN_FN(finish_block_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
+{
+    const ptrdiff_t P = k->grid.partial_rows, C = k->geo.channels, nc = c1 - c0;
+    double a_[BN_FINISH_BLOCK], b_[BN_FINISH_BLOCK];
+    double *restrict a = a_, *restrict b = b_;
+    const double *pm = k->part.mean + c0, *pv = k->part.m2 + c0;
+    for (ptrdiff_t j = 0; j < nc; j++) {
+        a[j] = pm[j];
+        b[j] = pv[j];
+    }
+    if (k->op == BN_OP_BACKWARD) { /* plain sums, in partial order */
+        for (ptrdiff_t p = 1; p < P; p++)
+            for (ptrdiff_t j = 0; j < nc; j++) {
+                a[j] += pm[p * C + j];
+                b[j] += pv[p * C + j];
+            }
+    } else { /* Chan's merge with the shared weights */
+        for (ptrdiff_t p = 1; p < P; p++) {
+            const double share = k->part.share[p], weight = k->part.weight[p];
+            for (ptrdiff_t j = 0; j < nc; j++) {
+                const double delta = pm[p * C + j] - a[j];
+                a[j] += delta * share;
+                b[j] += pv[p * C + j] + delta * delta * weight;
+            }
+        }
+        /* an inf in the data makes the mean non-finite; its variance is NaN
+         * (inf - inf), whichever form of the update met it first */
+        for (ptrdiff_t j = 0; j < nc; j++) b[j] += a[j] - a[j];
+    }
+    const double n = (double)(k->geo.outer * k->geo.inner);
+    for (ptrdiff_t j = 0; j < nc; j++) {
+        const ptrdiff_t c = c0 + j;
+        if (k->op == BN_OP_MOMENTS) {
+            k->out_count[c] = n;
+            k->out_mean[c] = a[j];
+            k->out_m2[c] = b[j];
+        } else if (k->op == BN_OP_FORWARD) {
+            const BN_T *weight = (const BN_T *)k->weight, *bias = (const BN_T *)k->bias;
+            BN_T *rm = (BN_T *)k->running_mean, *rv = (BN_T *)k->running_var;
+            const double mean = a[j], m2 = b[j];
+            const double invstd = 1.0 / sqrt(m2 / n + k->eps);
+            ((BN_T *)k->save_mean)[c] = (BN_T)mean;
+            ((BN_T *)k->save_invstd)[c] = (BN_T)invstd;
+            if (rm) {
+                const double m = k->momentum;
+                rm[c] = (BN_T)((1.0 - m) * (double)rm[c] + m * mean);
+                rv[c] = (BN_T)((1.0 - m) * (double)rv[c] + m * (m2 / (n - 1.0)));
+            }
+            k->mean[c] = mean;
+            k->scale[c] = (weight ? (double)weight[c] : 1.0) * invstd;
+            k->shift[c] = bias ? (double)bias[c] : 0.0;
+        } else {
+            const double sum_g = a[j], sum_gx = b[j];
+            const BN_T *weight = (const BN_T *)k->weight;
+            const double invstd = (double)((const BN_T *)k->save_invstd_in)[c];
+            const double s = (weight ? (double)weight[c] : 1.0) * invstd;
+            ((BN_T *)k->grad_bias)[c] = (BN_T)sum_g;
+            ((BN_T *)k->grad_weight)[c] = (BN_T)(sum_gx * invstd);
+            k->scale[c] = s;
+            if (k->training) {
+                k->coef_x[c] = -s * invstd * invstd * sum_gx / n;
+                k->shift[c] = -s * sum_g / n;
+            } else {
+                /* constants: grad_in = g * weight * invstd through the affine
+                 * phase on g with mean 0 (x is not read: an inf in x must
+                 * not turn into 0 * inf) */
+                k->coef_x[c] = 0.0;
+                k->shift[c] = 0.0;
+            }
+        }
     }
 }
 
-/* ---- the public entry points ------------------------------------------- */
-
-static inline void BN_FN(bn_run_)(bn_context *k, bn_task_fn planar, bn_task_fn rows, int nthreads)
+static void BN_FN(phase_a_)(const bn_context *k, ptrdiff_t t)
 {
-    bn_run_tasks(k->grid.channels_last ? rows : planar, k, k->grid.ntasks,
-                 k->geo.outer * k->geo.channels * k->geo.inner, nthreads);
+    if (k->op == BN_OP_BACKWARD) {
+        if (k->grid.channels_last) BN_FN(grad_sums_rows_)(k, t);
+        else BN_FN(grad_sums_planar_)(k, t);
+    } else {
+        if (k->grid.channels_last) BN_FN(stats_rows_)(k, t);
+        else BN_FN(stats_planar_)(k, t);
+    }
 }
 
+static void BN_FN(phase_c_)(const bn_context *k, ptrdiff_t t)
+{
+    if (k->op == BN_OP_BACKWARD && k->training) {
+        if (k->grid.channels_last) BN_FN(grad_apply_rows_)(k, t);
+        else BN_FN(grad_apply_planar_)(k, t);
+    } else {
+        if (k->grid.channels_last) BN_FN(affine_rows_)(k, t);
+        else BN_FN(affine_planar_)(k, t);
+    }
+}
+
+/* The op's phases, run by every thread of a team (or by one, outside any
+ * parallel region, where the worksharing loops below run serially):
+ *   A  statistics / gradient sums of a group of channels (partials per task),
+ *   B  per-channel finish: ordered merge of the partials, coefficients,
+ *   C  normalize / gradient apply of the same group.
+ * The static schedules give a thread the same tasks in A and C, so C reads
+ * what A brought into that core's cache.  C of one group touches only its own
+ * channels, so the next group's A may start without waiting. */
+static void BN_FN(exec_body_)(bn_context *k)
+{
+    const ptrdiff_t C = k->geo.channels;
+    const int reduce = k->op != BN_OP_INFERENCE, apply = k->op != BN_OP_MOMENTS;
+    const ptrdiff_t per = k->grid.channels_last ? 0 : k->grid.partial_rows;
+    const ptrdiff_t gch = k->grid.channels_last ? C : k->group_channels;
+    for (ptrdiff_t c0 = 0; c0 < C; c0 += gch) {
+        const ptrdiff_t c1 = bn_min(C, c0 + gch);
+        const ptrdiff_t t0 = per * c0, t1 = per ? per * c1 : k->grid.ntasks;
+        if (reduce) {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (ptrdiff_t t = t0; t < t1; t++) BN_FN(phase_a_)(k, t);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (ptrdiff_t b = c0; b < c1; b += BN_FINISH_BLOCK)
+                BN_FN(finish_block_)(k, b, bn_min(c1, b + BN_FINISH_BLOCK));
+        }
+        if (apply) {
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+            for (ptrdiff_t t = t0; t < t1; t++) BN_FN(phase_c_)(k, t);
+        }
+    }
+}
+
+static void BN_FN(exec_)(bn_context *k, int nthreads)
+{
+    const ptrdiff_t elements = k->geo.outer * k->geo.channels * k->geo.inner;
+    const size_t bytes = (size_t)elements * sizeof(BN_T);
+    k->stream = bytes >= BN_STREAM_MIN_BYTES;
+    k->group_channels = k->geo.channels;
+    if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
+        const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)
+                                   * (k->op == BN_OP_BACKWARD ? 2 : 1);
+        k->group_channels = bn_max(1, (ptrdiff_t)(BN_GROUP_BYTES / per_channel));
+    }
+#ifdef _OPENMP
+    if (nthreads > 1 && k->grid.ntasks > 1 && elements >= BN_PARALLEL_MIN_ELEMS) {
+        const int nt = k->grid.ntasks < nthreads ? (int)k->grid.ntasks : nthreads;
+#pragma omp parallel num_threads(nt)
+        BN_FN(exec_body_)(k);
+        return;
+    }
+#else
+    (void)nthreads;
+#endif
+    BN_FN(exec_body_)(k);
+}
+
+/* Scratch: the stack for small calls, else one malloc. */
+#define BN_SCRATCH(k, arrays)                                                        \
+    double stack_[BN_STACK_DOUBLES];                                                 \
+    if (bn_context_alloc(&(k), (arrays),                                             \
+                         bn_context_doubles(&(k), (arrays)) <= BN_STACK_DOUBLES ? stack_ \
+                                                                                 : NULL) \
+        != 0)                                                                        \
+        return -1;
+
+/* ---- the public entry points ------------------------------------------- */
+
 /* Per-channel Welford state of x into count/mean/m2 (length channels). */
-static inline int BN_FN(bn_moments_)(const bn_geometry *geo, bn_array x,
-                                     double *count, double *mean, double *m2, int nthreads)
+static inline int BN_FN(bn_moments_)(const bn_geometry *geo, bn_array x, double *count,
+                                     double *mean, double *m2, int nthreads)
 {
     bn_context k = bn_context_new(geo, x);
-    if (bn_context_alloc(&k, 1) != 0) return -1;
-    BN_FN(bn_run_)(&k, BN_FN(bn_planar_stats_task_), BN_FN(bn_rows_stats_task_), nthreads);
-    bn_partials_reduce(k.part, k.grid.partial_rows, geo->channels, count, mean, m2);
+    BN_SCRATCH(k, 1)
+    k.op = BN_OP_MOMENTS;
+    k.out_count = count;
+    k.out_mean = mean;
+    k.out_m2 = m2;
+    BN_FN(exec_)(&k, nthreads);
     bn_context_free(&k);
     return 0;
 }
@@ -239,31 +679,22 @@ static inline int BN_FN(bn_moments_)(const bn_geometry *geo, bn_array x,
 static inline int BN_FN(bn_forward_train_)(const bn_geometry *geo, bn_array x, bn_array y,
                                            const BN_T *weight, const BN_T *bias,
                                            BN_T *running_mean, BN_T *running_var,
-                                           double momentum, double eps,
-                                           BN_T *save_mean, BN_T *save_invstd, int nthreads)
+                                           double momentum, double eps, BN_T *save_mean,
+                                           BN_T *save_invstd, int nthreads)
 {
-    const ptrdiff_t C = geo->channels;
     bn_context k = bn_context_new(geo, x);
+    BN_SCRATCH(k, 1)
+    k.op = BN_OP_FORWARD;
     k.y = y;
-    if (bn_context_alloc(&k, 1) != 0) return -1;
-    BN_FN(bn_run_)(&k, BN_FN(bn_planar_stats_task_), BN_FN(bn_rows_stats_task_), nthreads);
-    double *count = k.coef_x; /* free until the backward pass needs it */
-    bn_partials_reduce(k.part, k.grid.partial_rows, C, count, k.mean, k.scale);
-    for (ptrdiff_t c = 0; c < C; c++) {
-        const double n = count[c];
-        const double var = k.scale[c] / n;
-        const double invstd = 1.0 / sqrt(var + eps);
-        save_mean[c] = (BN_T)k.mean[c];
-        save_invstd[c] = (BN_T)invstd;
-        if (running_mean) {
-            running_mean[c] = (BN_T)((1.0 - momentum) * (double)running_mean[c] + momentum * k.mean[c]);
-            running_var[c] = (BN_T)((1.0 - momentum) * (double)running_var[c]
-                                    + momentum * (k.scale[c] / (n - 1.0)));
-        }
-        k.scale[c] = (weight ? (double)weight[c] : 1.0) * invstd;
-        k.shift[c] = bias ? (double)bias[c] : 0.0;
-    }
-    BN_FN(bn_run_)(&k, BN_FN(bn_planar_affine_task_), BN_FN(bn_rows_affine_task_), nthreads);
+    k.weight = weight;
+    k.bias = bias;
+    k.running_mean = running_mean;
+    k.running_var = running_var;
+    k.momentum = momentum;
+    k.eps = eps;
+    k.save_mean = save_mean;
+    k.save_invstd = save_invstd;
+    BN_FN(exec_)(&k, nthreads);
     bn_context_free(&k);
     return 0;
 }
@@ -275,14 +706,15 @@ static inline int BN_FN(bn_inference_)(const bn_geometry *geo, bn_array x, bn_ar
                                        int nthreads)
 {
     bn_context k = bn_context_new(geo, x);
+    BN_SCRATCH(k, 0)
+    k.op = BN_OP_INFERENCE;
     k.y = y;
-    if (bn_context_alloc(&k, 0) != 0) return -1;
     for (ptrdiff_t c = 0; c < geo->channels; c++) {
         k.mean[c] = (double)running_mean[c];
         k.scale[c] = (weight ? (double)weight[c] : 1.0) / sqrt((double)running_var[c] + eps);
         k.shift[c] = bias ? (double)bias[c] : 0.0;
     }
-    BN_FN(bn_run_)(&k, BN_FN(bn_planar_affine_task_), BN_FN(bn_rows_affine_task_), nthreads);
+    BN_FN(exec_)(&k, nthreads);
     bn_context_free(&k);
     return 0;
 }
@@ -294,44 +726,39 @@ static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out,
                                       const BN_T *save_invstd, const BN_T *weight, int training,
                                       BN_T *grad_weight, BN_T *grad_bias, int nthreads)
 {
-    const ptrdiff_t C = geo->channels;
     bn_context k = bn_context_new(geo, x);
+    BN_SCRATCH(k, 1)
+    k.op = BN_OP_BACKWARD;
     k.g = grad_out;
     k.y = grad_in;
-    if (bn_context_alloc(&k, 1) != 0) return -1;
-    for (ptrdiff_t c = 0; c < C; c++) k.mean[c] = (double)save_mean[c];
-    BN_FN(bn_run_)(&k, BN_FN(bn_planar_grad_sums_task_), BN_FN(bn_rows_grad_sums_task_), nthreads);
-    /* plain ordered sums of the partials: reuse the spare rows of scratch */
-    const double n = (double)(geo->outer * geo->inner);
-    for (ptrdiff_t c = 0; c < C; c++) {
-        double sum_g = 0.0, sum_gx = 0.0;
-        for (ptrdiff_t p = 0; p < k.grid.partial_rows; p++) {
-            sum_g += k.part.mean[p * C + c];
-            sum_gx += k.part.m2[p * C + c];
-        }
-        const double invstd = (double)save_invstd[c];
-        const double a = (weight ? (double)weight[c] : 1.0) * invstd;
-        grad_bias[c] = (BN_T)sum_g;
-        grad_weight[c] = (BN_T)(sum_gx * invstd);
-        k.scale[c] = a;
-        k.coef_x[c] = -a * invstd * invstd * sum_gx / n;
-        k.shift[c] = training ? -a * sum_g / n : 0.0;
+    k.weight = weight;
+    k.save_mean_in = save_mean;
+    k.save_invstd_in = save_invstd;
+    k.training = training;
+    k.grad_weight = grad_weight;
+    k.grad_bias = grad_bias;
+    for (ptrdiff_t c = 0; c < geo->channels; c++) k.mean[c] = (double)save_mean[c];
+    if (!training) {
+        k.ax = grad_out;     /* the affine phase reads g ... */
+        k.amean = k.coef_x;  /* ... with mean 0 (finish_block_ zeroes coef_x) */
     }
-    if (training) {
-        BN_FN(bn_run_)(&k, BN_FN(bn_planar_grad_apply_task_), BN_FN(bn_rows_grad_apply_task_),
-                       nthreads);
-    } else {
-        /* constants: grad_in = g * weight * invstd, x not read (an inf in x
-         * must not turn into 0 * inf) */
-        for (ptrdiff_t c = 0; c < C; c++) k.mean[c] = 0.0;
-        k.x = grad_out;
-        BN_FN(bn_run_)(&k, BN_FN(bn_planar_affine_task_), BN_FN(bn_rows_affine_task_), nthreads);
-    }
+    BN_FN(exec_)(&k, nthreads);
     bn_context_free(&k);
     return 0;
 }
 
+#undef BN_SCRATCH
+#undef BN_FINISH_BLOCK
+#undef BN_LD
+#undef BN_LDD
+#undef BN_ST
+#undef BN_SPLAT
+#undef BN_STREAM2
+#undef BN_CAN_STREAM
+#undef VD
+#undef VT
+#undef W
+#undef BN_U
 #undef BN_FN
 #undef BN_CAT
 #undef BN_CAT_
-#undef BN_LANES

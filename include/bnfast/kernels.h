@@ -13,6 +13,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 #include "moments.h"
 #include "parallel.h"
 
@@ -20,42 +21,105 @@
 #define restrict __restrict
 #endif
 
-/* Everything a task needs: operands, per-channel coefficients, partials. */
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && \
+    (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define BN_X86 1
+#else
+#define BN_X86 0
+#endif
+
+/* GNU vector extensions (GCC >= 12, clang) for the hot loops; other compilers
+ * get the same arithmetic as plain scalar loops. */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define BN_VECTORS 1
+#else
+#define BN_VECTORS 0
+#endif
+
+/* Phases of an op; see bn_exec_ in kernel_body.h. */
+enum { BN_OP_MOMENTS, BN_OP_FORWARD, BN_OP_INFERENCE, BN_OP_BACKWARD };
+
+/* Everything a task needs: operands, per-channel coefficients, partials, and
+ * the op's own arguments (typed by the kernel body). */
 typedef struct {
     bn_geometry geo;
     bn_grid grid;
+    int op, stream;
+    ptrdiff_t group_channels; /* planar: channels per cache group */
     bn_array x, y, g;
-    double *mean, *scale, *shift, *coef_x; /* per channel */
-    bn_partials part;                      /* partial_rows x channels */
+    bn_array ax;                            /* input of the affine phase */
+    double *mean, *scale, *shift, *coef_x;  /* per channel */
+    const double *amean;                    /* mean of the affine phase */
+    bn_partials part;                       /* partial states, row-major */
     double *scratch;
+    /* op arguments */
+    const void *weight, *bias, *save_mean_in, *save_invstd_in;
+    void *running_mean, *running_var, *save_mean, *save_invstd, *grad_weight, *grad_bias;
+    double momentum, eps;
+    int training;
+    double *out_count, *out_mean, *out_m2;
 } bn_context;
+
+/* Scratch small enough for the stack: tiny calls never touch malloc. */
+#define BN_STACK_DOUBLES 1024
 
 static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x)
 {
     bn_context k;
+    memset(&k, 0, sizeof k);
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
     k.x = x;
     k.y = x;
     k.g = x;
-    k.scratch = NULL;
+    k.ax = x;
     return k;
 }
 
-/* One allocation per call for the per-channel coefficients and partials. */
-static inline int bn_context_alloc(bn_context *k, int with_partials)
+static inline size_t bn_context_doubles(const bn_context *k, int partials)
 {
-    const size_t C = (size_t)k->geo.channels;
-    const size_t partial = with_partials ? (size_t)k->grid.partial_rows * C : 0;
-    k->scratch = (double *)malloc(sizeof(double) * (4 * C + 3 * partial + 1));
-    if (!k->scratch) return -1;
-    k->mean = k->scratch;
+    const size_t C = (size_t)k->geo.channels, P = (size_t)k->grid.partial_rows;
+    return 4 * C + (partials ? 2 * P * C + 2 * P : 0);
+}
+
+/* Carve the per-channel coefficients and partials out of `buf` (of
+ * bn_context_doubles doubles) or, when it is NULL, one malloc. */
+static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
+{
+    const size_t C = (size_t)k->geo.channels, P = (size_t)k->grid.partial_rows;
+    if (!buf) {
+        k->scratch = (double *)malloc(sizeof(double) * (bn_context_doubles(k, partials) + 1));
+        if (!k->scratch) return -1;
+        buf = k->scratch;
+    }
+    k->mean = buf;
     k->scale = k->mean + C;
     k->shift = k->scale + C;
     k->coef_x = k->shift + C;
-    k->part.count = k->coef_x + C;
-    k->part.mean = k->part.count + partial;
-    k->part.m2 = k->part.mean + partial;
+    k->amean = k->mean;
+    if (partials) {
+        k->part.mean = k->coef_x + C;
+        k->part.m2 = k->part.mean + P * C;
+        k->part.share = k->part.m2 + P * C;
+        k->part.weight = k->part.share + P;
+        /* the count of partial p, the same for every channel */
+        const bn_grid *g = &k->grid;
+        double before = 0.0;
+        for (size_t p = 0; p < P; p++) {
+            double n;
+            if (g->channels_last) {
+                n = (double)(bn_min(k->geo.outer, (ptrdiff_t)(p + 1) * g->chunk) - (ptrdiff_t)p * g->chunk);
+            } else {
+                const ptrdiff_t group = (ptrdiff_t)p / g->segments, s = (ptrdiff_t)p % g->segments;
+                const ptrdiff_t rows = bn_min(k->geo.outer, (group + 1) * g->group) - group * g->group;
+                n = (double)(rows * bn_min(g->segment_len, k->geo.inner - s * g->segment_len));
+            }
+            k->part.share[p] = n / (before + n);
+            k->part.weight[p] = before * n / (before + n);
+            before += n;
+        }
+    }
     return 0;
 }
 
@@ -65,16 +129,154 @@ static inline void bn_context_free(bn_context *k)
     k->scratch = NULL;
 }
 
+/* ---- instantiations: element type x instruction set ------------------
+ * The portable body (compiled for the build's baseline: SSE2 on x86-64, NEON
+ * on aarch64) always exists.  On x86 with GCC or clang a second copy is
+ * compiled for AVX2+FMA and chosen at run time (see bn_select_isa). */
+#define BN_ISA_BASELINE 0
+#define BN_ISA_AVX2 1
+
+#if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && \
+    (defined(__GNUC__) || defined(__clang__)) && !defined(BN_NO_DISPATCH)
+#define BN_HAVE_AVX2_VARIANT 1
+#else
+#define BN_HAVE_AVX2_VARIANT 0
+#endif
+
+#if defined(__AVX__)
+#define BN_VEC_BYTES 32 /* a -march build that already has AVX */
+#else
+#define BN_VEC_BYTES 16 /* SSE2, NEON */
+#endif
 #define BN_T float
-#define BN_SFX f32
+#define BN_T_IS_FLOAT 1
+#define BN_SFX f32_base
 #include "kernel_body.h"
 #undef BN_T
+#undef BN_T_IS_FLOAT
 #undef BN_SFX
 
 #define BN_T double
-#define BN_SFX f64
+#define BN_T_IS_FLOAT 0
+#define BN_SFX f64_base
 #include "kernel_body.h"
 #undef BN_T
+#undef BN_T_IS_FLOAT
 #undef BN_SFX
+#undef BN_VEC_BYTES
+
+#if BN_HAVE_AVX2_VARIANT
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#define BN_VEC_BYTES 32
+#define BN_T float
+#define BN_T_IS_FLOAT 1
+#define BN_SFX f32_avx2
+#include "kernel_body.h"
+#undef BN_T
+#undef BN_T_IS_FLOAT
+#undef BN_SFX
+
+#define BN_T double
+#define BN_T_IS_FLOAT 0
+#define BN_SFX f64_avx2
+#include "kernel_body.h"
+#undef BN_T
+#undef BN_T_IS_FLOAT
+#undef BN_SFX
+#undef BN_VEC_BYTES
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+/* ---- run-time choice of the instruction set ----------------------------- */
+
+static int bn_isa_active = -1; /* -1: not chosen yet */
+
+/* Whether this CPU (and OS) can run the given variant of this build. */
+static inline int bn_isa_available(int isa)
+{
+    if (isa == BN_ISA_BASELINE) return 1;
+#if BN_HAVE_AVX2_VARIANT
+    if (isa == BN_ISA_AVX2) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+#endif
+    return 0;
+}
+
+/* The widest variant this CPU runs. */
+static inline int bn_isa_best(void)
+{
+    return bn_isa_available(BN_ISA_AVX2) ? BN_ISA_AVX2 : BN_ISA_BASELINE;
+}
+
+/* Use variant `isa` (-1: the best available); returns the variant in use, or
+ * -1 (nothing changed) when this CPU or build cannot run it. */
+static inline int bn_select_isa(int isa)
+{
+    if (isa < 0) isa = bn_isa_best();
+    if (!bn_isa_available(isa)) return -1;
+    bn_isa_active = isa;
+    return isa;
+}
+
+static inline int bn_isa(void)
+{
+    if (bn_isa_active < 0) bn_isa_active = bn_isa_best();
+    return bn_isa_active;
+}
+
+#if BN_HAVE_AVX2_VARIANT
+#define BN_DISPATCH(name, sfx, args) \
+    (bn_isa() == BN_ISA_AVX2 ? name##sfx##_avx2 args : name##sfx##_base args)
+#else
+#define BN_DISPATCH(name, sfx, args) (name##sfx##_base args)
+#endif
+
+#define BN_DEFINE_ENTRIES(T, sfx)                                                              \
+    static inline int bn_moments_##sfx(const bn_geometry *geo, bn_array x, double *count,     \
+                                       double *mean, double *m2, int nthreads)                \
+    {                                                                                          \
+        return BN_DISPATCH(bn_moments_, sfx, (geo, x, count, mean, m2, nthreads));             \
+    }                                                                                          \
+    static inline int bn_forward_train_##sfx(const bn_geometry *geo, bn_array x, bn_array y,  \
+                                             const T *weight, const T *bias, T *running_mean, \
+                                             T *running_var, double momentum, double eps,     \
+                                             T *save_mean, T *save_invstd, int nthreads)      \
+    {                                                                                          \
+        return BN_DISPATCH(bn_forward_train_, sfx,                                             \
+                           (geo, x, y, weight, bias, running_mean, running_var, momentum, eps, \
+                            save_mean, save_invstd, nthreads));                                \
+    }                                                                                          \
+    static inline int bn_inference_##sfx(const bn_geometry *geo, bn_array x, bn_array y,      \
+                                         const T *running_mean, const T *running_var,         \
+                                         const T *weight, const T *bias, double eps,          \
+                                         int nthreads)                                        \
+    {                                                                                          \
+        return BN_DISPATCH(bn_inference_, sfx,                                                 \
+                           (geo, x, y, running_mean, running_var, weight, bias, eps, nthreads)); \
+    }                                                                                          \
+    static inline int bn_backward_##sfx(const bn_geometry *geo, bn_array grad_out, bn_array x, \
+                                        bn_array grad_in, const T *save_mean,                  \
+                                        const T *save_invstd, const T *weight, int training,   \
+                                        T *grad_weight, T *grad_bias, int nthreads)            \
+    {                                                                                          \
+        return BN_DISPATCH(bn_backward_, sfx,                                                  \
+                           (geo, grad_out, x, grad_in, save_mean, save_invstd, weight,         \
+                            training, grad_weight, grad_bias, nthreads));                      \
+    }
+
+BN_DEFINE_ENTRIES(float, f32)
+BN_DEFINE_ENTRIES(double, f64)
+#undef BN_DEFINE_ENTRIES
 
 #endif

@@ -27,26 +27,23 @@ static inline void bn_welford_merge(bn_welford *a, bn_welford b)
     a->count = n;
 }
 
-/* Structure-of-arrays partial states: one row of `channels` states per task. */
-typedef struct {
-    double *count, *mean, *m2;
-} bn_partials;
-
-/* Merge the per-task partials of every channel in task order, so the result
- * depends on the task grid only, never on which thread ran which task. */
-static inline void bn_partials_reduce(bn_partials p, ptrdiff_t ntasks, ptrdiff_t channels,
-                                      double *count, double *mean, double *m2)
+/* Chan's update when both counts are known in advance: share = nb / (na + nb),
+ * weight = na * nb / (na + nb).  No division, so a merge of many partial
+ * states of equal, shape-determined counts costs a few flops each. */
+static inline void bn_welford_merge_known(double *mean, double *m2, double b_mean, double b_m2,
+                                          double share, double weight)
 {
-    for (ptrdiff_t c = 0; c < channels; c++) {
-        bn_welford acc = {0.0, 0.0, 0.0};
-        for (ptrdiff_t t = 0; t < ntasks; t++) {
-            const ptrdiff_t i = t * channels + c;
-            bn_welford_merge(&acc, (bn_welford){p.count[i], p.mean[i], p.m2[i]});
-        }
-        count[c] = acc.count;
-        mean[c] = acc.mean;
-        m2[c] = acc.m2;
-    }
+    const double delta = b_mean - *mean;
+    *mean += delta * share;
+    *m2 += b_m2 + delta * delta * weight;
 }
+
+/* Structure-of-arrays partial states, row-major: entry p * channels + c is
+ * partial p (one per task row) of channel c.  Every channel's partial p has
+ * the same count, so the merge weights are shared by all channels. */
+typedef struct {
+    double *mean, *m2;     /* partial_rows x channels */
+    double *share, *weight; /* partial_rows: merge weights of partial p */
+} bn_partials;
 
 #endif

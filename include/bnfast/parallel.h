@@ -5,7 +5,8 @@
  *   planar        inner > 1, inner stride 1: reduce along contiguous runs;
  *   channels-last inner == 1, channel stride 1: vectorize across channels.
  * The task grid depends on the shape only, and partial results are merged in
- * task order, so every result is bit-identical for any thread count. */
+ * task order, so every result is bit-identical for any thread count.  Threads
+ * only decide who runs a task, never what a task computes. */
 #ifndef BNFAST_PARALLEL_H
 #define BNFAST_PARALLEL_H
 
@@ -17,12 +18,24 @@
 /* Elements per task: large enough to amortize scheduling, small enough that
  * few channels or a batch of one still give every core work. */
 #define BN_TASK_ELEMS 16384
-/* Welford block: L1-resident, merged with Chan's formula. */
-#define BN_BLOCK 4096
-/* Channels per channels-last task: keeps the per-channel state in L1. */
+/* Channels per channels-last task: keeps the per-channel state in L1/L2. */
 #define BN_CHANNEL_TILE 1024
 /* Below this many elements a parallel region costs more than it saves. */
 #define BN_PARALLEL_MIN_ELEMS 65536
+/* Planar ops that read their input twice (training forward, backward) work
+ * through groups of whole channels of about this many input bytes: the
+ * statistics pass brings a group into the cache and the normalize pass reads
+ * it from there, so the data crosses the memory bus once.  Grouping changes
+ * the order in which tasks run, never their results. */
+#ifndef BN_GROUP_BYTES
+#define BN_GROUP_BYTES (2 << 20)
+#endif
+/* Outputs at least this large are written with non-temporal (streaming)
+ * stores where the CPU has them: they would not stay in cache anyway, and
+ * streaming saves the read-for-ownership of every output line. */
+#ifndef BN_STREAM_MIN_BYTES
+#define BN_STREAM_MIN_BYTES ((size_t)12 << 20)
+#endif
 
 typedef struct {
     ptrdiff_t outer, channels, inner;
@@ -38,10 +51,12 @@ typedef struct {
 typedef struct {
     int channels_last;
     ptrdiff_t ntasks;
-    ptrdiff_t partial_rows;  /* rows of per-channel partial states */
-    /* planar: a task covers `group` whole runs, or one `segment` of a long run */
+    ptrdiff_t partial_rows; /* partial states per channel */
+    /* planar: task t covers channel t / partial_rows; within it, `group` whole
+     * runs, or one `segment` of a long run */
     ptrdiff_t group, segments, segment_len;
-    /* channels-last: a task covers `chunk` rows of one tile of channels */
+    /* channels-last: task t covers `chunk` rows (t / ntiles) of one tile of
+     * channels (t % ntiles) */
     ptrdiff_t chunk, tile, ntiles;
 } bn_grid;
 
@@ -77,7 +92,7 @@ static inline bn_grid bn_make_grid(const bn_geometry *geo)
 }
 
 /* One planar task: runs [row0, row1) of channel c, elements [offset, offset+len)
- * of each run; its partial state goes to partial row `prow`. */
+ * of each run; its partial state is number `prow` of the channel. */
 typedef struct {
     ptrdiff_t channel, row0, row1, offset, len, prow;
 } bn_planar_task;
@@ -85,15 +100,14 @@ typedef struct {
 static inline bn_planar_task bn_planar_task_of(const bn_grid *g, const bn_geometry *geo, ptrdiff_t t)
 {
     bn_planar_task u;
-    const ptrdiff_t s = t % g->segments;
-    const ptrdiff_t rest = t / g->segments;
-    const ptrdiff_t group = rest / geo->channels;
-    u.channel = rest % geo->channels;
+    u.channel = t / g->partial_rows;
+    u.prow = t - u.channel * g->partial_rows;
+    const ptrdiff_t group = u.prow / g->segments;
+    const ptrdiff_t s = u.prow - group * g->segments;
     u.row0 = group * g->group;
     u.row1 = bn_min(geo->outer, u.row0 + g->group);
     u.offset = s * g->segment_len;
     u.len = bn_min(g->segment_len, geo->inner - u.offset);
-    u.prow = group * g->segments + s;
     return u;
 }
 
@@ -108,30 +122,9 @@ static inline bn_rows_task bn_rows_task_of(const bn_grid *g, const bn_geometry *
     u.prow = t / g->ntiles;
     u.row0 = u.prow * g->chunk;
     u.row1 = bn_min(geo->outer, u.row0 + g->chunk);
-    u.c0 = (t % g->ntiles) * g->tile;
+    u.c0 = (t - u.prow * g->ntiles) * g->tile;
     u.c1 = bn_min(geo->channels, u.c0 + g->tile);
     return u;
-}
-
-typedef void (*bn_task_fn)(const void *ctx, ptrdiff_t task);
-
-/* Run tasks 0..ntasks-1; tasks write disjoint outputs, so the schedule never
- * changes a result.  Small inputs stay off the thread pool altogether. */
-static inline void bn_run_tasks(bn_task_fn fn, const void *ctx, ptrdiff_t ntasks,
-                                ptrdiff_t elements, int nthreads)
-{
-#ifdef _OPENMP
-    if (nthreads > 1 && ntasks > 1 && elements >= BN_PARALLEL_MIN_ELEMS) {
-        const int nt = ntasks < nthreads ? (int)ntasks : nthreads;
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (ptrdiff_t t = 0; t < ntasks; t++) fn(ctx, t);
-        return;
-    }
-#else
-    (void)nthreads;
-    (void)elements;
-#endif
-    for (ptrdiff_t t = 0; t < ntasks; t++) fn(ctx, t);
 }
 
 #endif

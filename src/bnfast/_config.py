@@ -21,13 +21,12 @@ def config() -> dict:
     """
     from . import __version__
 
-    simd = _kernels.simd_compiled()
     return {
         "version": __version__,
         "openmp": _kernels.openmp_enabled(),
         "threads": _kernels.get_num_threads(),
-        "simd_compiled": simd,
-        "simd_in_use": simd,
+        "simd_compiled": _kernels.simd_compiled(),
+        "simd_in_use": _kernels.simd_in_use(),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),

@@ -6,6 +6,9 @@ Arguments are trusted: bnfast._functional validates them and plans the
 releases the GIL while the kernel runs.
 """
 
+import os
+import warnings
+
 cimport numpy as cnp
 
 cnp.import_array()
@@ -32,6 +35,13 @@ cdef extern from "bnfast/bnfast.h" nogil:
     int bn_default_threads()
     int bn_openmp_enabled()
     const char *bn_simd_compiled()
+    const char *bn_simd_in_use()
+    const char *bn_isa_name(int)
+    int bn_isa_available(int)
+    int bn_select_isa(int)
+    int bn_isa()
+    int BN_ISA_BASELINE
+    int BN_ISA_AVX2
 
 cdef int _num_threads = 0  # 0: follow OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
 
@@ -53,8 +63,50 @@ def openmp_enabled():
 
 
 def simd_compiled():
-    """Name of the widest SIMD instruction set the kernels were compiled for."""
+    """Instruction sets the kernels were compiled for, baseline first (e.g. "SSE2, AVX2+FMA")."""
     return bn_simd_compiled().decode()
+
+
+def simd_in_use():
+    """Instruction set of the kernel variant in use (chosen once at import)."""
+    return bn_simd_in_use().decode()
+
+
+_ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2}
+
+
+def simd_available():
+    """Kernel variants this build and CPU can run, as BNFAST_FORCE_ISA names."""
+    return [name for name, code in _ISA_CODES.items() if bn_isa_available(code)]
+
+
+def select_isa(name):
+    """Run the kernels of variant ``name`` ("baseline", "avx2" or "auto" for the
+    best this CPU runs); raises ValueError when it is unknown or unavailable."""
+    key = str(name).strip().lower()
+    if key == "auto":
+        bn_select_isa(-1)
+        return simd_in_use()
+    if key not in _ISA_CODES:
+        raise ValueError(f"unknown instruction set {name!r}; use one of auto, {', '.join(_ISA_CODES)}")
+    if bn_select_isa(_ISA_CODES[key]) < 0:
+        raise ValueError(f"instruction set {name!r} is not available on this CPU or build "
+                         f"(available: {', '.join(simd_available())})")
+    return simd_in_use()
+
+
+def _select_isa_from_environment():
+    forced = os.environ.get("BNFAST_FORCE_ISA", "").strip()
+    if forced:
+        try:
+            select_isa(forced)
+            return
+        except ValueError as err:
+            warnings.warn(f"BNFAST_FORCE_ISA ignored: {err}", RuntimeWarning, stacklevel=2)
+    bn_select_isa(-1)
+
+
+_select_isa_from_environment()
 
 
 cdef inline int _threads():

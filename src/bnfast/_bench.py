@@ -1,0 +1,349 @@
+"""`python -m bnfast bench`: bnfast against the memory roofline, NumPy and PyTorch.
+
+Every case times, interleaved round by round so that all see the same machine
+state:
+
+* bnfast with ``out=`` (no allocation) -- the ``time`` and ``GB/s`` columns;
+* the roofline reference on the same arrays: ``np.copyto`` (one read, one
+  write) for train/inference, ``np.add(a, b, out=c)`` (two reads, one write)
+  for backward -- ``x roof`` is bnfast's time over the reference's;
+* bnfast allocating its outputs, against the NumPy baseline
+  (`bnfast._baseline`) and PyTorch (``torch.nn.functional.batch_norm``,
+  ``torch.ops.aten.native_batch_norm_backward``) when it is importable, which
+  allocate too -- ``vs NumPy`` and ``vs torch`` are their times over bnfast's.
+
+Times are the best of the rounds.  GB/s counts the minimum traffic: the
+arrays read and written once each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+
+import numpy as np
+
+from . import _baseline, _kernels
+from ._functional import (
+    batch_norm_backward,
+    batch_norm_forward,
+    batch_norm_inference,
+    get_num_threads,
+    set_num_threads,
+)
+
+# The suite of issue 3: NCHW-order shapes; NHWC runs use the channels-last transpose.
+SUITE = [
+    (32, 64, 28, 28),
+    (32, 64, 56, 56),
+    (64, 64, 112, 112),
+    (128, 256, 14, 14),
+    (8, 3, 224, 224),
+    (1, 64, 56, 56),
+    (256, 1024),
+    (4096, 64),
+    (8, 16),
+    (2, 32, 16, 28, 28),
+]
+QUICK = [(32, 64, 28, 28), (64, 64, 112, 112), (256, 1024), (8, 16)]
+OPS = ("train", "inference", "backward")
+DTYPES = ("float32", "float64")
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def _torch():
+    try:
+        import torch  # noqa: PLC0415
+    except Exception:  # not installed, or broken: the comparison is optional
+        return None
+    return torch
+
+
+def _layouts_of(shape, layouts):
+    """(label, channels-last?) for a shape: 2-D input has one layout, NC."""
+    if len(shape) == 2:
+        return [("NC", False)]
+    return [(name, name == "NHWC") for name in layouts]
+
+
+def _make(shape, channels_last: bool, dtype, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    if channels_last:
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        g = np.ascontiguousarray(np.moveaxis(g, 1, -1))
+    return x, g, (-1 if channels_last else 1)
+
+
+def _torch_view(torch, a: np.ndarray, channels_last: bool):
+    t = torch.from_numpy(a)
+    if channels_last:  # an NCHW-shaped view with channels-last strides
+        t = t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
+    return t
+
+
+def _case_fns(op, x, g, axis, torch, channels_last):
+    """{name: callable} for one case; the first is bnfast with out=."""
+    C = x.shape[axis]
+    dt = x.dtype
+    w = np.linspace(0.5, 1.5, C).astype(dt)
+    b = np.linspace(-0.5, 0.5, C).astype(dt)
+    rm, rv = np.zeros(C, dt), np.ones(C, dt)
+    out = np.empty_like(x)
+    _, mean, invstd = batch_norm_forward(x, w, b, axis=axis)
+    var = (1.0 / invstd.astype(np.float64) ** 2 - 1e-5).clip(0).astype(dt)
+    fns = {}
+    if op == "train":
+        fns["bnfast"] = lambda: batch_norm_forward(x, w, b, rm, rv, axis=axis, out=out)
+        fns["roof"] = lambda: np.copyto(out, x)
+        fns["bnfast_alloc"] = lambda: batch_norm_forward(x, w, b, rm, rv, axis=axis)
+        fns["numpy"] = lambda: _baseline.forward(x, w, b, axis=axis)
+    elif op == "inference":
+        fns["bnfast"] = lambda: batch_norm_inference(x, mean, var, w, b, axis=axis, out=out)
+        fns["roof"] = lambda: np.copyto(out, x)
+        fns["bnfast_alloc"] = lambda: batch_norm_inference(x, mean, var, w, b, axis=axis)
+        fns["numpy"] = lambda: _baseline.inference(x, mean, var, w, b, axis=axis)
+    else:
+        fns["bnfast"] = lambda: batch_norm_backward(g, x, mean, invstd, w, axis=axis, out=out)
+        fns["roof"] = lambda: np.add(x, g, out=out)
+        fns["bnfast_alloc"] = lambda: batch_norm_backward(g, x, mean, invstd, w, axis=axis)
+        fns["numpy"] = lambda: _baseline.backward(g, x, mean, invstd, w, axis=axis)
+    if torch is not None:
+        tx, tg = _torch_view(torch, x, channels_last), _torch_view(torch, g, channels_last)
+        tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        tmean, tinv, tvar = torch.from_numpy(mean), torch.from_numpy(invstd), torch.from_numpy(var)
+        F = torch.nn.functional
+        if op == "train":
+            fns["torch"] = lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
+        elif op == "inference":
+            fns["torch"] = lambda: F.batch_norm(tx, tmean, tvar, tw, tb, False, 0.1, 1e-5)
+        else:
+            bwd = torch.ops.aten.native_batch_norm_backward
+            fns["torch"] = lambda: bwd(tg, tx, tw, None, None, tmean, tinv, True, 1e-5, [True, True, True])
+    return fns
+
+
+def _time_interleaved(fns, min_rounds: int, budget: float, torch) -> dict:
+    """Best time of each callable, rounds interleaved, until `budget` seconds."""
+    grad = torch.no_grad() if torch is not None else None
+    if grad is not None:
+        grad.__enter__()
+    try:
+        best = {}
+        for name, fn in fns.items():  # warm up (and measure one call)
+            t = time.perf_counter()
+            fn()
+            best[name] = time.perf_counter() - t
+        one_round = sum(best.values())
+        rounds = max(min_rounds, min(200, int(budget / max(one_round, 1e-9))))
+        # tiny calls: several calls per timing so the clock's resolution is no issue
+        inner = {n: max(1, int(2e-4 / max(t, 1e-9))) for n, t in best.items()}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                k = inner[name]
+                t = time.perf_counter()
+                for _ in range(k):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - t) / k)
+    finally:
+        if grad is not None:
+            grad.__exit__(None, None, None)
+    return best
+
+
+def run(shapes=None, ops=OPS, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), *, min_rounds=3,
+        budget=0.5, use_torch=True, use_numpy=True, progress=None) -> list[dict]:
+    """Measure every case; returns one dict per case (times in seconds)."""
+    torch = _torch() if use_torch else None
+    shapes = SUITE if shapes is None else shapes
+    before = get_num_threads()
+    torch_before = torch.get_num_threads() if torch is not None else None
+    rows = []
+    try:
+        for shape in shapes:
+            for layout, channels_last in _layouts_of(shape, layouts):
+                for dtype in dtypes:
+                    x, g, axis = _make(shape, channels_last, np.dtype(dtype))
+                    for op in ops:
+                        for n in threads:
+                            set_num_threads(n)
+                            if torch is not None:
+                                torch.set_num_threads(n)
+                            fns = _case_fns(op, x, g, axis, torch, channels_last)
+                            if not use_numpy:
+                                fns.pop("numpy")
+                            best = _time_interleaved(fns, min_rounds, budget, torch)
+                            arrays = 3 if op == "backward" else 2
+                            row = {
+                                "op": op, "shape": list(shape), "layout": layout, "dtype": dtype,
+                                "threads": n, "time_s": best["bnfast"],
+                                "gbps": arrays * x.nbytes / best["bnfast"] / 1e9,
+                                "roof": "np.add" if op == "backward" else "np.copyto",
+                                "roof_s": best["roof"], "ratio_roof": best["bnfast"] / best["roof"],
+                                "alloc_s": best["bnfast_alloc"],
+                                "numpy_s": best.get("numpy"), "torch_s": best.get("torch"),
+                                "speedup_numpy": best["numpy"] / best["bnfast_alloc"] if "numpy" in best else None,
+                                "speedup_torch": best["torch"] / best["bnfast_alloc"] if "torch" in best else None,
+                            }  # fmt: skip
+                            rows.append(row)
+                            if progress:
+                                progress(row)
+    finally:
+        _kernels.set_num_threads(0) if before is None else set_num_threads(before)
+        if torch is not None:
+            torch.set_num_threads(torch_before)
+    return rows
+
+
+def _fmt_time(t: float) -> str:
+    if t < 1e-3:
+        return f"{t * 1e6:8.2f} us"
+    return f"{t * 1e3:8.3f} ms"
+
+
+HEADER = (
+    f"{'op':<9} {'shape':<20} {'layout':<6} {'dtype':<7} {'thr':>3} {'time':>11} {'GB/s':>6} "
+    f"{'x roof':>7} {'vs NumPy':>8} {'vs torch':>8}"
+)
+
+
+def format_row(r: dict) -> str:
+    shape = "(" + ",".join(str(s) for s in r["shape"]) + ")"
+    sn = f"{r['speedup_numpy']:7.1f}x" if r["speedup_numpy"] else f"{'-':>8}"
+    st = f"{r['speedup_torch']:7.2f}x" if r["speedup_torch"] else f"{'-':>8}"
+    return (
+        f"{r['op']:<9} {shape:<20} {r['layout']:<6} {r['dtype']:<7} {r['threads']:>3} "
+        f"{_fmt_time(r['time_s']):>11} {r['gbps']:6.1f} {r['ratio_roof']:6.2f}x {sn} {st}"
+    )
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Geometric means and the worst case against PyTorch, per thread count."""
+    lines = []
+    for n in sorted({r["threads"] for r in rows}):
+        sel = [r for r in rows if r["threads"] == n]
+        for key, name in (("speedup_numpy", "NumPy"), ("speedup_torch", "PyTorch")):
+            vals = [r[key] for r in sel if r[key]]
+            if vals:
+                gm = math.exp(sum(math.log(v) for v in vals) / len(vals))
+                worst = min(sel, key=lambda r: r[key] if r[key] else math.inf)
+                lines.append(
+                    f"{n} thread(s): geometric-mean speedup vs {name} {gm:.2f}x over {len(vals)} cases; "
+                    f"slowest {worst[key]:.2f}x ({worst['op']} {tuple(worst['shape'])} {worst['layout']} "
+                    f"{worst['dtype']})"
+                )
+    return lines
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Bar chart of the speedups (matplotlib required)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    labels = [
+        f"{r['op'][:5]} {'x'.join(map(str, r['shape']))} {r['layout']} {r['dtype'][-2:]} t{r['threads']}"
+        for r in rows
+    ]
+    ys = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(10, 0.22 * len(rows) + 1.5))
+    ax.barh(ys - 0.2, [r["speedup_torch"] or 0 for r in rows], 0.4, label="vs PyTorch")
+    ax.barh(ys + 0.2, [1 / r["ratio_roof"] for r in rows], 0.4, label="roofline fraction (ref / bnfast)")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(ys, labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup (log)")
+    ax.legend(loc="lower right")
+    ax.set_title("bnfast: speedup vs PyTorch and fraction of the memory roofline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _parse_list(text: str, allowed=None, cast=str):
+    items = [cast(s.strip()) for s in text.split(",") if s.strip()]
+    if allowed is not None:
+        bad = [s for s in items if s not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
+    return items
+
+
+def _parse_shapes(text: str):
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bnfast bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a small subset: float32, 4 shapes")
+    parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2 (default 1,2)")
+    parser.add_argument("--ops", default=",".join(OPS), help="train,inference,backward")
+    parser.add_argument("--dtypes", default=None, help="float32,float64 (quick: float32)")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="NCHW,NHWC")
+    parser.add_argument("--shapes", default=None, help="NCHW-order shapes like 32x64x28x28,8x16")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per case")
+    parser.add_argument("--rounds", type=int, default=3, help="minimum interleaved rounds per case")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
+    parser.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy baseline")
+    parser.add_argument("--json", metavar="FILE", help="write the raw figures as JSON")
+    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of the speedups (needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    try:
+        threads = _parse_list(args.threads, cast=int)
+        ops = _parse_list(args.ops, OPS)
+        dtypes = _parse_list(args.dtypes or ("float32" if args.quick else ",".join(DTYPES)), DTYPES)
+        layouts = _parse_list(args.layouts, LAYOUTS)
+        shapes = _parse_shapes(args.shapes) if args.shapes else (QUICK if args.quick else SUITE)
+    except (argparse.ArgumentTypeError, ValueError) as err:
+        parser.error(str(err))
+    if any(n < 1 for n in threads):
+        parser.error("--threads must be positive integers")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401, PLC0415
+        except ImportError:
+            print("--plot needs matplotlib: pip install matplotlib (or bnfast[plot])", file=sys.stderr)
+            return 2
+    budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.4)
+
+    torch = None if args.no_torch else _torch()
+    print(
+        f"bnfast bench: {platform.machine()}, SIMD in use {_kernels.simd_in_use()} "
+        f"(compiled {_kernels.simd_compiled()}), OpenMP {_kernels.openmp_enabled()}, "
+        f"NumPy {np.__version__}, PyTorch {torch.__version__ if torch is not None else 'not importable'}"
+    )
+    print("x roof: bnfast (out=) time / np.copyto (train, inference) or np.add(a, b, out=c) (backward)")
+    print("vs NumPy / vs torch: their time / bnfast's (all allocating their outputs); >1 means bnfast is faster")
+    print(HEADER)
+    print("-" * len(HEADER))
+    rows = run(
+        shapes, ops, dtypes, layouts, threads, min_rounds=args.rounds, budget=budget,
+        use_torch=not args.no_torch, use_numpy=not args.no_numpy,
+        progress=lambda r: print(format_row(r), flush=True),
+    )  # fmt: skip
+    print()
+    for line in summary(rows):
+        print(line)
+    if args.json:
+        meta = {
+            "simd_in_use": _kernels.simd_in_use(), "simd_compiled": _kernels.simd_compiled(),
+            "numpy": np.__version__, "torch": torch.__version__ if torch is not None else None,
+            "machine": platform.machine(), "processor": platform.processor(),
+        }  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+        print(f"raw figures written to {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"chart written to {args.plot}")
+    return 0

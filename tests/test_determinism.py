@@ -1,0 +1,109 @@
+"""Bit-identical results for any thread count.
+
+The kernels split work on a grid that depends only on the shape and merge
+partial results in a fixed order, so 1, 2, 3 or 4 threads -- and every SIMD
+variant's own results -- must agree to the last bit, for every op, layout and
+dtype, including the shapes of the performance suite (some scaled down).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast import _kernels
+
+THREADS = (1, 2, 3, 4)
+
+# (NCHW-order shape, layout); NHWC arrays are the channels-last transpose.
+SHAPES = [
+    ((32, 64, 28, 28), "NCHW"),
+    ((32, 64, 28, 28), "NHWC"),
+    ((8, 64, 56, 56), "NCHW"),  # suite (32,64,56,56), scaled down
+    ((8, 64, 56, 56), "NHWC"),
+    ((2, 64, 112, 112), "NCHW"),  # suite (64,64,112,112), scaled down
+    ((2, 64, 112, 112), "NHWC"),
+    ((16, 256, 14, 14), "NCHW"),  # suite (128,256,14,14), scaled down
+    ((16, 256, 14, 14), "NHWC"),
+    ((4, 3, 224, 224), "NCHW"),  # fewer channels than threads
+    ((4, 3, 224, 224), "NHWC"),
+    ((1, 64, 56, 56), "NCHW"),
+    ((1, 64, 56, 56), "NHWC"),
+    ((256, 1024), "NC"),
+    ((4096, 64), "NC"),
+    ((8, 16), "NC"),
+    ((2, 32, 16, 28, 28), "NCHW"),
+    ((2, 32, 16, 28, 28), "NHWC"),
+    ((3, 1500, 70), "NCHW"),  # odd sizes: vector tails everywhere
+    ((70001, 3), "NC"),
+    ((2, 1, 100003), "NCHW"),  # one long run split into segments
+    ((5, 1029, 3), "NHWC"),  # more channels than a tile
+]
+
+
+def _layout(x: np.ndarray, layout: str):
+    if layout == "NHWC":
+        return np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1
+    return x, 1
+
+
+def _all_outputs(x, g, w, b, axis):
+    C = x.shape[axis]
+    rm = np.linspace(-1, 1, C).astype(x.dtype)
+    rv = np.linspace(0.5, 2, C).astype(x.dtype)
+    y, mean, invstd = bnfast.batch_norm_forward(x, w, b, rm, rv, axis=axis)
+    yi = bnfast.batch_norm_inference(x, rm, rv, w, b, axis=axis)
+    gi, gw, gb = bnfast.batch_norm_backward(g, x, mean, invstd, w, axis=axis)
+    ge, gwe, gbe = bnfast.batch_norm_backward(g, x, mean, invstd, w, training=False, axis=axis)
+    m = bnfast.moments(x, axis=axis)
+    return [y, mean, invstd, rm, rv, yi, gi, gw, gb, ge, gwe, gbe, m.count, m.mean, m.m2]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape,layout", SHAPES, ids=[f"{s}-{l}" for s, l in SHAPES])
+def test_bit_identical_across_thread_counts(shape, layout, dtype):
+    rng = np.random.default_rng(sum(shape))
+    x, axis = _layout((rng.standard_normal(shape) * 2 + 3).astype(dtype), layout)
+    g, _ = _layout(rng.standard_normal(shape).astype(dtype), layout)
+    C = x.shape[axis]
+    w = rng.standard_normal(C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    results = {}
+    for n in THREADS:
+        bnfast.set_num_threads(n)
+        results[n] = _all_outputs(x, g, w, b, axis)
+    names = "y mean invstd rm rv yi gi gw gb ge gwe gbe count mmean m2".split()
+    for n in THREADS[1:]:
+        for name, a, ref in zip(names, results[n], results[1]):
+            assert np.array_equal(a, ref, equal_nan=True), f"{name} differs with {n} threads vs 1"
+
+
+def test_bit_identical_with_large_offset_and_strided_input():
+    rng = np.random.default_rng(7)
+    base = (1e5 + rng.standard_normal((6, 40, 33, 29))).astype(np.float32)
+    x = base[:, ::2, :, ::-1]  # strided, negative strides
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = np.ones(20, np.float32), np.zeros(20, np.float32)
+    results = []
+    for n in THREADS:
+        bnfast.set_num_threads(n)
+        results.append(_all_outputs(x, g, w, b, 1))
+    for other in results[1:]:
+        for a, ref in zip(other, results[0]):
+            assert np.array_equal(a, ref, equal_nan=True)
+
+
+def test_same_isa_selection_is_stable():
+    """Selecting the same variant twice gives the same bits (no hidden state)."""
+    x = np.random.default_rng(1).standard_normal((16, 32, 20, 20)).astype(np.float32)
+    before = _kernels.simd_in_use()
+    try:
+        for name in _kernels.simd_available():
+            _kernels.select_isa(name)
+            first = bnfast.batch_norm_forward(x)[0]
+            _kernels.select_isa(name)
+            bnfast.set_num_threads(3)
+            assert np.array_equal(bnfast.batch_norm_forward(x)[0], first)
+    finally:
+        _kernels.select_isa("avx2" if before == "AVX2+FMA" else "baseline")
