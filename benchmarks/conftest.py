@@ -1,0 +1,60 @@
+"""pytest-benchmark suite for bnfast (not part of the normal test run).
+
+Run from the repository root::
+
+    pytest benchmarks                                  # quick subset, a few minutes
+    pytest benchmarks --bnfast-suite=full              # the whole suite of issue 3 (long)
+    pytest benchmarks --benchmark-autosave             # save a baseline under .benchmarks/
+    pytest benchmarks --benchmark-compare              # compare with the latest saved run
+    pytest benchmarks --benchmark-compare --benchmark-compare-fail=min:10%   # fail on >10% regressions
+
+Each group is one operation/shape/layout/dtype/thread-count; its members are
+bnfast, the roofline reference on the same arrays (np.copyto, or np.add for
+backward), the NumPy baseline and PyTorch (when importable).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("bnfast benchmarks")
+    group.addoption(
+        "--bnfast-suite",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick: float32, 2 threads, small shapes (default); full: the suite of issue 3",
+    )
+    group.addoption(
+        "--bnfast-threads",
+        default=None,
+        help="comma-separated thread counts (default: 2 for quick, 1,2 for full)",
+    )
+
+
+def pytest_configure(config):
+    # keep a default run affordable: few rounds unless asked otherwise
+    opt = config.option
+    if getattr(opt, "benchmark_min_rounds", None) == 5:
+        opt.benchmark_min_rounds = 3
+    if getattr(opt, "benchmark_max_time", None) == 1.0:
+        opt.benchmark_max_time = 0.25
+
+
+@pytest.fixture
+def bnfast_threads():
+    """Restore bnfast's (and torch's) thread counts after a benchmark."""
+    import bnfast
+
+    before = bnfast.get_num_threads()
+    try:
+        import torch
+
+        torch_before = torch.get_num_threads()
+    except Exception:
+        torch, torch_before = None, None
+    yield
+    bnfast.set_num_threads(before)
+    if torch is not None:
+        torch.set_num_threads(torch_before)
