@@ -9,6 +9,7 @@ difference is the normalization.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -141,8 +142,6 @@ def _one_blas_thread() -> Any:
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
-        import contextlib
-
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -167,9 +166,16 @@ def _table(results: list[tuple[str, dict[str, list[float]]]]) -> str:
             f"{np.mean(h['seconds']):.3f}",
         ))
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt(row: tuple[str, ...]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows]
     return "\n".join(lines)
+
+
+def _when(epoch: str) -> str:
+    return f"after {epoch} epoch(s)" if epoch != "never" else "never"
 
 
 def _verdict(with_bn: dict[str, list[float]], without: dict[str, list[float]], lr: float) -> str:
@@ -181,15 +187,12 @@ def _verdict(with_bn: dict[str, list[float]], without: dict[str, list[float]], l
     diff = a - b
     parts = [f"At lr={lr:g}, batch normalization changed the final test accuracy by {diff * 100:+.2f} points "
              f"({a:.2%} vs {b:.2%})"]
-    def when(e: str) -> str:
-        return f"after {e} epoch(s)" if e != "never" else "never"
-
     if ea != eb:
-        parts.append(f"and reached {TARGET:.0%} test accuracy {when(ea)} (without: {when(eb)})")
+        parts.append(f"and reached {TARGET:.0%} test accuracy {_when(ea)} (without: {_when(eb)})")
     elif ea == "never":
         parts.append(f"and neither run reached {TARGET:.0%}")
     else:
-        parts.append(f"and both reached {TARGET:.0%} {when(ea)}")
+        parts.append(f"and both reached {TARGET:.0%} {_when(ea)}")
     text = " ".join(parts) + "."
     if abs(diff) < 0.005 and ea == eb:
         text += " On this small problem the difference is negligible."

@@ -76,9 +76,10 @@ def gradcheck(layer: Any, x: Any, *, eps: float = 1e-6, atol: float = 1e-5, rtol
     """
     x = np.array(x, dtype=np.float64, copy=True)
     for k, p in enumerate(_params(layer)):
-        if np.asarray(p.data).dtype != np.float64:
+        dtype = np.asarray(p.data).dtype
+        if dtype != np.float64:
             raise TypeError(
-                f"gradcheck: {_param_label(p, k)} has dtype {np.asarray(p.data).dtype}; finite differences "
+                f"gradcheck: {_param_label(p, k)} has dtype {dtype}; finite differences "
                 "need float64 parameters (build the layer with dtype=np.float64)"
             )
 
@@ -98,8 +99,7 @@ def gradcheck(layer: Any, x: Any, *, eps: float = 1e-6, atol: float = 1e-5, rtol
     if y.dtype != np.float64:
         raise AssertionError(f"gradcheck: the layer returned dtype {y.dtype} for a float64 input")
     R = np.random.default_rng(seed).standard_normal(y.shape)
-    gx = lay.backward(R.copy())
-    gx = np.asarray(gx)
+    gx = np.asarray(lay.backward(R.copy()))
     if gx.shape != x.shape:
         raise AssertionError(f"gradcheck: backward returned shape {gx.shape}, input shape is {x.shape}")
     analytic: list[tuple[str, int, np.ndarray]] = [("input", -1, gx)]
@@ -119,8 +119,7 @@ def gradcheck(layer: Any, x: Any, *, eps: float = 1e-6, atol: float = 1e-5, rtol
 
     worst: tuple[float, str, tuple, float, float] | None = None
     for label, which, g in analytic:
-        shape = x.shape if which < 0 else _params(lay)[which].data.shape
-        for idx in np.ndindex(*shape):
+        for idx in np.ndindex(*g.shape):  # shapes checked above: g.shape is the perturbed array's
             num = (loss((which, idx, eps)) - loss((which, idx, -eps))) / (2 * eps)
             ana = float(g[idx])
             err = abs(ana - num)

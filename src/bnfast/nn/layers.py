@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -76,11 +76,49 @@ def _check_grad(grad_out: Any, expected_shape: tuple[int, ...] | None, who: str)
     return grad_out
 
 
-def _make_rng(rng: Any) -> np.random.Generator:
-    """``numpy.random.default_rng`` that passes Generators through."""
-    if isinstance(rng, np.random.Generator):
-        return rng
-    return np.random.default_rng(rng)
+def _unique_by_id(items: Iterable[Any], key: Callable[[Any], Any] = lambda item: item) -> list[Any]:
+    """Keep the first item of every distinct ``key(item)`` object, in order.
+
+    Identity rather than equality: a parameter shared by two layers is one
+    parameter, while two equal arrays are two.
+    """
+    seen: set[int] = set()
+    out: list[Any] = []
+    for item in items:
+        if id(key(item)) not in seen:
+            seen.add(id(key(item)))
+            out.append(item)
+    return out
+
+
+_LAYOUTS = {1: "(N, C, H, W)", -1: "(N, H, W, C)"}
+
+
+def _check_axis(axis: int, who: str) -> int:
+    """Normalise a 4-D layer's channel axis to 1 (NCHW) or -1 (NHWC)."""
+    if axis not in (1, -1, 3):
+        raise ValueError(f"{who}: axis must be 1 (channels-first, NCHW) or -1 (channels-last, NHWC), got {axis}")
+    return 1 if axis == 1 else -1
+
+
+def _as_float_4d(x: Any, axis: int, who: str) -> np.ndarray:
+    """:func:`_as_float_array` that also requires a 4-D input in the ``axis`` layout."""
+    x = _as_float_array(x, who)
+    if x.ndim != 4:
+        raise ValueError(f"{who}: expected a 4-D input {_LAYOUTS[axis]}, got shape {x.shape}")
+    return x
+
+
+# The 2-D layers compute in channels-last order, where a pixel's channels are
+# adjacent: im2col rows and pooling windows are then plain reshapes.
+def _to_nhwc(a: np.ndarray, axis: int) -> np.ndarray:
+    """Channels-last view (no copy) of a 4-D array in the ``axis`` layout."""
+    return a.transpose(0, 2, 3, 1) if axis == 1 else a
+
+
+def _from_nhwc(a: np.ndarray, axis: int) -> np.ndarray:
+    """Contiguous array in the ``axis`` layout from a channels-last one."""
+    return np.ascontiguousarray(a.transpose(0, 3, 1, 2) if axis == 1 else a)
 
 
 class Module:
@@ -208,18 +246,8 @@ class Module:
         list of Parameter
             Each parameter once, in registration order (own first).
         """
-        seen: set[int] = set()
-        out: list[Parameter] = []
-        for p in self._params.values():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-        for child in self._children.values():
-            for p in child.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+        own = list(self._params.values())
+        return _unique_by_id(own + [p for child in self._children.values() for p in child.parameters()])
 
     def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
         """Return ``(name, parameter)`` pairs under torch's dotted names.
@@ -238,24 +266,14 @@ class Module:
             E.g. ``[("0.weight", ...), ("0.bias", ...), ("1.weight", ...)]``
             for a :class:`Sequential`; each parameter once.
         """
-        out: list[tuple[str, Parameter]] = []
-        seen: set[int] = set()
-
-        def add(name: str, p: Parameter) -> None:
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((name, p))
-
-        for name, p in self._params.items():
-            add(prefix + name, p)
+        pairs = [(prefix + name, p) for name, p in self._params.items()]
         for cname, child in self._children.items():
             if hasattr(child, "named_parameters"):
-                for name, p in child.named_parameters(prefix=f"{prefix}{cname}."):
-                    add(name, p)
+                pairs += child.named_parameters(prefix=f"{prefix}{cname}.")
             else:
-                for k, p in enumerate(child.parameters()):
-                    add(f"{prefix}{cname}.{getattr(p, 'name', '') or k}", p)
-        return out
+                pairs += [(f"{prefix}{cname}.{getattr(p, 'name', '') or k}", p)
+                          for k, p in enumerate(child.parameters())]
+        return _unique_by_id(pairs, key=lambda pair: pair[1])
 
     def train(self, mode: bool = True) -> "Module":
         """Set training mode (``mode=True``) or evaluation mode on every layer.
@@ -337,6 +355,8 @@ class Module:
             unexpected += sorted(f"{p}.*" for p in prefixes - set(self._children))
             if missing or unexpected:
                 raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        # Check every shape before copying anything, so that a bad entry
+        # leaves the parameters as they were.
         for name, p in self._params.items():
             if name in own:
                 v = np.asarray(own[name])
@@ -373,7 +393,67 @@ class Module:
         return "\n".join(lines)
 
 
-class Linear(Module):
+class _WeightBiasLayer(Module):
+    """Base of the layers whose output is ``cols @ weight.reshape(out, -1).T + bias``.
+
+    :class:`Linear` (``cols`` is the input) and :class:`Conv2d` (``cols`` is
+    the im2col matrix) share the parameters, their initialisation, the
+    ``weight`` / ``bias`` / ``grad_*`` attributes and both matrix products.
+    """
+
+    def _init_parameters(self, weight_shape: tuple[int, ...], bias: bool, dtype: Any, rng: Any,
+                         who: str) -> None:
+        dtype = np.dtype(dtype)
+        if not np.issubdtype(dtype, np.floating):
+            raise TypeError(f"{who}: dtype must be floating, got {dtype}")
+        gen = np.random.default_rng(rng)
+        # PyTorch's defaults, kaiming_uniform_(a=sqrt(5)) for the weight and
+        # U(±1/sqrt(fan_in)) for the bias, have the same bound 1/sqrt(fan_in).
+        # The weight is drawn first: a seeded model depends on that order.
+        bound = 1.0 / math.sqrt(math.prod(weight_shape[1:]))
+        self._weight = self.register_parameter(
+            "weight", gen.uniform(-bound, bound, weight_shape).astype(dtype))
+        self._bias = (
+            self.register_parameter("bias", gen.uniform(-bound, bound, weight_shape[0]).astype(dtype))
+            if bias else None
+        )
+
+    # Shape of the last forward output, which backward checks grad_out against.
+    _out_shape: tuple[int, ...] | None = None
+
+    weight = property(lambda self: self._weight.data, doc="Weight array.")
+    bias = property(lambda self: None if self._bias is None else self._bias.data,
+                    doc="Bias array ``(out,)`` or None.")
+    grad_weight = property(lambda self: self._weight.grad, doc="Gradient of ``weight``.")
+    grad_bias = property(lambda self: None if self._bias is None else self._bias.grad,
+                         doc="Gradient of ``bias``.")
+
+    def _weight_matrix(self, dtype: np.dtype) -> np.ndarray:
+        """The weight as an ``(out, fan_in)`` matrix in ``dtype`` (a view when the dtype matches)."""
+        w = self._weight.data
+        return w.reshape(w.shape[0], -1).astype(dtype, copy=False)
+
+    def _matmul_forward(self, cols: np.ndarray) -> np.ndarray:
+        """``cols @ W.T + bias`` in the dtype of ``cols``; ``cols`` is ``(..., fan_in)``."""
+        out = cols @ self._weight_matrix(cols.dtype).T
+        if self._bias is not None:
+            out += self._bias.data.astype(cols.dtype, copy=False)
+        return out
+
+    def _matmul_backward(self, g2: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Store the parameter gradients and return the gradient of ``cols``.
+
+        ``g2`` is ``(M, out)`` and ``cols`` the ``(M, fan_in)`` matrix of the
+        forward pass; the gradients are cast to the parameters' dtype.
+        """
+        w = self._weight.data
+        self._weight.grad = (g2.T @ cols).reshape(w.shape).astype(w.dtype, copy=False)
+        if self._bias is not None:
+            self._bias.grad = g2.sum(axis=0).astype(self._bias.data.dtype, copy=False)
+        return g2 @ self._weight_matrix(g2.dtype)
+
+
+class Linear(_WeightBiasLayer):
     """Affine map ``y = x @ weight.T + bias`` like ``torch.nn.Linear``.
 
     Parameters
@@ -415,27 +495,10 @@ class Linear(Module):
             raise ValueError("Linear: in_features and out_features must be positive")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        dtype = np.dtype(dtype)
-        if not np.issubdtype(dtype, np.floating):
-            raise TypeError(f"Linear: dtype must be floating, got {dtype}")
-        gen = _make_rng(rng)
-        bound = 1.0 / math.sqrt(self.in_features)
-        self._weight = self.register_parameter(
-            "weight", gen.uniform(-bound, bound, (self.out_features, self.in_features)).astype(dtype)
-        )
-        self._bias = (
-            self.register_parameter("bias", gen.uniform(-bound, bound, self.out_features).astype(dtype))
-            if bias else None
-        )
+        self._init_parameters((self.out_features, self.in_features), bias, dtype, rng, "Linear")
         self._x: np.ndarray | None = None
-        self._out_shape: tuple[int, ...] | None = None
 
-    weight = property(lambda self: self._weight.data, doc="Weight array ``(out, in)``.")
-    bias = property(lambda self: None if self._bias is None else self._bias.data,
-                    doc="Bias array ``(out,)`` or None.")
-    grad_weight = property(lambda self: self._weight.grad, doc="Gradient of ``weight``.")
-    grad_bias = property(lambda self: None if self._bias is None else self._bias.grad,
-                         doc="Gradient of ``bias``.")
+    weight = property(_WeightBiasLayer.weight.fget, doc="Weight array ``(out, in)``.")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Apply the affine map to the last dimension of ``x``.
@@ -456,10 +519,7 @@ class Linear(Module):
                 f"Linear(in_features={self.in_features}): expected input of shape (*, {self.in_features}), "
                 f"got {x.shape}"
             )
-        w = self.weight.astype(x.dtype, copy=False)
-        y = x @ w.T
-        if self._bias is not None:
-            y += self.bias.astype(x.dtype, copy=False)
+        y = self._matmul_forward(x)
         self._x = x
         self._out_shape = y.shape
         return y
@@ -478,13 +538,8 @@ class Linear(Module):
             ``(*, in_features)``.
         """
         g = _check_grad(grad_out, self._out_shape, "Linear")
-        x = self._x
-        g2 = g.reshape(-1, self.out_features)
-        x2 = x.reshape(-1, self.in_features)
-        self._weight.grad = (g2.T @ x2).astype(self.weight.dtype, copy=False)
-        if self._bias is not None:
-            self._bias.grad = g2.sum(axis=0).astype(self.bias.dtype, copy=False)
-        return g @ self.weight.astype(g.dtype, copy=False)
+        x2 = self._x.reshape(-1, self.in_features)
+        return self._matmul_backward(g.reshape(-1, self.out_features), x2).reshape(self._x.shape)
 
     def extra_repr(self) -> str:
         """Return the constructor arguments shown in the repr.
@@ -496,13 +551,7 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._bias is not None}"
 
 
-def _check_axis(axis: int, who: str) -> int:
-    if axis not in (1, -1, 3):
-        raise ValueError(f"{who}: axis must be 1 (channels-first, NCHW) or -1 (channels-last, NHWC), got {axis}")
-    return 1 if axis == 1 else -1
-
-
-class Conv2d(Module):
+class Conv2d(_WeightBiasLayer):
     """2-D convolution (cross-correlation) like ``torch.nn.Conv2d``.
 
     Implemented as im2col (``numpy.lib.stride_tricks.sliding_window_view``)
@@ -560,29 +609,11 @@ class Conv2d(Module):
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
             raise ValueError("Conv2d: kernel_size and stride must be >= 1 and padding >= 0")
         self.axis = _check_axis(axis, "Conv2d")
-        dtype = np.dtype(dtype)
-        if not np.issubdtype(dtype, np.floating):
-            raise TypeError(f"Conv2d: dtype must be floating, got {dtype}")
-        gen = _make_rng(rng)
-        kh, kw = self.kernel_size
-        fan_in = self.in_channels * kh * kw
-        bound = 1.0 / math.sqrt(fan_in)
-        self._weight = self.register_parameter(
-            "weight", gen.uniform(-bound, bound, (self.out_channels, self.in_channels, kh, kw)).astype(dtype)
-        )
-        self._bias = (
-            self.register_parameter("bias", gen.uniform(-bound, bound, self.out_channels).astype(dtype))
-            if bias else None
-        )
+        self._init_parameters((self.out_channels, self.in_channels, *self.kernel_size), bias, dtype, rng,
+                              "Conv2d")
         self._cache: tuple | None = None
-        self._out_shape: tuple[int, ...] | None = None
 
-    weight = property(lambda self: self._weight.data, doc="Weight array ``(out, in, kh, kw)``.")
-    bias = property(lambda self: None if self._bias is None else self._bias.data,
-                    doc="Bias array ``(out,)`` or None.")
-    grad_weight = property(lambda self: self._weight.grad, doc="Gradient of ``weight``.")
-    grad_bias = property(lambda self: None if self._bias is None else self._bias.grad,
-                         doc="Gradient of ``bias``.")
+    weight = property(_WeightBiasLayer.weight.fget, doc="Weight array ``(out, in, kh, kw)``.")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Convolve ``x``.
@@ -598,20 +629,15 @@ class Conv2d(Module):
             ``(N, C_out, H_out, W_out)`` or ``(N, H_out, W_out, C_out)``, dtype
             of ``x``, with ``H_out = (H + 2*pad - kh) // stride + 1``.
         """
-        x = _as_float_array(x, "Conv2d")
-        layout = "(N, C, H, W)" if self.axis == 1 else "(N, H, W, C)"
-        if x.ndim != 4:
-            raise ValueError(f"Conv2d: expected a 4-D input {layout}, got shape {x.shape}")
-        xn = x.transpose(0, 2, 3, 1) if self.axis == 1 else x  # NHWC view
+        x = _as_float_4d(x, self.axis, "Conv2d")
+        xn = _to_nhwc(x, self.axis)
         n, h, w, c = xn.shape
         if c != self.in_channels:
             raise ValueError(
-                f"Conv2d(in_channels={self.in_channels}, axis={self.axis}): input {layout} has "
+                f"Conv2d(in_channels={self.in_channels}, axis={self.axis}): input {_LAYOUTS[self.axis]} has "
                 f"{c} channels (shape {x.shape})"
             )
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        ph, pw = self.padding
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         if h + 2 * ph < kh or w + 2 * pw < kw:
             raise ValueError(
                 f"Conv2d: padded input ({h + 2 * ph}x{w + 2 * pw}) is smaller than the kernel ({kh}x{kw})"
@@ -620,16 +646,12 @@ class Conv2d(Module):
             xn = np.pad(xn, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
         oh = (h + 2 * ph - kh) // sh + 1
         ow = (w + 2 * pw - kw) // sw + 1
+        # (N, OH, OW, C, kh, kw) view; the reshape is the one im2col copy and
+        # orders each row (C, kh, kw) like a row of the weight matrix.
         win = np.lib.stride_tricks.sliding_window_view(xn, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
-        # win: (N, OH, OW, C, kh, kw) -> one row per output pixel, (C, kh, kw) per row like the weight
         cols = win.reshape(n * oh * ow, c * kh * kw)
-        wmat = self.weight.reshape(self.out_channels, -1).astype(x.dtype, copy=False)
-        out = cols @ wmat.T
-        if self._bias is not None:
-            out += self.bias.astype(x.dtype, copy=False)
-        out = out.reshape(n, oh, ow, self.out_channels)
-        if self.axis == 1:
-            out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+        out = self._matmul_forward(cols).reshape(n, oh, ow, self.out_channels)
+        out = _from_nhwc(out, self.axis)
         self._cache = (cols, (n, h, w, c), (oh, ow))
         self._out_shape = out.shape
         return out
@@ -649,24 +671,16 @@ class Conv2d(Module):
         """
         g = _check_grad(grad_out, self._out_shape, "Conv2d")
         cols, (n, h, w, c), (oh, ow) = self._cache
-        kh, kw = self.kernel_size
-        sh, sw = self.stride
-        ph, pw = self.padding
-        gn = g.transpose(0, 2, 3, 1) if self.axis == 1 else g
-        g2 = gn.reshape(n * oh * ow, self.out_channels)
-        self._weight.grad = (g2.T @ cols).reshape(self.weight.shape).astype(self.weight.dtype, copy=False)
-        if self._bias is not None:
-            self._bias.grad = g2.sum(axis=0).astype(self.bias.dtype, copy=False)
-        wmat = self.weight.reshape(self.out_channels, -1).astype(g.dtype, copy=False)
-        dcols = (g2 @ wmat).reshape(n, oh, ow, c, kh, kw)
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        g2 = _to_nhwc(g, self.axis).reshape(n * oh * ow, self.out_channels)
+        dcols = self._matmul_backward(g2, cols).reshape(n, oh, ow, c, kh, kw)
+        # col2im: scatter-add each kernel offset's slice into the padded input;
+        # the loop runs over the kh*kw offsets, every add is vectorised.
         dxp = np.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=g.dtype)
-        for i in range(kh):  # loops over kernel offsets only
+        for i in range(kh):
             for j in range(kw):
                 dxp[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] += dcols[:, :, :, :, i, j]
-        dx = dxp[:, ph:ph + h, pw:pw + w, :]
-        if self.axis == 1:
-            return np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
-        return np.ascontiguousarray(dx)
+        return _from_nhwc(dxp[:, ph:ph + h, pw:pw + w, :], self.axis)
 
     def extra_repr(self) -> str:
         """Return the constructor arguments shown in the repr.
@@ -846,23 +860,19 @@ class MaxPool2d(Module):
         numpy.ndarray
             ``(N, C, H // kh, W // kw)`` or ``(N, H // kh, W // kw, C)``.
         """
-        x = _as_float_array(x, "MaxPool2d")
-        if x.ndim != 4:
-            layout = "(N, C, H, W)" if self.axis == 1 else "(N, H, W, C)"
-            raise ValueError(f"MaxPool2d: expected a 4-D input {layout}, got shape {x.shape}")
+        x = _as_float_4d(x, self.axis, "MaxPool2d")
         kh, kw = self.kernel_size
-        xn = x.transpose(0, 2, 3, 1) if self.axis == 1 else x  # NHWC view
+        xn = _to_nhwc(x, self.axis)
         n, h, w, c = xn.shape
         oh, ow = h // kh, w // kw
         if oh == 0 or ow == 0:
             raise ValueError(f"MaxPool2d: input {h}x{w} is smaller than the kernel {kh}x{kw}")
-        # (N, OH, kh, OW, kw, C) -> (N, OH, OW, C, kh*kw), window flattened row-major
+        # (N, OH, kh, OW, kw, C) -> (N, OH, OW, C, kh*kw): each window flattened
+        # row-major, so argmax picks the first maximum in PyTorch's order.
         win = xn[:, :oh * kh, :ow * kw, :].reshape(n, oh, kh, ow, kw, c).transpose(0, 1, 3, 5, 2, 4)
         win = win.reshape(n, oh, ow, c, kh * kw)
         idx = np.argmax(win, axis=-1)
-        out = np.take_along_axis(win, idx[..., None], axis=-1)[..., 0]
-        if self.axis == 1:
-            out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+        out = _from_nhwc(np.take_along_axis(win, idx[..., None], axis=-1)[..., 0], self.axis)
         self._cache = (idx, (n, h, w, c))
         self._out_shape = out.shape
         return out
@@ -883,18 +893,15 @@ class MaxPool2d(Module):
         idx, (n, h, w, c) = self._cache
         kh, kw = self.kernel_size
         oh, ow = h // kh, w // kw
-        gn = g.transpose(0, 2, 3, 1) if self.axis == 1 else g
         gwin = np.zeros((n, oh, ow, c, kh * kw), dtype=g.dtype)
-        np.put_along_axis(gwin, idx[..., None], gn[..., None], axis=-1)
+        np.put_along_axis(gwin, idx[..., None], _to_nhwc(g, self.axis)[..., None], axis=-1)
         gwin = gwin.reshape(n, oh, ow, c, kh, kw).transpose(0, 1, 4, 2, 5, 3).reshape(n, oh * kh, ow * kw, c)
         if oh * kh == h and ow * kw == w:
             dx = gwin
         else:
             dx = np.zeros((n, h, w, c), dtype=g.dtype)
             dx[:, :oh * kh, :ow * kw, :] = gwin
-        if self.axis == 1:
-            return np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
-        return dx
+        return _from_nhwc(dx, self.axis)
 
     def extra_repr(self) -> str:
         """Return the constructor arguments shown in the repr.
@@ -939,7 +946,7 @@ class Dropout(Module):
         if not 0.0 <= float(p) <= 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
         self.p = float(p)
-        self.rng = _make_rng(rng)
+        self.rng = np.random.default_rng(rng)
         self._mask: np.ndarray | None = None
         self._out_shape: tuple[int, ...] | None = None
 
@@ -1014,7 +1021,7 @@ class Sequential(Module):
         super().__init__()
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
-        for i, layer in enumerate(layers):
+        for layer in layers:
             self.append(layer)
 
     def append(self, layer: Any) -> "Sequential":

@@ -46,6 +46,18 @@ class _Loss:
             raise RuntimeError(f"{type(self).__name__}.backward() called before computing a loss")
         return self._grad
 
+    def _reduce(self, total: float, grad: np.ndarray, count: int, dtype: np.dtype) -> float:
+        """Apply the reduction to the summed loss and its gradient; keep the gradient in ``dtype``.
+
+        ``count`` is what ``"mean"`` divides by (samples for cross-entropy,
+        elements for MSE, as in PyTorch).
+        """
+        if self.reduction == "mean":
+            total /= count
+            grad /= count
+        self._grad = grad.astype(dtype, copy=False)
+        return total
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(reduction={self.reduction!r})"
 
@@ -55,6 +67,14 @@ def _float_pred(pred: Any, who: str) -> np.ndarray:
     if not np.issubdtype(pred.dtype, np.floating):
         raise TypeError(f"{who}: predictions must be floating point, got dtype {pred.dtype}")
     return pred
+
+
+def _check_target(target: Any, kind: type, message: str) -> np.ndarray:
+    """Return ``target`` as an array of a ``kind`` dtype (bool rejected) or raise ``TypeError``."""
+    target = np.asarray(target)
+    if target.dtype == np.bool_ or not np.issubdtype(target.dtype, kind):
+        raise TypeError(message.format(dtype=target.dtype))
+    return target
 
 
 class CrossEntropyLoss(_Loss):
@@ -109,15 +129,14 @@ class CrossEntropyLoss(_Loss):
             Wrong shapes or labels out of range.
         """
         logits = _float_pred(logits, "CrossEntropyLoss")
-        target = np.asarray(target)
         if logits.ndim != 2:
             raise ValueError(f"CrossEntropyLoss: logits must be 2-D (N, C), got shape {logits.shape}")
         n, c = logits.shape
-        if target.dtype == np.bool_ or not np.issubdtype(target.dtype, np.integer):
-            raise TypeError(
-                f"CrossEntropyLoss: targets must be integer class indices, got dtype {target.dtype} "
-                "(convert with y.astype(np.int64); one-hot or probability targets are not supported)"
-            )
+        target = _check_target(
+            target, np.integer,
+            "CrossEntropyLoss: targets must be integer class indices, got dtype {dtype} "
+            "(convert with y.astype(np.int64); one-hot or probability targets are not supported)",
+        )
         if target.shape != (n,):
             raise ValueError(
                 f"CrossEntropyLoss: targets must have shape (N,) = ({n},) to match logits {logits.shape}, "
@@ -133,15 +152,10 @@ class CrossEntropyLoss(_Loss):
         lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         logp = shifted - lse
         rows = np.arange(n)
-        nll = -logp[rows, target]
-        total = float(nll.sum(dtype=np.float64))
-        grad = np.exp(logp)
+        total = -float(logp[rows, target].sum(dtype=np.float64))
+        grad = np.exp(logp)  # softmax
         grad[rows, target] -= 1
-        if self.reduction == "mean":
-            grad /= n
-            total /= n
-        self._grad = grad.astype(logits.dtype, copy=False)
-        return total
+        return self._reduce(total, grad, n, logits.dtype)
 
 
 class MSELoss(_Loss):
@@ -185,9 +199,7 @@ class MSELoss(_Loss):
             Shapes differ.
         """
         pred = _float_pred(pred, "MSELoss")
-        target = np.asarray(target)
-        if target.dtype == np.bool_ or not np.issubdtype(target.dtype, np.number):
-            raise TypeError(f"MSELoss: targets must be numeric, got dtype {target.dtype}")
+        target = _check_target(target, np.number, "MSELoss: targets must be numeric, got dtype {dtype}")
         if target.shape != pred.shape:
             raise ValueError(
                 f"MSELoss: predictions {pred.shape} and targets {target.shape} must have the same shape "
@@ -197,9 +209,4 @@ class MSELoss(_Loss):
             raise ValueError("MSELoss: empty batch")
         diff = pred - target.astype(pred.dtype, copy=False)
         total = float(np.square(diff, dtype=np.float64).sum())
-        grad = 2 * diff
-        if self.reduction == "mean":
-            total /= pred.size
-            grad /= pred.size
-        self._grad = grad.astype(pred.dtype, copy=False)
-        return total
+        return self._reduce(total, 2 * diff, pred.size, pred.dtype)

@@ -13,28 +13,35 @@ from typing import Any
 import numpy as np
 
 from .._parameter import Parameter
+from .layers import _unique_by_id
 
 __all__ = ["Optimizer", "SGD", "Adam", "clip_grad_norm_"]
 
 
-def _param_list(params: Any, who: str) -> list[Parameter]:
+def _as_list(params: Any) -> list:
+    """A single Parameter, a model (anything with ``parameters()``) or an iterable, as a list."""
     if isinstance(params, Parameter):
-        params = [params]
-    elif hasattr(params, "parameters") and callable(params.parameters):
-        params = params.parameters()
-    out: list[Parameter] = []
-    seen: set[int] = set()
+        return [params]
+    if hasattr(params, "parameters") and callable(params.parameters):
+        return list(params.parameters())
+    return list(params)
+
+
+def _param_list(params: Any, who: str) -> list[Parameter]:
+    """:func:`_as_list`, checked to hold Parameters, each kept once."""
+    params = _as_list(params)
     for p in params:
         if not isinstance(p, Parameter):
             raise TypeError(f"{who}: expected bnfast Parameter objects (e.g. model.parameters()), got {type(p).__name__}")
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+    return _unique_by_id(params)
 
 
 class Optimizer:
-    """Base class: parameter groups, ``zero_grad`` and the ``lr`` shortcut.
+    """Base class: parameter groups, ``zero_grad``, the ``lr`` shortcut and the ``step`` loop.
+
+    :meth:`step` visits every parameter that has a gradient, adds the weight
+    decay and calls ``_update(p, g, group)``, the one method a subclass
+    implements (or it overrides :meth:`step` itself).
 
     Parameters
     ----------
@@ -48,19 +55,10 @@ class Optimizer:
 
     def __init__(self, params: Any, defaults: dict) -> None:
         name = type(self).__name__
-        if isinstance(params, dict):
-            params = [params]
-        elif hasattr(params, "parameters") and callable(params.parameters) and not isinstance(params, Parameter):
-            params = params.parameters()
-        elif isinstance(params, Parameter):
-            params = [params]
-        params = list(params)
+        params = [params] if isinstance(params, dict) else _as_list(params)
         if not params:
             raise ValueError(f"{name}: got an empty parameter list")
-        if isinstance(params[0], dict):
-            groups = params
-        else:
-            groups = [{"params": params}]
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.defaults = dict(defaults)
         self.param_groups: list[dict] = []
         seen: set[int] = set()
@@ -107,8 +105,24 @@ class Optimizer:
         for p in self.parameters():
             p.grad = None
 
-    def step(self) -> None:  # pragma: no cover - abstract
-        """Update the parameters from their gradients."""
+    def step(self) -> None:
+        """Apply one update to every parameter that has a gradient.
+
+        Adds the L2 penalty ``weight_decay * p`` to each gradient and hands
+        it to :meth:`_update`, which subclasses implement.
+        """
+        for group in self.param_groups:
+            wd = group.get("weight_decay", 0)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = np.asarray(p.grad, dtype=p.data.dtype)
+                if wd != 0:
+                    g = g + wd * p.data
+                self._update(p, g, group)
+
+    def _update(self, p: Parameter, g: np.ndarray, group: dict) -> None:  # pragma: no cover - abstract
+        """Update ``p.data`` in place from the gradient ``g`` (weight decay included)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -160,31 +174,18 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=float(lr), momentum=float(momentum), dampening=float(dampening),
                                       weight_decay=float(weight_decay), nesterov=bool(nesterov)))
 
-    def step(self) -> None:
-        """Apply one update to every parameter that has a gradient."""
-        for group in self.param_groups:
-            lr = group["lr"]
-            mom = group["momentum"]
-            damp = group["dampening"]
-            wd = group["weight_decay"]
-            nesterov = group["nesterov"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = np.asarray(p.grad, dtype=p.data.dtype)
-                if wd != 0:
-                    g = g + wd * p.data
-                if mom != 0:
-                    st = self.state.setdefault(id(p), {})
-                    buf = st.get("momentum_buffer")
-                    if buf is None:
-                        buf = np.array(g, dtype=p.data.dtype, copy=True)
-                        st["momentum_buffer"] = buf
-                    else:
-                        buf *= mom
-                        buf += (1 - damp) * g
-                    g = g + mom * buf if nesterov else buf
-                p.data -= lr * g
+    def _update(self, p: Parameter, g: np.ndarray, group: dict) -> None:
+        mom = group["momentum"]
+        if mom != 0:
+            st = self.state.setdefault(id(p), {})
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                buf = st["momentum_buffer"] = g.copy()
+            else:
+                buf *= mom
+                buf += (1 - group["dampening"]) * g
+            g = g + mom * buf if group["nesterov"] else buf
+        p.data -= group["lr"] * g
 
 
 class Adam(Optimizer):
@@ -227,35 +228,21 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=float(lr), betas=(float(b1), float(b2)), eps=float(eps),
                                       weight_decay=float(weight_decay)))
 
-    def step(self) -> None:
-        """Apply one update to every parameter that has a gradient."""
-        for group in self.param_groups:
-            lr = group["lr"]
-            b1, b2 = group["betas"]
-            eps = group["eps"]
-            wd = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = np.asarray(p.grad, dtype=p.data.dtype)
-                if wd != 0:
-                    g = g + wd * p.data
-                st = self.state.setdefault(id(p), {})
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = np.zeros_like(p.data)
-                    st["exp_avg_sq"] = np.zeros_like(p.data)
-                st["step"] += 1
-                t = st["step"]
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m *= b1
-                m += (1 - b1) * g
-                v *= b2
-                v += (1 - b2) * (g * g)
-                bc1 = 1 - b1 ** t
-                bc2 = 1 - b2 ** t
-                denom = np.sqrt(v) / math.sqrt(bc2) + eps
-                p.data -= (lr / bc1) * (m / denom)
+    def _update(self, p: Parameter, g: np.ndarray, group: dict) -> None:
+        b1, b2 = group["betas"]
+        st = self.state.setdefault(id(p), {})
+        if not st:
+            st.update(step=0, exp_avg=np.zeros_like(p.data), exp_avg_sq=np.zeros_like(p.data))
+        st["step"] += 1
+        t = st["step"]
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        # torch's order of operations (bias corrections as scalars), so results agree to rounding
+        denom = np.sqrt(v) / math.sqrt(1 - b2 ** t) + group["eps"]
+        p.data -= (group["lr"] / (1 - b1 ** t)) * (m / denom)
 
 
 def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) -> float:

@@ -14,6 +14,13 @@ from typing import Any
 __all__ = ["LRScheduler", "StepLR", "CosineAnnealingLR"]
 
 
+def _epochs(value: Any, name: str, who: str) -> int:
+    """``int(value)``, required to be at least one epoch."""
+    if int(value) < 1:
+        raise ValueError(f"{who}: {name} must be >= 1, got {value}")
+    return int(value)
+
+
 class LRScheduler:
     """Base class: keeps ``last_epoch`` and writes ``lr`` into the optimizer.
 
@@ -110,9 +117,7 @@ class StepLR(LRScheduler):
     """
 
     def __init__(self, optimizer: Any, step_size: int, gamma: float = 0.1, last_epoch: int = -1) -> None:
-        if int(step_size) < 1:
-            raise ValueError(f"StepLR: step_size must be >= 1, got {step_size}")
-        self.step_size = int(step_size)
+        self.step_size = _epochs(step_size, "step_size", "StepLR")
         self.gamma = float(gamma)
         super().__init__(optimizer, last_epoch)
 
@@ -153,9 +158,7 @@ class CosineAnnealingLR(LRScheduler):
     """
 
     def __init__(self, optimizer: Any, T_max: int, eta_min: float = 0.0, last_epoch: int = -1) -> None:
-        if int(T_max) < 1:
-            raise ValueError(f"CosineAnnealingLR: T_max must be >= 1, got {T_max}")
-        self.T_max = int(T_max)
+        self.T_max = _epochs(T_max, "T_max", "CosineAnnealingLR")
         self.eta_min = float(eta_min)
         super().__init__(optimizer, last_epoch)
 

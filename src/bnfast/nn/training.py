@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -25,10 +26,34 @@ def _check_xy(X: Any, y: Any, who: str) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
+def _check_int(value: Any, minimum: int, what: str, who: str) -> int:
+    """Return ``value`` as an int ``>= minimum``; ``what`` names it in the error ("batch_size must be ...")."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{who}: {what}, got {value!r}")
+    return int(value)
+
+
 def _check_batch_size(batch_size: Any, who: str) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"{who}: batch_size must be a positive int, got {batch_size!r}")
-    return int(batch_size)
+    return _check_int(batch_size, 1, "batch_size must be a positive int", who)
+
+
+def _n_correct(out: np.ndarray, y: np.ndarray) -> int:
+    """Number of rows of logits ``out`` whose argmax is the label."""
+    return int(np.count_nonzero(np.argmax(out, axis=1) == y))
+
+
+@contextlib.contextmanager
+def _restoring_mode(model: Any, default: bool) -> Iterator[None]:
+    """Give ``model`` back the mode it had before the block, even on error.
+
+    ``default`` is the mode assumed for a model without a ``training``
+    attribute.
+    """
+    was_training = bool(getattr(model, "training", default))
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class _Progress:
@@ -153,14 +178,13 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
     """
     X, y = _check_xy(X, y, "fit")
     batch_size = _check_batch_size(batch_size, "fit")
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-        raise ValueError(f"fit: epochs must be a non-negative int, got {epochs!r}")
+    epochs = _check_int(epochs, 0, "epochs must be a non-negative int", "fit")
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise ValueError("fit: validation_data must be a pair (X_val, y_val)")
         Xv, yv = _check_xy(validation_data[0], validation_data[1], "fit (validation_data)")
     classification = isinstance(loss, CrossEntropyLoss)
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)
     n = len(X)
     n_batches = n // batch_size if drop_last else -(-n // batch_size)
     if n_batches == 0:
@@ -169,9 +193,8 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
     if validation_data is not None:
         keys += ["val_loss"] + (["val_accuracy"] if classification else [])
     history: dict[str, list[float]] = {k: [] for k in keys + ["lr", "seconds"]}
-    was_training = bool(getattr(model, "training", True))
-    try:
-        for epoch in range(int(epochs)):
+    with _restoring_mode(model, default=True):
+        for epoch in range(epochs):
             model.train()
             lr = float(optimizer.param_groups[0]["lr"])
             order = rng.permutation(n) if shuffle else np.arange(n)
@@ -191,7 +214,7 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
                 total_loss += value * len(idx)
                 seen += len(idx)
                 if classification:
-                    correct += int(np.count_nonzero(np.argmax(out, axis=1) == yb))
+                    correct += _n_correct(out, yb)
                 bar.update(value)
             seconds = time.perf_counter() - t0
             entry: dict[str, float] = {"loss": total_loss / seen}
@@ -209,8 +232,6 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
             bar.close(_format(entry))
             if scheduler is not None:
                 scheduler.step()
-    finally:
-        model.train(was_training)
     return history
 
 
@@ -233,19 +254,16 @@ def evaluate(model: Any, loss: Any, X: Any, y: Any, batch_size: int = 256) -> di
     X, y = _check_xy(X, y, "evaluate")
     batch_size = _check_batch_size(batch_size, "evaluate")
     classification = isinstance(loss, CrossEntropyLoss)
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
-        total = 0.0
-        correct = 0
+    total = 0.0
+    correct = 0
+    with _restoring_mode(model, default=False):
+        model.eval()
         for s in range(0, len(X), batch_size):
             xb, yb = X[s:s + batch_size], y[s:s + batch_size]
             out = model(xb)
             total += loss(out, yb) * len(xb)
             if classification:
-                correct += int(np.count_nonzero(np.argmax(out, axis=1) == yb))
-    finally:
-        model.train(was_training)
+                correct += _n_correct(out, yb)
     result = {"loss": total / len(X)}
     if classification:
         result["accuracy"] = correct / len(X)
@@ -272,10 +290,7 @@ def predict(model: Any, X: Any, batch_size: int = 256) -> np.ndarray:
     if X.ndim < 1 or len(X) == 0:
         raise ValueError("predict: X must have at least one sample")
     batch_size = _check_batch_size(batch_size, "predict")
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
-    try:
+    with _restoring_mode(model, default=False):
+        model.eval()
         outs = [np.asarray(model(X[s:s + batch_size])) for s in range(0, len(X), batch_size)]
-    finally:
-        model.train(was_training)
     return np.concatenate(outs, axis=0)
