@@ -10,6 +10,7 @@ import os
 import warnings
 
 cimport numpy as cnp
+from libc.math cimport isfinite
 
 cnp.import_array()
 
@@ -207,3 +208,174 @@ def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple x
     with nogil:
         status = bn_backward(dt, &geo, ga, xa, gia, psm, psi, pw, training, pgw, pgb, nt)
     _check(status)
+
+
+# ---- fast path: calls whose arguments are already canonical -------------
+#
+# The functional API offers every call here first.  These functions only
+# recognize the common case -- C-contiguous, aligned float32/float64 arrays of
+# matching dtype and shape, Python floats in range, no out= -- and return None
+# for anything else, which bnfast._functional then validates (and reports) in
+# full.  They never raise for bad input: errors have one home.
+
+cdef int _CANONICAL = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+
+
+cdef inline int _canonical_float(object a):
+    """Type number of a canonical float32/float64 ndarray, else -1."""
+    if type(a) is not cnp.ndarray:
+        return -1
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int t = cnp.PyArray_TYPE(arr)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        return -1
+    if (cnp.PyArray_FLAGS(arr) & _CANONICAL) != _CANONICAL:
+        return -1
+    return t
+
+
+cdef inline bint _channel_vector(object v, int t, Py_ssize_t channels, bint writable):
+    """Whether ``v`` is a canonical (C,) array of type ``t`` (writable if asked)."""
+    if _canonical_float(v) != t:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>v
+    if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != channels:
+        return False
+    return not writable or (cnp.PyArray_FLAGS(arr) & cnp.NPY_ARRAY_WRITEABLE)
+
+
+cdef inline bint _optional_vector(object v, int t, Py_ssize_t channels):
+    return v is None or _channel_vector(v, t, channels, False)
+
+
+cdef inline bint _contiguous_geometry(cnp.ndarray x, object axis, bn_geometry *geo):
+    """(outer, C, inner) of a C-contiguous ``x`` around ``axis``; False if unusual."""
+    if type(axis) is not int:
+        return False
+    cdef int nd = cnp.PyArray_NDIM(x)
+    cdef long ax = axis
+    if ax < 0:
+        ax += nd
+    if nd < 2 or ax < 0 or ax >= nd:
+        return False
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(x)
+    cdef Py_ssize_t i
+    geo.outer, geo.channels, geo.inner = 1, dims[ax], 1
+    for i in range(ax):
+        geo.outer *= dims[i]
+    for i in range(ax + 1, nd):
+        geo.inner *= dims[i]
+    return geo.outer * geo.inner > 0 and geo.channels > 0
+
+
+cdef inline bn_array _contiguous_operand(cnp.ndarray a, const bn_geometry *geo):
+    cdef bn_array op
+    op.data = cnp.PyArray_DATA(a)
+    op.outer_stride = geo.channels * geo.inner
+    op.channel_stride = geo.inner
+    return op
+
+
+cdef inline bint _unit_interval(object v):
+    return type(v) is float and 0.0 <= <double>v <= 1.0
+
+
+cdef inline bint _nonnegative_finite(object v):
+    return type(v) is float and 0.0 <= <double>v and isfinite(<double>v)
+
+
+def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis):
+    """``(y, save_mean, save_invstd)`` for canonical arguments, else None."""
+    cdef int t = _canonical_float(x)
+    cdef bn_geometry geo
+    if t < 0 or not _contiguous_geometry(<cnp.ndarray>x, axis, &geo):
+        return None
+    if geo.outer * geo.inner < 2 or not _unit_interval(momentum) or not _nonnegative_finite(eps):
+        return None
+    if not (_optional_vector(weight, t, geo.channels) and _optional_vector(bias, t, geo.channels)):
+        return None
+    if running_mean is None:
+        if running_var is not None:
+            return None
+    elif not (_channel_vector(running_mean, t, geo.channels, True)
+              and _channel_vector(running_var, t, geo.channels, True)):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef cnp.npy_intp channels = geo.channels
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), t, 0)
+    cdef cnp.ndarray save_mean = cnp.PyArray_EMPTY(1, &channels, t, 0)
+    cdef cnp.ndarray save_invstd = cnp.PyArray_EMPTY(1, &channels, t, 0)
+    cdef bn_array xo = _contiguous_operand(xa, &geo), yo = _contiguous_operand(y, &geo)
+    cdef bn_dtype dt = BN_FLOAT32 if t == cnp.NPY_FLOAT32 else BN_FLOAT64
+    cdef void *pw = _data(weight)
+    cdef void *pb = _data(bias)
+    cdef void *prm = _data(running_mean)
+    cdef void *prv = _data(running_var)
+    cdef double m = momentum, e = eps
+    cdef int nt = _threads(), status
+    with nogil:
+        status = bn_forward_train(dt, &geo, xo, yo, pw, pb, prm, prv, m, e,
+                                  cnp.PyArray_DATA(save_mean), cnp.PyArray_DATA(save_invstd), nt)
+    _check(status)
+    return y, save_mean, save_invstd
+
+
+def try_inference(x, running_mean, running_var, weight, bias, eps, axis):
+    """``y`` for canonical arguments, else None."""
+    cdef int t = _canonical_float(x)
+    cdef bn_geometry geo
+    if t < 0 or not _contiguous_geometry(<cnp.ndarray>x, axis, &geo) or not _nonnegative_finite(eps):
+        return None
+    if not (_channel_vector(running_mean, t, geo.channels, False)
+            and _channel_vector(running_var, t, geo.channels, False)
+            and _optional_vector(weight, t, geo.channels) and _optional_vector(bias, t, geo.channels)):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), t, 0)
+    cdef bn_array xo = _contiguous_operand(xa, &geo), yo = _contiguous_operand(y, &geo)
+    cdef bn_dtype dt = BN_FLOAT32 if t == cnp.NPY_FLOAT32 else BN_FLOAT64
+    cdef void *prm = _data(running_mean)
+    cdef void *prv = _data(running_var)
+    cdef void *pw = _data(weight)
+    cdef void *pb = _data(bias)
+    cdef double e = eps
+    cdef int nt = _threads(), status
+    with nogil:
+        status = bn_inference(dt, &geo, xo, yo, prm, prv, pw, pb, e, nt)
+    _check(status)
+    return y
+
+
+def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis):
+    """``(grad_input, grad_weight, grad_bias)`` for canonical arguments, else None."""
+    cdef int t = _canonical_float(x)
+    cdef bn_geometry geo
+    if t < 0 or _canonical_float(grad_out) != t or type(training) is not bool:
+        return None
+    if not _contiguous_geometry(<cnp.ndarray>x, axis, &geo):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
+    cdef int nd = cnp.PyArray_NDIM(xa)
+    if cnp.PyArray_NDIM(ga) != nd or not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(ga), cnp.PyArray_DIMS(xa), nd):
+        return None
+    if not (_channel_vector(save_mean, t, geo.channels, False)
+            and _channel_vector(save_invstd, t, geo.channels, False)
+            and _optional_vector(weight, t, geo.channels)):
+        return None
+    cdef cnp.npy_intp channels = geo.channels
+    cdef cnp.ndarray grad_in = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), t, 0)
+    cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, t, 0)
+    cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, t, 0)
+    cdef bn_array go = _contiguous_operand(ga, &geo), xo = _contiguous_operand(xa, &geo)
+    cdef bn_array gio = _contiguous_operand(grad_in, &geo)
+    cdef bn_dtype dt = BN_FLOAT32 if t == cnp.NPY_FLOAT32 else BN_FLOAT64
+    cdef void *psm = _data(save_mean)
+    cdef void *psi = _data(save_invstd)
+    cdef void *pw = _data(weight)
+    cdef bint train = training
+    cdef int nt = _threads(), status
+    with nogil:
+        status = bn_backward(dt, &geo, go, xo, gio, psm, psi, pw, train,
+                             cnp.PyArray_DATA(grad_weight), cnp.PyArray_DATA(grad_bias), nt)
+    _check(status)
+    return grad_in, grad_weight, grad_bias
