@@ -57,3 +57,27 @@ def backward(
     grad_weight: np.ndarray,
     grad_bias: np.ndarray,
 ) -> None: ...
+
+# fast path: results for canonical arguments, None for anything else
+def try_forward_train(
+    x: object,
+    weight: object,
+    bias: object,
+    running_mean: object,
+    running_var: object,
+    momentum: object,
+    eps: object,
+    axis: object,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def try_inference(
+    x: object, running_mean: object, running_var: object, weight: object, bias: object, eps: object, axis: object
+) -> np.ndarray | None: ...
+def try_backward(
+    grad_out: object,
+    x: object,
+    save_mean: object,
+    save_invstd: object,
+    weight: object,
+    training: object,
+    axis: object,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
