@@ -27,9 +27,15 @@ typedef BN_T BN_FN(vt_) __attribute__((vector_size(W * sizeof(BN_T))));
 
 static inline VD BN_FN(ld_)(const BN_T *p)
 {
+#if BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 32
+    return (VD)_mm256_cvtps_pd(_mm_loadu_ps(p));
+#elif BN_X86 && BN_T_IS_FLOAT
+    return (VD)_mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd((const double *)(const void *)p)));
+#else
     VT v;
     memcpy(&v, p, sizeof v);
     return __builtin_convertvector(v, VD);
+#endif
 }
 
 static inline VD BN_FN(ldd_)(const double *p)
@@ -41,8 +47,14 @@ static inline VD BN_FN(ldd_)(const double *p)
 
 static inline void BN_FN(st_)(BN_T *p, VD v)
 {
+#if BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 32
+    _mm_storeu_ps(p, _mm256_cvtpd_ps((__m256d)v));
+#elif BN_X86 && BN_T_IS_FLOAT
+    _mm_store_sd((double *)(void *)p, _mm_castps_pd(_mm_cvtpd_ps((__m128d)v)));
+#else
     VT t = __builtin_convertvector(v, VT);
     memcpy(p, &t, sizeof t);
+#endif
 }
 
 static inline VD BN_FN(splat_)(double s)
@@ -120,7 +132,7 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
     const ptrdiff_t body = len - len % (BN_U * W);
     VD mean[BN_U], m2[BN_U];
     for (int v = 0; v < BN_U; v++) mean[v] = m2[v] = BN_SPLAT(0.0);
-    double steps = 0.0;
+    ptrdiff_t steps = 0;
 #else
     const ptrdiff_t body = 0;
 #endif
@@ -128,8 +140,7 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
         const BN_T *x = base + n * k->x.outer_stride;
 #if BN_VECTORS
         for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
-            steps += 1.0;
-            const double rs = 1.0 / steps;
+            const double rs = 1.0 / (double)++steps;
             const VD r = BN_SPLAT(rs), q = BN_SPLAT(1.0 - rs);
             for (int v = 0; v < BN_U; v++) {
                 const VD d = BN_LD(x + i + v * W) - mean[v];
@@ -147,10 +158,10 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
         }
     }
 #if BN_VECTORS
-    if (steps > 0.0) {
+    if (steps > 0) {
         /* lanes of equal count: a fixed tree over the vectors, then the lanes
          * of the last vector in order; no divisions */
-        double n = steps;
+        double n = (double)steps;
         for (int half = BN_U / 2; half >= 1; half /= 2, n *= 2.0)
             for (int v = 0; v < half; v++) {
                 const VD delta = mean[v + half] - mean[v];
