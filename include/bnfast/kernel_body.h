@@ -277,13 +277,45 @@ static void BN_FN(affine_planar_)(const bn_context *k, ptrdiff_t t)
     BN_FN(stream_fence_)(k->stream);
 }
 
+/* Channels-last: blocks of BN_ROWS rows share each load of the per-channel
+ * coefficients, except when streaming (interleaved rows would break up the
+ * write-combining of whole lines); other rows one by one. */
+#define BN_ROWS 4
+
 static void BN_FN(affine_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
     const double *mu = k->amean, *s = k->scale, *b = k->shift;
-    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-        const BN_T *x = (const BN_T *)k->ax.data + r * k->ax.outer_stride;
-        BN_T *y = (BN_T *)k->y.data + r * k->y.outer_stride; /* may alias x */
+    const ptrdiff_t xs = k->ax.outer_stride, ys = k->y.outer_stride;
+    const BN_T *x0 = (const BN_T *)k->ax.data;
+    BN_T *y0 = (BN_T *)k->y.data; /* may alias x */
+    ptrdiff_t r = u.row0;
+#if BN_VECTORS
+    if (!k->stream) { /* streaming stores go row by row: whole lines per row */
+        for (; r + BN_ROWS <= u.row1; r += BN_ROWS) {
+            const BN_T *x = x0 + r * xs;
+            BN_T *y = y0 + r * ys;
+            ptrdiff_t c = u.c0;
+            for (; c + 2 * W <= u.c1; c += 2 * W) {
+                const VD m0 = BN_LDD(mu + c), m1 = BN_LDD(mu + c + W);
+                const VD s0 = BN_LDD(s + c), s1 = BN_LDD(s + c + W);
+                const VD b0 = BN_LDD(b + c), b1 = BN_LDD(b + c + W);
+                for (int q = 0; q < BN_ROWS; q++) {
+                    const VD p0 = (BN_LD(x + q * xs + c) - m0) * s0 + b0;
+                    const VD p1 = (BN_LD(x + q * xs + c + W) - m1) * s1 + b1;
+                    BN_ST(y + q * ys + c, p0);
+                    BN_ST(y + q * ys + c + W, p1);
+                }
+            }
+            for (; c < u.c1; c++)
+                for (int q = 0; q < BN_ROWS; q++)
+                    y[q * ys + c] = (BN_T)(((double)x[q * xs + c] - mu[c]) * s[c] + b[c]);
+        }
+    }
+#endif
+    for (; r < u.row1; r++) {
+        const BN_T *x = x0 + r * xs;
+        BN_T *y = y0 + r * ys;
         ptrdiff_t c = u.c0;
 #if BN_VECTORS
 #if BN_CAN_STREAM
@@ -465,10 +497,39 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
     const double *mu = k->mean, *a = k->scale, *bx = k->coef_x, *c0 = k->shift;
-    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-        const BN_T *x = (const BN_T *)k->x.data + r * k->x.outer_stride;
-        const BN_T *g = (const BN_T *)k->g.data + r * k->g.outer_stride;
-        BN_T *y = (BN_T *)k->y.data + r * k->y.outer_stride;
+    const ptrdiff_t xs = k->x.outer_stride, gs = k->g.outer_stride, ys = k->y.outer_stride;
+    const BN_T *x0 = (const BN_T *)k->x.data, *g0 = (const BN_T *)k->g.data;
+    BN_T *y0 = (BN_T *)k->y.data; /* may alias g or x */
+#define BN_GRAD_S(g, x, c) (BN_T)((double)(g) * a[c] + ((double)(x) - mu[c]) * bx[c] + c0[c])
+    ptrdiff_t r = u.row0;
+#if BN_VECTORS
+    if (!k->stream) { /* streaming stores go row by row: whole lines per row */
+        for (; r + BN_ROWS <= u.row1; r += BN_ROWS) {
+            const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
+            BN_T *y = y0 + r * ys;
+            ptrdiff_t c = u.c0;
+            for (; c + 2 * W <= u.c1; c += 2 * W) {
+                const VD m0 = BN_LDD(mu + c), m1 = BN_LDD(mu + c + W);
+                const VD a0 = BN_LDD(a + c), a1 = BN_LDD(a + c + W);
+                const VD x0c = BN_LDD(bx + c), x1c = BN_LDD(bx + c + W);
+                const VD k0 = BN_LDD(c0 + c), k1 = BN_LDD(c0 + c + W);
+                for (int q = 0; q < BN_ROWS; q++) {
+                    const VD p0 = BN_LD(g + q * gs + c) * a0 + (BN_LD(x + q * xs + c) - m0) * x0c + k0;
+                    const VD p1 = BN_LD(g + q * gs + c + W) * a1
+                                  + (BN_LD(x + q * xs + c + W) - m1) * x1c + k1;
+                    BN_ST(y + q * ys + c, p0);
+                    BN_ST(y + q * ys + c + W, p1);
+                }
+            }
+            for (; c < u.c1; c++)
+                for (int q = 0; q < BN_ROWS; q++)
+                    y[q * ys + c] = BN_GRAD_S(g[q * gs + c], x[q * xs + c], c);
+        }
+    }
+#endif
+    for (; r < u.row1; r++) {
+        const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
+        BN_T *y = y0 + r * ys;
         ptrdiff_t c = u.c0;
 #if BN_VECTORS
 #define BN_GRAD_VEC(c)                                                                          \
@@ -477,8 +538,7 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
 #if BN_CAN_STREAM
         ptrdiff_t peel;
         if (k->stream && (peel = BN_FN(peel_)(y + c)) >= 0 && peel < u.c1 - c) {
-            for (const ptrdiff_t e = c + peel; c < e; c++)
-                y[c] = (BN_T)((double)g[c] * a[c] + ((double)x[c] - mu[c]) * bx[c] + c0[c]);
+            for (const ptrdiff_t e = c + peel; c < e; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
             for (; c + 2 * W <= u.c1; c += 2 * W) {
                 const VD p = BN_GRAD_VEC(c), q = BN_GRAD_VEC(c + W);
                 BN_STREAM2(y + c, p, q);
@@ -492,9 +552,9 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
         }
 #undef BN_GRAD_VEC
 #endif
-        for (; c < u.c1; c++)
-            y[c] = (BN_T)((double)g[c] * a[c] + ((double)x[c] - mu[c]) * bx[c] + c0[c]);
+        for (; c < u.c1; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
     }
+#undef BN_GRAD_S
     BN_FN(stream_fence_)(k->stream);
 }
 
@@ -759,6 +819,7 @@ static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out,
 }
 
 #undef BN_SCRATCH
+#undef BN_ROWS
 #undef BN_FINISH_BLOCK
 #undef BN_LD
 #undef BN_LDD

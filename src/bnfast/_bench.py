@@ -4,6 +4,7 @@ Every case times, interleaved round by round so that all see the same machine
 state:
 
 * bnfast with ``out=`` (no allocation) -- the ``time`` and ``GB/s`` columns;
+  ``no out=`` is bnfast allocating its result, the usual call;
 * the roofline reference on the same arrays: ``np.copyto`` (one read, one
   write) for train/inference, ``np.add(a, b, out=c)`` (two reads, one write)
   for backward -- ``x roof`` is bnfast's time over the reference's;
@@ -195,7 +196,7 @@ def run(shapes=None, ops=OPS, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), *,
                             if progress:
                                 progress(row)
     finally:
-        _kernels.set_num_threads(0) if before is None else set_num_threads(before)
+        set_num_threads(before)
         if torch is not None:
             torch.set_num_threads(torch_before)
     return rows
@@ -209,7 +210,7 @@ def _fmt_time(t: float) -> str:
 
 HEADER = (
     f"{'op':<9} {'shape':<20} {'layout':<6} {'dtype':<7} {'thr':>3} {'time':>11} {'GB/s':>6} "
-    f"{'x roof':>7} {'vs NumPy':>8} {'vs torch':>8}"
+    f"{'x roof':>7} {'no out=':>11} {'vs NumPy':>8} {'vs torch':>8}"
 )
 
 
@@ -219,7 +220,8 @@ def format_row(r: dict) -> str:
     st = f"{r['speedup_torch']:7.2f}x" if r["speedup_torch"] else f"{'-':>8}"
     return (
         f"{r['op']:<9} {shape:<20} {r['layout']:<6} {r['dtype']:<7} {r['threads']:>3} "
-        f"{_fmt_time(r['time_s']):>11} {r['gbps']:6.1f} {r['ratio_roof']:6.2f}x {sn} {st}"
+        f"{_fmt_time(r['time_s']):>11} {r['gbps']:6.1f} {r['ratio_roof']:6.2f}x {_fmt_time(r['alloc_s']):>11} "
+        f"{sn} {st}"
     )
 
 
