@@ -102,13 +102,14 @@ static inline void BN_FN(stream2_)(BN_T *p, VD a, VD b)
 #define BN_CAN_STREAM 0
 #endif
 
-/* Elements before p reaches a BN_VEC_BYTES boundary, or -1 if it never does. */
-static inline ptrdiff_t BN_FN(peel_)(const BN_T *p)
+/* Streaming stores write whole 64-byte lines only: elements before p's next
+ * line boundary (-1 if p is not element-aligned), and elements per line. */
+#define BN_LINE_ELEMS ((ptrdiff_t)(64 / sizeof(BN_T)))
+static inline ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
 {
-    const size_t a = (size_t)p % BN_VEC_BYTES;
-    if (a == 0) return 0;
+    const size_t a = (size_t)p % 64;
     if (a % sizeof(BN_T)) return -1;
-    return (ptrdiff_t)((BN_VEC_BYTES - a) / sizeof(BN_T));
+    return a ? (ptrdiff_t)((64 - a) / sizeof(BN_T)) : 0;
 }
 
 static inline void BN_FN(stream_fence_)(int stream)
@@ -182,86 +183,105 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
     k->part.m2[i] = acc.m2;
 }
 
-/* Channels-last: strips of BN_U * W channels keep their Welford lanes in
- * registers down the task's rows; the remaining channels use L1 arrays. */
+/* Channels-last: the task's rows are read in blocks of BN_ROW_BLOCK
+ * contiguous rows; within a block, strips of BN_U * W channels keep their
+ * Welford lanes in registers (saved to the L1 state between blocks), the
+ * remaining channels update the state directly.  Per channel the updates run
+ * over the rows in order, whatever the blocking. */
+#define BN_ROW_BLOCK 16
+
 static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
-    const ptrdiff_t os = k->x.outer_stride;
-    double *restrict pmean = k->part.mean + u.prow * k->geo.channels;
-    double *restrict pm2 = k->part.m2 + u.prow * k->geo.channels;
-    const BN_T *x0 = (const BN_T *)k->x.data;
-    ptrdiff_t c = u.c0;
+    const ptrdiff_t os = k->x.outer_stride, nc = u.c1 - u.c0;
+    double *restrict pmean = k->part.mean + u.prow * k->geo.channels + u.c0;
+    double *restrict pm2 = k->part.m2 + u.prow * k->geo.channels + u.c0;
+    const BN_T *x0 = (const BN_T *)k->x.data + u.c0;
+    for (ptrdiff_t j = 0; j < nc; j++) pmean[j] = pm2[j] = 0.0;
 #if BN_VECTORS
-    for (; c + BN_U * W <= u.c1; c += BN_U * W) {
-        VD mean[BN_U], m2[BN_U];
-        for (int v = 0; v < BN_U; v++) mean[v] = m2[v] = BN_SPLAT(0.0);
-        for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-            const double rs = 1.0 / (double)(r - u.row0 + 1);
-            const VD rk = BN_SPLAT(rs), q = BN_SPLAT(1.0 - rs);
-            const BN_T *x = x0 + r * os + c;
+    const ptrdiff_t vec = nc - nc % (BN_U * W);
+#else
+    const ptrdiff_t vec = 0;
+#endif
+    for (ptrdiff_t rb = u.row0; rb < u.row1; rb += BN_ROW_BLOCK) {
+        const ptrdiff_t re = bn_min(u.row1, rb + BN_ROW_BLOCK);
+#if BN_VECTORS
+        for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
+            VD mean[BN_U], m2[BN_U];
             for (int v = 0; v < BN_U; v++) {
-                const VD d = BN_LD(x + v * W) - mean[v];
-                mean[v] += d * rk;
-                m2[v] += (d * q) * d;
+                mean[v] = BN_LDD(pmean + c + v * W);
+                m2[v] = BN_LDD(pm2 + c + v * W);
+            }
+            for (ptrdiff_t r = rb; r < re; r++) {
+                const double rs = 1.0 / (double)(r - u.row0 + 1);
+                const VD rk = BN_SPLAT(rs), q = BN_SPLAT(1.0 - rs);
+                const BN_T *x = x0 + r * os + c;
+                for (int v = 0; v < BN_U; v++) {
+                    const VD d = BN_LD(x + v * W) - mean[v];
+                    mean[v] += d * rk;
+                    m2[v] += (d * q) * d; /* = d * (x - new mean) */
+                }
+            }
+            for (int v = 0; v < BN_U; v++) {
+                memcpy(pmean + c + v * W, &mean[v], sizeof(VD));
+                memcpy(pm2 + c + v * W, &m2[v], sizeof(VD));
             }
         }
-        for (int v = 0; v < BN_U; v++) {
-            memcpy(pmean + c + v * W, &mean[v], sizeof(VD));
-            memcpy(pm2 + c + v * W, &m2[v], sizeof(VD));
-        }
-    }
 #endif
-    const ptrdiff_t rest = u.c1 - c;
-    if (rest <= 0) return;
-    double mean_s[BN_CHANNEL_TILE], m2_s[BN_CHANNEL_TILE];
-    for (ptrdiff_t j = 0; j < rest; j++) mean_s[j] = m2_s[j] = 0.0;
-    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-        const double rk = 1.0 / (double)(r - u.row0 + 1);
-        const BN_T *x = x0 + r * os + c;
-        for (ptrdiff_t j = 0; j < rest; j++) {
-            const double xv = (double)x[j];
-            const double d = xv - mean_s[j];
-            mean_s[j] += d * rk;
-            m2_s[j] += d * (xv - mean_s[j]);
+        if (vec == nc) continue;
+        for (ptrdiff_t r = rb; r < re; r++) {
+            const double rk = 1.0 / (double)(r - u.row0 + 1);
+            const BN_T *x = x0 + r * os;
+            for (ptrdiff_t j = vec; j < nc; j++) {
+                const double xv = (double)x[j];
+                const double d = xv - pmean[j];
+                pmean[j] += d * rk;
+                pm2[j] += d * (xv - pmean[j]);
+            }
         }
-    }
-    for (ptrdiff_t j = 0; j < rest; j++) {
-        pmean[c + j] = mean_s[j];
-        pm2[c + j] = m2_s[j];
     }
 }
 
 /* ---- y = (x - mean) * scale + shift, per channel, in double ------------ */
 
-static inline void BN_FN(affine_run_)(const BN_T *x, BN_T *y, ptrdiff_t len, double mu, double s,
-                                      double b, int stream)
+/* y[i] for i in [i0, i1) with ordinary stores. */
+static inline void BN_FN(affine_span_)(const BN_T *x, BN_T *y, ptrdiff_t i0, ptrdiff_t i1,
+                                       double mu, double s, double b)
 {
-    ptrdiff_t i = 0;
+    ptrdiff_t i = i0;
 #if BN_VECTORS
     const VD vmu = BN_SPLAT(mu), vs = BN_SPLAT(s), vb = BN_SPLAT(b);
-#if BN_CAN_STREAM
-    ptrdiff_t peel;
-    if (stream && (peel = BN_FN(peel_)(y)) >= 0 && peel < len) {
-        for (; i < peel; i++) y[i] = (BN_T)(((double)x[i] - mu) * s + b);
-        for (; i + 2 * W <= len; i += 2 * W) {
-            const VD a = (BN_LD(x + i) - vmu) * vs + vb;
-            const VD c = (BN_LD(x + i + W) - vmu) * vs + vb;
-            BN_STREAM2(y + i, a, c);
-        }
-    }
-#else
-    (void)stream;
-#endif
-    for (; i + BN_U * W <= len; i += BN_U * W) {
+    for (; i + BN_U * W <= i1; i += BN_U * W) {
         VD v[BN_U];
         for (int j = 0; j < BN_U; j++) v[j] = (BN_LD(x + i + j * W) - vmu) * vs + vb;
         for (int j = 0; j < BN_U; j++) BN_ST(y + i + j * W, v[j]);
     }
+    for (; i + W <= i1; i += W) BN_ST(y + i, (BN_LD(x + i) - vmu) * vs + vb);
+#endif
+    for (; i < i1; i++) y[i] = (BN_T)(((double)x[i] - mu) * s + b);
+}
+
+static inline void BN_FN(affine_run_)(const BN_T *x, BN_T *y, ptrdiff_t len, double mu, double s,
+                                      double b, int stream)
+{
+#if BN_VECTORS && BN_CAN_STREAM
+    ptrdiff_t peel;
+    if (stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_ELEMS <= len) {
+        const VD vmu = BN_SPLAT(mu), vs = BN_SPLAT(s), vb = BN_SPLAT(b);
+        const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
+        BN_FN(affine_span_)(x, y, 0, peel, mu, s, b);
+        for (ptrdiff_t i = peel; i < end; i += 2 * W) {
+            const VD a = (BN_LD(x + i) - vmu) * vs + vb;
+            const VD c = (BN_LD(x + i + W) - vmu) * vs + vb;
+            BN_STREAM2(y + i, a, c);
+        }
+        BN_FN(affine_span_)(x, y, end, len, mu, s, b);
+        return;
+    }
 #else
     (void)stream;
 #endif
-    for (; i < len; i++) y[i] = (BN_T)(((double)x[i] - mu) * s + b);
+    BN_FN(affine_span_)(x, y, 0, len, mu, s, b);
 }
 
 static void BN_FN(affine_planar_)(const bn_context *k, ptrdiff_t t)
@@ -320,10 +340,10 @@ static void BN_FN(affine_rows_)(const bn_context *k, ptrdiff_t t)
 #if BN_VECTORS
 #if BN_CAN_STREAM
         ptrdiff_t peel;
-        if (k->stream && (peel = BN_FN(peel_)(y + c)) >= 0 && peel < u.c1 - c) {
+        if (k->stream && (peel = BN_FN(line_peel_)(y + c)) >= 0 && peel + BN_LINE_ELEMS <= u.c1 - c) {
             for (const ptrdiff_t e = c + peel; c < e; c++)
                 y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
-            for (; c + 2 * W <= u.c1; c += 2 * W) {
+            for (const ptrdiff_t e = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e; c += 2 * W) {
                 const VD a = (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c);
                 const VD d = (BN_LD(x + c + W) - BN_LDD(mu + c + W)) * BN_LDD(s + c + W)
                              + BN_LDD(b + c + W);
@@ -398,83 +418,92 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
 static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
-    const double *mu = k->mean;
-    double *restrict psg = k->part.mean + u.prow * k->geo.channels;
-    double *restrict psgx = k->part.m2 + u.prow * k->geo.channels;
-    const BN_T *x0 = (const BN_T *)k->x.data, *g0 = (const BN_T *)k->g.data;
-    ptrdiff_t c = u.c0;
+    const ptrdiff_t nc = u.c1 - u.c0, xs = k->x.outer_stride, gs = k->g.outer_stride;
+    const double *mu = k->mean + u.c0;
+    double *restrict psg = k->part.mean + u.prow * k->geo.channels + u.c0;
+    double *restrict psgx = k->part.m2 + u.prow * k->geo.channels + u.c0;
+    const BN_T *x0 = (const BN_T *)k->x.data + u.c0, *g0 = (const BN_T *)k->g.data + u.c0;
+    for (ptrdiff_t j = 0; j < nc; j++) psg[j] = psgx[j] = 0.0;
 #if BN_VECTORS
-    for (; c + BN_U * W <= u.c1; c += BN_U * W) {
-        VD sg[BN_U], sgx[BN_U], vmu[BN_U];
-        for (int v = 0; v < BN_U; v++) {
-            sg[v] = sgx[v] = BN_SPLAT(0.0);
-            vmu[v] = BN_LDD(mu + c + v * W);
-        }
-        for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-            const BN_T *x = x0 + r * k->x.outer_stride + c;
-            const BN_T *g = g0 + r * k->g.outer_stride + c;
+    const ptrdiff_t vec = nc - nc % (BN_U * W);
+#else
+    const ptrdiff_t vec = 0;
+#endif
+    for (ptrdiff_t rb = u.row0; rb < u.row1; rb += BN_ROW_BLOCK) {
+        const ptrdiff_t re = bn_min(u.row1, rb + BN_ROW_BLOCK);
+#if BN_VECTORS
+        for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
+            VD sg[BN_U], sgx[BN_U], vmu[BN_U];
             for (int v = 0; v < BN_U; v++) {
-                const VD gv = BN_LD(g + v * W);
-                sg[v] += gv;
-                sgx[v] += gv * (BN_LD(x + v * W) - vmu[v]);
+                sg[v] = BN_LDD(psg + c + v * W);
+                sgx[v] = BN_LDD(psgx + c + v * W);
+                vmu[v] = BN_LDD(mu + c + v * W);
+            }
+            for (ptrdiff_t r = rb; r < re; r++) {
+                const BN_T *x = x0 + r * xs + c, *g = g0 + r * gs + c;
+                for (int v = 0; v < BN_U; v++) {
+                    const VD gv = BN_LD(g + v * W);
+                    sg[v] += gv;
+                    sgx[v] += gv * (BN_LD(x + v * W) - vmu[v]);
+                }
+            }
+            for (int v = 0; v < BN_U; v++) {
+                memcpy(psg + c + v * W, &sg[v], sizeof(VD));
+                memcpy(psgx + c + v * W, &sgx[v], sizeof(VD));
             }
         }
-        for (int v = 0; v < BN_U; v++) {
-            memcpy(psg + c + v * W, &sg[v], sizeof(VD));
-            memcpy(psgx + c + v * W, &sgx[v], sizeof(VD));
-        }
-    }
 #endif
-    const ptrdiff_t rest = u.c1 - c;
-    if (rest <= 0) return;
-    double sg_s[BN_CHANNEL_TILE], sgx_s[BN_CHANNEL_TILE];
-    for (ptrdiff_t j = 0; j < rest; j++) sg_s[j] = sgx_s[j] = 0.0;
-    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
-        const BN_T *x = x0 + r * k->x.outer_stride + c;
-        const BN_T *g = g0 + r * k->g.outer_stride + c;
-        for (ptrdiff_t j = 0; j < rest; j++) {
-            const double gv = (double)g[j];
-            sg_s[j] += gv;
-            sgx_s[j] += gv * ((double)x[j] - mu[c + j]);
+        if (vec == nc) continue;
+        for (ptrdiff_t r = rb; r < re; r++) {
+            const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
+            for (ptrdiff_t j = vec; j < nc; j++) {
+                const double gv = (double)g[j];
+                psg[j] += gv;
+                psgx[j] += gv * ((double)x[j] - mu[j]);
+            }
         }
-    }
-    for (ptrdiff_t j = 0; j < rest; j++) {
-        psg[c + j] = sg_s[j];
-        psgx[c + j] = sgx_s[j];
     }
 }
 
 /* ---- backward: grad_in = g * scale + (x - mean) * coef_x + shift -------- */
 
-static inline void BN_FN(grad_apply_run_)(const BN_T *g, const BN_T *x, BN_T *y, ptrdiff_t len,
-                                          double mu, double a, double bx, double c0, int stream)
+static inline void BN_FN(grad_apply_span_)(const BN_T *g, const BN_T *x, BN_T *y, ptrdiff_t i0,
+                                           ptrdiff_t i1, double mu, double a, double bx, double c0)
 {
-    ptrdiff_t i = 0; /* y may alias g or x element for element */
+    ptrdiff_t i = i0; /* y may alias g or x element for element */
 #if BN_VECTORS
     const VD vmu = BN_SPLAT(mu), va = BN_SPLAT(a), vbx = BN_SPLAT(bx), vc = BN_SPLAT(c0);
-#if BN_CAN_STREAM
-    ptrdiff_t peel;
-    if (stream && (peel = BN_FN(peel_)(y)) >= 0 && peel < len) {
-        for (; i < peel; i++) y[i] = (BN_T)((double)g[i] * a + ((double)x[i] - mu) * bx + c0);
-        for (; i + 2 * W <= len; i += 2 * W) {
-            const VD p = BN_LD(g + i) * va + (BN_LD(x + i) - vmu) * vbx + vc;
-            const VD q = BN_LD(g + i + W) * va + (BN_LD(x + i + W) - vmu) * vbx + vc;
-            BN_STREAM2(y + i, p, q);
-        }
-    }
-#else
-    (void)stream;
-#endif
-    for (; i + 2 * W <= len; i += 2 * W) {
+    for (; i + 2 * W <= i1; i += 2 * W) {
         const VD p = BN_LD(g + i) * va + (BN_LD(x + i) - vmu) * vbx + vc;
         const VD q = BN_LD(g + i + W) * va + (BN_LD(x + i + W) - vmu) * vbx + vc;
         BN_ST(y + i, p);
         BN_ST(y + i + W, q);
     }
+#endif
+    for (; i < i1; i++) y[i] = (BN_T)((double)g[i] * a + ((double)x[i] - mu) * bx + c0);
+}
+
+static inline void BN_FN(grad_apply_run_)(const BN_T *g, const BN_T *x, BN_T *y, ptrdiff_t len,
+                                          double mu, double a, double bx, double c0, int stream)
+{
+#if BN_VECTORS && BN_CAN_STREAM
+    ptrdiff_t peel;
+    if (stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_ELEMS <= len) {
+        const VD vmu = BN_SPLAT(mu), va = BN_SPLAT(a), vbx = BN_SPLAT(bx), vc = BN_SPLAT(c0);
+        const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
+        BN_FN(grad_apply_span_)(g, x, y, 0, peel, mu, a, bx, c0);
+        for (ptrdiff_t i = peel; i < end; i += 2 * W) {
+            const VD p = BN_LD(g + i) * va + (BN_LD(x + i) - vmu) * vbx + vc;
+            const VD q = BN_LD(g + i + W) * va + (BN_LD(x + i + W) - vmu) * vbx + vc;
+            BN_STREAM2(y + i, p, q);
+        }
+        BN_FN(grad_apply_span_)(g, x, y, end, len, mu, a, bx, c0);
+        return;
+    }
 #else
     (void)stream;
 #endif
-    for (; i < len; i++) y[i] = (BN_T)((double)g[i] * a + ((double)x[i] - mu) * bx + c0);
+    BN_FN(grad_apply_span_)(g, x, y, 0, len, mu, a, bx, c0);
 }
 
 static void BN_FN(grad_apply_planar_)(const bn_context *k, ptrdiff_t t)
@@ -537,9 +566,9 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
      + BN_LDD(c0 + (c)))
 #if BN_CAN_STREAM
         ptrdiff_t peel;
-        if (k->stream && (peel = BN_FN(peel_)(y + c)) >= 0 && peel < u.c1 - c) {
+        if (k->stream && (peel = BN_FN(line_peel_)(y + c)) >= 0 && peel + BN_LINE_ELEMS <= u.c1 - c) {
             for (const ptrdiff_t e = c + peel; c < e; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
-            for (; c + 2 * W <= u.c1; c += 2 * W) {
+            for (const ptrdiff_t e = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e; c += 2 * W) {
                 const VD p = BN_GRAD_VEC(c), q = BN_GRAD_VEC(c + W);
                 BN_STREAM2(y + c, p, q);
             }
@@ -819,6 +848,8 @@ static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out,
 }
 
 #undef BN_SCRATCH
+#undef BN_ROW_BLOCK
+#undef BN_LINE_ELEMS
 #undef BN_ROWS
 #undef BN_FINISH_BLOCK
 #undef BN_LD

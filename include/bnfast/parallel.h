@@ -20,6 +20,8 @@
 #define BN_TASK_ELEMS 16384
 /* Channels per channels-last task: keeps the per-channel state in L1/L2. */
 #define BN_CHANNEL_TILE 1024
+/* Most row chunks of a channels-last grid. */
+#define BN_MAX_ROW_TASKS 256
 /* Below this many elements a parallel region costs more than it saves. */
 #define BN_PARALLEL_MIN_ELEMS 65536
 /* Planar ops that read their input twice (training forward, backward) work
@@ -72,7 +74,10 @@ static inline bn_grid bn_make_grid(const bn_geometry *geo)
         g.channels_last = 1;
         g.tile = bn_min(C, BN_CHANNEL_TILE);
         g.ntiles = bn_ceil_div(C, g.tile);
-        g.chunk = bn_max(1, BN_TASK_ELEMS / g.tile);
+        /* at least BN_TASK_ELEMS per task, and at most BN_MAX_ROW_TASKS row
+         * chunks: the partial states of many short chunks would cost more
+         * to write and merge than they save */
+        g.chunk = bn_max(bn_max(1, BN_TASK_ELEMS / g.tile), bn_ceil_div(geo->outer, BN_MAX_ROW_TASKS));
         g.partial_rows = bn_ceil_div(geo->outer, g.chunk);
         g.ntasks = g.partial_rows * g.ntiles;
     } else {
