@@ -141,8 +141,8 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
         const BN_T *x = base + n * k->x.outer_stride;
 #if BN_VECTORS
         for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
-            const double rs = 1.0 / (double)++steps;
-            const VD r = BN_SPLAT(rs), q = BN_SPLAT(1.0 - rs);
+            const double rs = bn_reciprocal(++steps);
+            const VD r = BN_SPLAT(rs), q = BN_SPLAT(1.0) - r;
             for (int v = 0; v < BN_U; v++) {
                 const VD d = BN_LD(x + i + v * W) - mean[v];
                 mean[v] += d * r;
@@ -205,6 +205,8 @@ static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
 #endif
     for (ptrdiff_t rb = u.row0; rb < u.row1; rb += BN_ROW_BLOCK) {
         const ptrdiff_t re = bn_min(u.row1, rb + BN_ROW_BLOCK);
+        double rk_[BN_ROW_BLOCK]; /* 1 / (rows so far), shared by every strip */
+        for (ptrdiff_t r = rb; r < re; r++) rk_[r - rb] = bn_reciprocal(r - u.row0 + 1);
 #if BN_VECTORS
         for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
             VD mean[BN_U], m2[BN_U];
@@ -213,8 +215,8 @@ static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
                 m2[v] = BN_LDD(pm2 + c + v * W);
             }
             for (ptrdiff_t r = rb; r < re; r++) {
-                const double rs = 1.0 / (double)(r - u.row0 + 1);
-                const VD rk = BN_SPLAT(rs), q = BN_SPLAT(1.0 - rs);
+                const double rs = rk_[r - rb];
+                const VD rk = BN_SPLAT(rs), q = BN_SPLAT(1.0) - rk;
                 const BN_T *x = x0 + r * os + c;
                 for (int v = 0; v < BN_U; v++) {
                     const VD d = BN_LD(x + v * W) - mean[v];
@@ -230,7 +232,7 @@ static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
 #endif
         if (vec == nc) continue;
         for (ptrdiff_t r = rb; r < re; r++) {
-            const double rk = 1.0 / (double)(r - u.row0 + 1);
+            const double rk = rk_[r - rb];
             const BN_T *x = x0 + r * os;
             for (ptrdiff_t j = vec; j < nc; j++) {
                 const double xv = (double)x[j];
@@ -474,13 +476,13 @@ static inline void BN_FN(grad_apply_span_)(const BN_T *g, const BN_T *x, BN_T *y
 #if BN_VECTORS
     const VD vmu = BN_SPLAT(mu), va = BN_SPLAT(a), vbx = BN_SPLAT(bx), vc = BN_SPLAT(c0);
     for (; i + 2 * W <= i1; i += 2 * W) {
-        const VD p = BN_LD(g + i) * va + (BN_LD(x + i) - vmu) * vbx + vc;
-        const VD q = BN_LD(g + i + W) * va + (BN_LD(x + i + W) - vmu) * vbx + vc;
+        const VD p = BN_LD(g + i) * va + ((BN_LD(x + i) - vmu) * vbx + vc);
+        const VD q = BN_LD(g + i + W) * va + ((BN_LD(x + i + W) - vmu) * vbx + vc);
         BN_ST(y + i, p);
         BN_ST(y + i + W, q);
     }
 #endif
-    for (; i < i1; i++) y[i] = (BN_T)((double)g[i] * a + ((double)x[i] - mu) * bx + c0);
+    for (; i < i1; i++) y[i] = (BN_T)((double)g[i] * a + (((double)x[i] - mu) * bx + c0));
 }
 
 static inline void BN_FN(grad_apply_run_)(const BN_T *g, const BN_T *x, BN_T *y, ptrdiff_t len,
@@ -493,8 +495,8 @@ static inline void BN_FN(grad_apply_run_)(const BN_T *g, const BN_T *x, BN_T *y,
         const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
         BN_FN(grad_apply_span_)(g, x, y, 0, peel, mu, a, bx, c0);
         for (ptrdiff_t i = peel; i < end; i += 2 * W) {
-            const VD p = BN_LD(g + i) * va + (BN_LD(x + i) - vmu) * vbx + vc;
-            const VD q = BN_LD(g + i + W) * va + (BN_LD(x + i + W) - vmu) * vbx + vc;
+            const VD p = BN_LD(g + i) * va + ((BN_LD(x + i) - vmu) * vbx + vc);
+            const VD q = BN_LD(g + i + W) * va + ((BN_LD(x + i + W) - vmu) * vbx + vc);
             BN_STREAM2(y + i, p, q);
         }
         BN_FN(grad_apply_span_)(g, x, y, end, len, mu, a, bx, c0);
@@ -529,7 +531,7 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
     const ptrdiff_t xs = k->x.outer_stride, gs = k->g.outer_stride, ys = k->y.outer_stride;
     const BN_T *x0 = (const BN_T *)k->x.data, *g0 = (const BN_T *)k->g.data;
     BN_T *y0 = (BN_T *)k->y.data; /* may alias g or x */
-#define BN_GRAD_S(g, x, c) (BN_T)((double)(g) * a[c] + ((double)(x) - mu[c]) * bx[c] + c0[c])
+#define BN_GRAD_S(g, x, c) (BN_T)((double)(g) * a[c] + (((double)(x) - mu[c]) * bx[c] + c0[c]))
     ptrdiff_t r = u.row0;
 #if BN_VECTORS
     if (!k->stream) { /* streaming stores go row by row: whole lines per row */
@@ -543,9 +545,9 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
                 const VD x0c = BN_LDD(bx + c), x1c = BN_LDD(bx + c + W);
                 const VD k0 = BN_LDD(c0 + c), k1 = BN_LDD(c0 + c + W);
                 for (int q = 0; q < BN_ROWS; q++) {
-                    const VD p0 = BN_LD(g + q * gs + c) * a0 + (BN_LD(x + q * xs + c) - m0) * x0c + k0;
+                    const VD p0 = BN_LD(g + q * gs + c) * a0 + ((BN_LD(x + q * xs + c) - m0) * x0c + k0);
                     const VD p1 = BN_LD(g + q * gs + c + W) * a1
-                                  + (BN_LD(x + q * xs + c + W) - m1) * x1c + k1;
+                                  + ((BN_LD(x + q * xs + c + W) - m1) * x1c + k1);
                     BN_ST(y + q * ys + c, p0);
                     BN_ST(y + q * ys + c + W, p1);
                 }
@@ -562,8 +564,8 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
         ptrdiff_t c = u.c0;
 #if BN_VECTORS
 #define BN_GRAD_VEC(c)                                                                          \
-    (BN_LD(g + (c)) * BN_LDD(a + (c)) + (BN_LD(x + (c)) - BN_LDD(mu + (c))) * BN_LDD(bx + (c)) \
-     + BN_LDD(c0 + (c)))
+    (BN_LD(g + (c)) * BN_LDD(a + (c))                                                         \
+     + ((BN_LD(x + (c)) - BN_LDD(mu + (c))) * BN_LDD(bx + (c)) + BN_LDD(c0 + (c))))
 #if BN_CAN_STREAM
         ptrdiff_t peel;
         if (k->stream && (peel = BN_FN(line_peel_)(y + c)) >= 0 && peel + BN_LINE_ELEMS <= u.c1 - c) {

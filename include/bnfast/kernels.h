@@ -172,7 +172,10 @@ static inline void bn_context_free(bn_context *k)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
-#define BN_VEC_BYTES 32
+#ifndef BN_AVX2_VEC_BYTES
+#define BN_AVX2_VEC_BYTES 32
+#endif
+#define BN_VEC_BYTES BN_AVX2_VEC_BYTES
 #define BN_T float
 #define BN_T_IS_FLOAT 1
 #define BN_SFX f32_avx2

@@ -13,6 +13,26 @@ typedef struct {
     double m2;    /* sum of squared deviations from the mean */
 } bn_welford;
 
+/* bn_recip[k] = 1 / (k + 1), folded by the compiler (correctly rounded, like
+ * the division it replaces): Welford steps of a task look their weights up. */
+#define BN_RECIP_N 1024
+#define BN_R1(k) 1.0 / (double)(k)
+#define BN_R4(k) BN_R1(k), BN_R1((k) + 1), BN_R1((k) + 2), BN_R1((k) + 3)
+#define BN_R16(k) BN_R4(k), BN_R4((k) + 4), BN_R4((k) + 8), BN_R4((k) + 12)
+#define BN_R64(k) BN_R16(k), BN_R16((k) + 16), BN_R16((k) + 32), BN_R16((k) + 48)
+#define BN_R256(k) BN_R64(k), BN_R64((k) + 64), BN_R64((k) + 128), BN_R64((k) + 192)
+static const double bn_recip[BN_RECIP_N] = {BN_R256(1), BN_R256(257), BN_R256(513), BN_R256(769)};
+#undef BN_R1
+#undef BN_R4
+#undef BN_R16
+#undef BN_R64
+#undef BN_R256
+
+static inline double bn_reciprocal(ptrdiff_t k) /* 1 / k, k >= 1 */
+{
+    return k <= BN_RECIP_N ? bn_recip[k - 1] : 1.0 / (double)k;
+}
+
 /* Chan et al.'s pairwise update: fold b into a.  Exact algebra; rounding
  * depends only on the order of merges, which every caller fixes. */
 static inline void bn_welford_merge(bn_welford *a, bn_welford b)
