@@ -74,24 +74,16 @@ static inline VD BN_FN(splat_)(double s)
 #define BN_CAN_STREAM 1
 static inline void BN_FN(stream2_)(BN_T *p, VD a, VD b)
 {
-#if BN_T_IS_FLOAT
-    typedef float vf2 __attribute__((vector_size(2 * W * sizeof(float))));
-    const VT fa = __builtin_convertvector(a, VT), fb = __builtin_convertvector(b, VT);
-#if BN_VEC_BYTES == 32
-    const vf2 v = __builtin_shufflevector(fa, fb, 0, 1, 2, 3, 4, 5, 6, 7);
-    _mm256_stream_ps(p, (__m256)v);
-#else
-    const vf2 v = __builtin_shufflevector(fa, fb, 0, 1, 2, 3);
-    _mm_stream_ps(p, (__m128)v);
-#endif
-#else
-#if BN_VEC_BYTES == 32
+#if BN_T_IS_FLOAT && BN_VEC_BYTES == 32
+    _mm256_stream_ps(p, _mm256_set_m128(_mm256_cvtpd_ps((__m256d)b), _mm256_cvtpd_ps((__m256d)a)));
+#elif BN_T_IS_FLOAT
+    _mm_stream_ps(p, _mm_movelh_ps(_mm_cvtpd_ps((__m128d)a), _mm_cvtpd_ps((__m128d)b)));
+#elif BN_VEC_BYTES == 32
     _mm256_stream_pd(p, (__m256d)a);
     _mm256_stream_pd(p + W, (__m256d)b);
 #else
     _mm_stream_pd(p, (__m128d)a);
     _mm_stream_pd(p + W, (__m128d)b);
-#endif
 #endif
 }
 #define BN_STREAM2 BN_FN(stream2_)

@@ -29,9 +29,9 @@
 #define BN_X86 0
 #endif
 
-/* GNU vector extensions (GCC >= 12, clang) for the hot loops; other compilers
+/* GNU vector extensions (GCC >= 9, clang) for the hot loops; other compilers
  * get the same arithmetic as plain scalar loops. */
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
 #define BN_VECTORS 1
 #else
 #define BN_VECTORS 0
