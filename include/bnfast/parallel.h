@@ -34,9 +34,10 @@
 #endif
 /* Outputs at least this large are written with non-temporal (streaming)
  * stores where the CPU has them: they would not stay in cache anyway, and
- * streaming saves the read-for-ownership of every output line. */
+ * streaming saves the read-for-ownership of every output line.  (About half
+ * a core complex's L3; the OS's figure for the L3 is often the whole chip's.) */
 #ifndef BN_STREAM_MIN_BYTES
-#define BN_STREAM_MIN_BYTES ((size_t)12 << 20)
+#define BN_STREAM_MIN_BYTES ((size_t)4 << 20)
 #endif
 
 typedef struct {
