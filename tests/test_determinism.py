@@ -39,6 +39,8 @@ SHAPES = [
     ((70001, 3), "NC"),
     ((2, 1, 100003), "NCHW"),  # one long run split into segments
     ((5, 1029, 3), "NHWC"),  # more channels than a tile
+    ((40, 256, 14, 14), "NCHW"),  # streamed output, short runs: spans across channels
+    ((40, 256, 14, 14), "NHWC"),
 ]
 
 
@@ -107,3 +109,29 @@ def test_same_isa_selection_is_stable():
             assert np.array_equal(bnfast.batch_norm_forward(x)[0], first)
     finally:
         _kernels.select_isa("avx2" if before == "AVX2+FMA" else "baseline")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_streamed_outputs_match_reference(layout):
+    """Outputs past the streaming threshold (whole-line stores, spans over
+    channels) agree with the float64 reference, with out= aliasing the input."""
+    from bnfast import _reference
+
+    rng = np.random.default_rng(3)
+    x, axis = _layout((rng.standard_normal((40, 256, 14, 14)) * 2 + 3).astype(np.float32), layout)
+    g, _ = _layout(rng.standard_normal((40, 256, 14, 14)).astype(np.float32), layout)
+    C = x.shape[axis]
+    w = rng.standard_normal(C).astype(np.float32)
+    b = rng.standard_normal(C).astype(np.float32)
+    y, mean, invstd = bnfast.batch_norm_forward(x, w, b, axis=axis)
+    ry, _, _, _, _ = _reference.batch_norm_forward(x, w, b, axis=axis)
+    np.testing.assert_allclose(y, ry, rtol=1e-5, atol=1e-5)
+    gi, _, _ = bnfast.batch_norm_backward(g, x, mean, invstd, w, axis=axis)
+    rgi, _, _ = _reference.batch_norm_backward(g, x, mean, invstd, w, axis=axis)
+    np.testing.assert_allclose(gi, rgi, rtol=1e-4, atol=1e-5)
+    g2 = g.copy()
+    bnfast.batch_norm_backward(g2, x, mean, invstd, w, axis=axis, out=g2)  # in place
+    np.testing.assert_array_equal(g2, gi)
+    x2 = x.copy()
+    bnfast.batch_norm_forward(x2, w, b, axis=axis, out=x2)
+    np.testing.assert_array_equal(x2, y)

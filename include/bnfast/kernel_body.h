@@ -291,6 +291,91 @@ static void BN_FN(affine_planar_)(const bn_context *k, ptrdiff_t t)
     BN_FN(stream_fence_)(k->stream);
 }
 
+/* Short planar runs (inner < BN_SPAN_INNER) with streaming: the normalize
+ * phase walks rows of consecutive channels as one contiguous span, so that
+ * streaming stores write whole lines across run boundaries.  Span task t of
+ * channels [c0, c1) covers row t / chunks, channels of chunk t % chunks. */
+#define BN_SPAN_INNER 2048
+
+static inline ptrdiff_t BN_FN(span_chunk_)(const bn_context *k)
+{
+    return bn_max(1, BN_TASK_ELEMS / k->geo.inner);
+}
+
+static inline int BN_FN(use_spans_)(const bn_context *k)
+{
+#if BN_VECTORS && BN_CAN_STREAM
+    return k->stream && !k->grid.channels_last && k->geo.inner < BN_SPAN_INNER
+           && k->geo.inner >= BN_LINE_ELEMS
+           && k->ax.channel_stride == k->geo.inner && k->y.channel_stride == k->geo.inner
+           && (k->op != BN_OP_BACKWARD || !k->training
+               || (k->x.channel_stride == k->geo.inner && k->g.channel_stride == k->geo.inner));
+#else
+    (void)k;
+    return 0;
+#endif
+}
+
+/* Elements [i0, i1) of a span starting at channel ca, ordinary stores. */
+static inline void BN_FN(span_plain_)(const bn_context *k, const BN_T *x, BN_T *y, ptrdiff_t ca,
+                                      ptrdiff_t i0, ptrdiff_t i1)
+{
+    const ptrdiff_t inner = k->geo.inner;
+    while (i0 < i1) {
+        const ptrdiff_t j = i0 / inner, end = bn_min(i1, (j + 1) * inner);
+        const ptrdiff_t c = ca + j;
+        BN_FN(affine_span_)(x, y, i0, end, k->amean[c], k->scale[c], k->shift[c]);
+        i0 = end;
+    }
+}
+
+static void BN_FN(affine_span_task_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
+{
+#if BN_VECTORS && BN_CAN_STREAM
+    const ptrdiff_t inner = k->geo.inner, chunk = BN_FN(span_chunk_)(k);
+    const ptrdiff_t chunks = bn_ceil_div(c1 - c0, chunk);
+    const ptrdiff_t n = t / chunks, ca = c0 + (t % chunks) * chunk, cb = bn_min(c1, ca + chunk);
+    const BN_T *x = (const BN_T *)k->ax.data + n * k->ax.outer_stride + ca * inner;
+    BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + ca * inner;
+    const ptrdiff_t len = (cb - ca) * inner;
+    const ptrdiff_t peel = BN_FN(line_peel_)(y);
+    if (peel < 0 || peel + BN_LINE_ELEMS > len) {
+        BN_FN(span_plain_)(k, x, y, ca, 0, len);
+        return;
+    }
+    const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
+    BN_FN(span_plain_)(k, x, y, ca, 0, peel);
+    ptrdiff_t jf = peel / inner, bound = (jf + 1) * inner; /* channel of element i, its end */
+    for (ptrdiff_t i = peel; i < end; i += BN_LINE_ELEMS) {
+        while (i >= bound) {
+            jf++;
+            bound += inner;
+        }
+        if (i + BN_LINE_ELEMS <= bound) { /* the line lies in one channel */
+            const ptrdiff_t c = ca + jf;
+            const VD vmu = BN_SPLAT(k->amean[c]), vs = BN_SPLAT(k->scale[c]), vb = BN_SPLAT(k->shift[c]);
+            for (ptrdiff_t e = i; e < i + BN_LINE_ELEMS; e += 2 * W)
+                BN_STREAM2(y + e, (BN_LD(x + e) - vmu) * vs + vb, (BN_LD(x + e + W) - vmu) * vs + vb);
+        } else { /* straddles channels: compute the line in L1, then stream it */
+            BN_T line[BN_LINE_ELEMS] __attribute__((aligned(64)));
+            for (ptrdiff_t e = 0, c = ca + jf; e < BN_LINE_ELEMS; e++) {
+                if (i + e == bound) c++; /* a line spans at most two runs (inner >= 16) */
+                line[e] = (BN_T)(((double)x[i + e] - k->amean[c]) * k->scale[c] + k->shift[c]);
+            }
+            for (ptrdiff_t e = 0; e < BN_LINE_ELEMS; e += 2 * W)
+                BN_STREAM2(y + i + e, BN_LD(line + e), BN_LD(line + e + W));
+        }
+    }
+    BN_FN(span_plain_)(k, x, y, ca, end, len);
+    BN_FN(stream_fence_)(1);
+#else
+    (void)k;
+    (void)c0;
+    (void)c1;
+    (void)t;
+#endif
+}
+
 /* Channels-last: blocks of BN_ROWS rows share each load of the per-channel
  * coefficients, except when streaming (interleaved rows would break up the
  * write-combining of whole lines); other rows one by one. */
@@ -335,9 +420,11 @@ static void BN_FN(affine_rows_)(const bn_context *k, ptrdiff_t t)
 #if BN_CAN_STREAM
         ptrdiff_t peel;
         if (k->stream && (peel = BN_FN(line_peel_)(y + c)) >= 0 && peel + BN_LINE_ELEMS <= u.c1 - c) {
-            for (const ptrdiff_t e = c + peel; c < e; c++)
-                y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
-            for (const ptrdiff_t e = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e; c += 2 * W) {
+            const ptrdiff_t e = c + peel;
+            for (; c + W <= e; c += W)
+                BN_ST(y + c, (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c));
+            for (; c < e; c++) y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
+            for (const ptrdiff_t e2 = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e2; c += 2 * W) {
                 const VD a = (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c);
                 const VD d = (BN_LD(x + c + W) - BN_LDD(mu + c + W)) * BN_LDD(s + c + W)
                              + BN_LDD(b + c + W);
@@ -352,6 +439,8 @@ static void BN_FN(affine_rows_)(const bn_context *k, ptrdiff_t t)
             BN_ST(y + c, a);
             BN_ST(y + c + W, d);
         }
+        for (; c + W <= u.c1; c += W)
+            BN_ST(y + c, (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c));
 #endif
         for (; c < u.c1; c++) y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
     }
@@ -561,8 +650,10 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
 #if BN_CAN_STREAM
         ptrdiff_t peel;
         if (k->stream && (peel = BN_FN(line_peel_)(y + c)) >= 0 && peel + BN_LINE_ELEMS <= u.c1 - c) {
-            for (const ptrdiff_t e = c + peel; c < e; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
-            for (const ptrdiff_t e = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e; c += 2 * W) {
+            const ptrdiff_t e = c + peel;
+            for (; c + W <= e; c += W) BN_ST(y + c, BN_GRAD_VEC(c));
+            for (; c < e; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
+            for (const ptrdiff_t e2 = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e2; c += 2 * W) {
                 const VD p = BN_GRAD_VEC(c), q = BN_GRAD_VEC(c + W);
                 BN_STREAM2(y + c, p, q);
             }
@@ -573,12 +664,77 @@ static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
             BN_ST(y + c, p);
             BN_ST(y + c + W, q);
         }
+        for (; c + W <= u.c1; c += W) BN_ST(y + c, BN_GRAD_VEC(c));
 #undef BN_GRAD_VEC
 #endif
         for (; c < u.c1; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
     }
 #undef BN_GRAD_S
     BN_FN(stream_fence_)(k->stream);
+}
+
+/* Training backward, short planar runs with streaming: as affine_span_task_. */
+static inline void BN_FN(grad_span_plain_)(const bn_context *k, const BN_T *g, const BN_T *x,
+                                           BN_T *y, ptrdiff_t ca, ptrdiff_t i0, ptrdiff_t i1)
+{
+    const ptrdiff_t inner = k->geo.inner;
+    while (i0 < i1) {
+        const ptrdiff_t j = i0 / inner, end = bn_min(i1, (j + 1) * inner);
+        const ptrdiff_t c = ca + j;
+        BN_FN(grad_apply_span_)(g, x, y, i0, end, k->mean[c], k->scale[c], k->coef_x[c], k->shift[c]);
+        i0 = end;
+    }
+}
+
+static void BN_FN(grad_span_task_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
+{
+#if BN_VECTORS && BN_CAN_STREAM
+    const ptrdiff_t inner = k->geo.inner, chunk = BN_FN(span_chunk_)(k);
+    const ptrdiff_t chunks = bn_ceil_div(c1 - c0, chunk);
+    const ptrdiff_t n = t / chunks, ca = c0 + (t % chunks) * chunk, cb = bn_min(c1, ca + chunk);
+    const BN_T *x = (const BN_T *)k->x.data + n * k->x.outer_stride + ca * inner;
+    const BN_T *g = (const BN_T *)k->g.data + n * k->g.outer_stride + ca * inner;
+    BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + ca * inner;
+    const ptrdiff_t len = (cb - ca) * inner;
+    const ptrdiff_t peel = BN_FN(line_peel_)(y);
+    if (peel < 0 || peel + BN_LINE_ELEMS > len) {
+        BN_FN(grad_span_plain_)(k, g, x, y, ca, 0, len);
+        return;
+    }
+    const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
+    BN_FN(grad_span_plain_)(k, g, x, y, ca, 0, peel);
+    ptrdiff_t jf = peel / inner, bound = (jf + 1) * inner;
+    for (ptrdiff_t i = peel; i < end; i += BN_LINE_ELEMS) {
+        while (i >= bound) {
+            jf++;
+            bound += inner;
+        }
+        if (i + BN_LINE_ELEMS <= bound) {
+            const ptrdiff_t c = ca + jf;
+            const VD vmu = BN_SPLAT(k->mean[c]), va = BN_SPLAT(k->scale[c]);
+            const VD vbx = BN_SPLAT(k->coef_x[c]), vc = BN_SPLAT(k->shift[c]);
+            for (ptrdiff_t e = i; e < i + BN_LINE_ELEMS; e += 2 * W)
+                BN_STREAM2(y + e, BN_LD(g + e) * va + ((BN_LD(x + e) - vmu) * vbx + vc),
+                           BN_LD(g + e + W) * va + ((BN_LD(x + e + W) - vmu) * vbx + vc));
+        } else {
+            BN_T line[BN_LINE_ELEMS] __attribute__((aligned(64)));
+            for (ptrdiff_t e = 0, c = ca + jf; e < BN_LINE_ELEMS; e++) {
+                if (i + e == bound) c++;
+                line[e] = (BN_T)((double)g[i + e] * k->scale[c]
+                                 + (((double)x[i + e] - k->mean[c]) * k->coef_x[c] + k->shift[c]));
+            }
+            for (ptrdiff_t e = 0; e < BN_LINE_ELEMS; e += 2 * W)
+                BN_STREAM2(y + i + e, BN_LD(line + e), BN_LD(line + e + W));
+        }
+    }
+    BN_FN(grad_span_plain_)(k, g, x, y, ca, end, len);
+    BN_FN(stream_fence_)(1);
+#else
+    (void)k;
+    (void)c0;
+    (void)c1;
+    (void)t;
+#endif
 }
 
 /* ---- per-channel finishing steps between the phases ---------------------
@@ -696,6 +852,7 @@ static void BN_FN(exec_body_)(bn_context *k)
     const int reduce = k->op != BN_OP_INFERENCE, apply = k->op != BN_OP_MOMENTS;
     const ptrdiff_t per = k->grid.channels_last ? 0 : k->grid.partial_rows;
     const ptrdiff_t gch = k->grid.channels_last ? C : k->group_channels;
+    const int spans = BN_FN(use_spans_)(k);
     for (ptrdiff_t c0 = 0; c0 < C; c0 += gch) {
         const ptrdiff_t c1 = bn_min(C, c0 + gch);
         const ptrdiff_t t0 = per * c0, t1 = per ? per * c1 : k->grid.ntasks;
@@ -710,7 +867,16 @@ static void BN_FN(exec_body_)(bn_context *k)
             for (ptrdiff_t b = c0; b < c1; b += BN_FINISH_BLOCK)
                 BN_FN(finish_block_)(k, b, bn_min(c1, b + BN_FINISH_BLOCK));
         }
-        if (apply) {
+        if (apply && spans) {
+            const ptrdiff_t nspan = k->geo.outer * bn_ceil_div(c1 - c0, BN_FN(span_chunk_)(k));
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+            for (ptrdiff_t t = 0; t < nspan; t++) {
+                if (k->op == BN_OP_BACKWARD && k->training) BN_FN(grad_span_task_)(k, c0, c1, t);
+                else BN_FN(affine_span_task_)(k, c0, c1, t);
+            }
+        } else if (apply) {
 #ifdef _OPENMP
 #pragma omp for schedule(static) nowait
 #endif
@@ -842,6 +1008,7 @@ static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out,
 }
 
 #undef BN_SCRATCH
+#undef BN_SPAN_INNER
 #undef BN_ROW_BLOCK
 #undef BN_LINE_ELEMS
 #undef BN_ROWS
