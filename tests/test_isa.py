@@ -31,7 +31,8 @@ _CHECK = textwrap.dedent(
     rng = np.random.default_rng(0)
     worst = {}
     shapes = [((4, 8, 9, 7), 1), ((4, 9, 7, 8), -1), ((33, 20), 1), ((2, 3, 300, 70), 1),
-              ((5, 37, 3), -1), ((3, 70, 1), 1), ((2, 5, 17, 4, 3), 1)]
+              ((5, 37, 3), -1), ((3, 70, 1), 1), ((2, 5, 17, 4, 3), 1),
+              ((24, 256, 14, 14), 1), ((24, 14, 14, 256), -1)]  # streamed outputs
     for threads in (1, 2):
         bnfast.set_num_threads(threads)
         for dtype, tol in ((np.float32, 2e-4), (np.float64, 1e-10)):
