@@ -9,8 +9,9 @@ Run from the repository root::
     pytest benchmarks --benchmark-compare --benchmark-compare-fail=min:10%   # fail on >10% regressions
 
 Each group is one operation/shape/layout/dtype/thread-count; its members are
-bnfast, the roofline reference on the same arrays (np.copyto, or np.add for
-backward), the NumPy baseline and PyTorch (when importable).
+bnfast with out= (bnfast) and allocating its result (bnfast_alloc), the
+roofline reference on the same arrays (np.copyto, or np.add for backward),
+the NumPy baseline and PyTorch (when importable).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import bnfast
 from bnfast import _bench
 
 QUICK_SHAPES = [(32, 64, 28, 28), (1, 64, 56, 56), (256, 1024), (8, 16)]
-IMPLS = ("bnfast", "roofline", "numpy", "torch")
+# bnfast: with out= (no allocation); bnfast_alloc: allocating its result, like numpy and torch
+IMPLS = ("bnfast", "bnfast_alloc", "roofline", "numpy", "torch")
 
 
 def _cases(suite: str, threads):
@@ -58,7 +59,8 @@ def test_op(benchmark, bnfast_threads, case, impl):
     if torch is not None:
         torch.set_num_threads(n)
     fns = _bench._case_fns(op, x, g, axis, torch, channels_last)
-    fn = {"bnfast": fns["bnfast"], "roofline": fns["roof"], "numpy": fns["numpy"]}.get(impl) or fns["torch"]
+    names = {"bnfast": "bnfast", "bnfast_alloc": "bnfast_alloc", "roofline": "roof", "numpy": "numpy", "torch": "torch"}
+    fn = fns[names[impl]]
     benchmark.group = f"{op} {'x'.join(map(str, shape))} {layout} {dtype} {n} thread(s)"
     benchmark.extra_info.update(op=op, shape=list(shape), layout=layout, dtype=dtype, threads=n, impl=impl)
     ctx = torch.no_grad() if torch is not None else contextlib.nullcontext()
