@@ -11,6 +11,12 @@ from bnfast import _kernels
 SHAPES = [((8, 16), 1), ((4, 6, 5, 7), 1), ((4, 5, 7, 6), -1), ((3, 4, 2, 3, 5), 2)]
 
 
+def _strided_out(x):
+    """An out= the fast path declines (every other row of a larger array) but
+    the kernels use with the same layout: forces the validating path."""
+    return np.empty((2 * x.shape[0],) + x.shape[1:], x.dtype)[::2]
+
+
 def _args(shape, axis, dtype, seed=0):
     rng = np.random.default_rng(seed)
     c = shape[axis]
@@ -27,19 +33,20 @@ def test_fast_path_matches_validating_path_bitwise(shape, axis, dtype):
     rm2, rv2 = rm.copy(), rv.copy()
     fast = _kernels.try_forward_train(x, w, b, rm, rv, 0.1, 1e-5, axis)
     assert fast is not None
-    slow_y = np.empty_like(x)  # out= always takes the validating path
+    slow_y = _strided_out(x)
+    assert _kernels.try_forward_train(x, w, b, rm2.copy(), rv2.copy(), 0.1, 1e-5, axis, slow_y) is None
     slow = bnfast.batch_norm_forward(x, w, b, rm2, rv2, axis=axis, out=slow_y)
     for got, want in zip(fast, slow):
         assert got.dtype == x.dtype and np.array_equal(got, want)
     assert np.array_equal(rm, rm2) and np.array_equal(rv, rv2)
 
     y = _kernels.try_inference(x, rm, rv, w, b, 1e-5, axis)
-    assert np.array_equal(y, bnfast.batch_norm_inference(x, rm, rv, w, b, axis=axis, out=np.empty_like(x)))
+    assert np.array_equal(y, bnfast.batch_norm_inference(x, rm, rv, w, b, axis=axis, out=_strided_out(x)))
 
     _, mean, invstd = fast
     for training in (True, False):
         got = _kernels.try_backward(g, x, mean, invstd, w, training, axis)
-        want = bnfast.batch_norm_backward(g, x, mean, invstd, w, training=training, axis=axis, out=np.empty_like(x))
+        want = bnfast.batch_norm_backward(g, x, mean, invstd, w, training=training, axis=axis, out=_strided_out(x))
         for a, b_ in zip(got, want):
             assert np.array_equal(a, b_)
 
@@ -76,3 +83,38 @@ def test_fast_path_declines_what_it_does_not_recognize():
     assert _kernels.try_backward(g.astype(np.float64), x, rm, rv, w, True, 1) is None
     assert _kernels.try_backward(g[:4], x, rm, rv, w, True, 1) is None
     assert _kernels.try_backward(g, x, rm, rv, w, 1, 1) is None  # training not a bool
+
+
+def test_fast_path_out_buffers():
+    x, g, w, b, rm, rv = _args((8, 4, 6), 1, np.float64)
+    want = bnfast.batch_norm_forward(x, w, b, rm.copy(), rv.copy())
+    out = np.empty_like(x)
+    got = _kernels.try_forward_train(x, w, b, rm.copy(), rv.copy(), 0.1, 1e-5, 1, out)
+    assert got is not None and got[0] is out and np.array_equal(out, want[0])
+    in_place = x.copy()
+    got = _kernels.try_forward_train(in_place, w, b, rm.copy(), rv.copy(), 0.1, 1e-5, 1, in_place)
+    assert got[0] is in_place and np.array_equal(in_place, want[0])
+    grads = _kernels.try_backward(g.copy(), x, want[1], want[2], w, True, 1, None)
+    g_in_place = g.copy()
+    got = _kernels.try_backward(g_in_place, x, want[1], want[2], w, True, 1, g_in_place)
+    assert got[0] is g_in_place and np.array_equal(g_in_place, grads[0])
+
+    flat = np.zeros(2 * x.size)
+    overlapping = flat[x.size // 2 : x.size // 2 + x.size].reshape(x.shape)
+    x_in_flat = flat[: x.size].reshape(x.shape)
+    x_in_flat[...] = x
+    declined_outs = [
+        overlapping,  # overlaps x without being x
+        np.empty_like(x, dtype=np.float32),  # dtype
+        np.empty((8, 4, 5)),  # shape
+        np.asfortranarray(np.empty_like(x)),  # not C-contiguous
+    ]
+    read_only = np.empty_like(x)
+    read_only.setflags(write=False)
+    declined_outs.append(read_only)
+    for out in declined_outs:
+        assert _kernels.try_forward_train(x_in_flat, w, b, rm.copy(), rv.copy(), 0.1, 1e-5, 1, out) is None
+    # the validating path still gets the overlapping case right
+    y = bnfast.batch_norm_forward(x_in_flat, w, b, axis=1, out=overlapping)[0]
+    assert y is overlapping
+    np.testing.assert_allclose(overlapping, want[0], atol=1e-12)

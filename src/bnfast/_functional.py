@@ -2,8 +2,8 @@
 
 Each public op first offers its arguments to the compiled fast path
 (``_kernels.try_*``), which takes only calls that are canonical already --
-C-contiguous arrays of matching dtype and shape, Python floats in range, no
-``out=`` -- and declines everything else without judging it; this module then
+C-contiguous arrays of matching dtype and shape, Python floats in range, an
+``out=`` that is the input or overlaps none -- and declines everything else without judging it; this module then
 validates, reports and plans the rest.
 
 Every public op sees its array as ``(outer, C, inner)`` around the channel
@@ -336,10 +336,9 @@ def batch_norm_forward(
     batch_norm_backward : gradients of this function.
     batch_norm : the torch.nn.functional.batch_norm-compatible wrapper.
     """
-    if out is None:
-        done = _kernels.try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis)
-        if done is not None:
-            return done
+    done = _kernels.try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     ax = _channel_axis(x, axis)
     channels = x.shape[ax]
@@ -410,10 +409,9 @@ def batch_norm_inference(
     TypeError, ValueError
         As `batch_norm_forward`.
     """
-    if out is None:
-        done = _kernels.try_inference(x, running_mean, running_var, weight, bias, eps, axis)
-        if done is not None:
-            return done
+    done = _kernels.try_inference(x, running_mean, running_var, weight, bias, eps, axis, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     ax = _channel_axis(x, axis)
     channels = x.shape[ax]
@@ -476,10 +474,9 @@ def batch_norm_backward(
     TypeError, ValueError
         For bad dtypes, shapes, axis or ``out``.
     """
-    if out is None:
-        done = _kernels.try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis)
-        if done is not None:
-            return done
+    done = _kernels.try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     grad_out = _float_array(grad_out, "grad_out")
     ax = _channel_axis(x, axis)

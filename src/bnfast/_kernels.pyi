@@ -68,9 +68,17 @@ def try_forward_train(
     momentum: object,
     eps: object,
     axis: object,
+    out: object = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
 def try_inference(
-    x: object, running_mean: object, running_var: object, weight: object, bias: object, eps: object, axis: object
+    x: object,
+    running_mean: object,
+    running_var: object,
+    weight: object,
+    bias: object,
+    eps: object,
+    axis: object,
+    out: object = None,
 ) -> np.ndarray | None: ...
 def try_backward(
     grad_out: object,
@@ -80,4 +88,5 @@ def try_backward(
     weight: object,
     training: object,
     axis: object,
+    out: object = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...

@@ -214,7 +214,8 @@ def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple x
 #
 # The functional API offers every call here first.  These functions only
 # recognize the common case -- C-contiguous, aligned float32/float64 arrays of
-# matching dtype and shape, Python floats in range, no out= -- and return None
+# matching dtype and shape, Python floats in range, a canonical out= that is
+# the input or overlaps no input -- and return None
 # for anything else, which bnfast._functional then validates (and reports) in
 # full.  They never raise for bad input: errors have one home.
 
@@ -284,7 +285,34 @@ cdef inline bint _nonnegative_finite(object v):
     return type(v) is float and 0.0 <= <double>v and isfinite(<double>v)
 
 
-def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis):
+cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
+
+
+cdef object _result(object out, cnp.ndarray x, int t, object other):
+    """Where a canonical call writes its full-size result: a new array when
+    ``out`` is None, ``out`` itself when it is canonical, writable, of x's
+    shape and is ``x``/``other`` or overlaps neither, else None (decline)."""
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, 0)
+    if _canonical_float(out) != t:
+        return None
+    cdef cnp.ndarray o = <cnp.ndarray>out
+    cdef int nd = cnp.PyArray_NDIM(x)
+    if not (cnp.PyArray_FLAGS(o) & cnp.NPY_ARRAY_WRITEABLE) or cnp.PyArray_NDIM(o) != nd:
+        return None
+    if not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(o), cnp.PyArray_DIMS(x), nd):
+        return None
+    if out is not x and not _disjoint(o, x):
+        return None
+    if other is not None and out is not other and not _disjoint(o, <cnp.ndarray>other):
+        return None
+    return out
+
+
+def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out=None):
     """``(y, save_mean, save_invstd)`` for canonical arguments, else None."""
     cdef int t = _canonical_float(x)
     cdef bn_geometry geo
@@ -302,7 +330,10 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.npy_intp channels = geo.channels
-    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), t, 0)
+    result = _result(out, xa, t, None)
+    if result is None:
+        return None
+    cdef cnp.ndarray y = <cnp.ndarray>result
     cdef cnp.ndarray save_mean = cnp.PyArray_EMPTY(1, &channels, t, 0)
     cdef cnp.ndarray save_invstd = cnp.PyArray_EMPTY(1, &channels, t, 0)
     cdef bn_array xo = _contiguous_operand(xa, &geo), yo = _contiguous_operand(y, &geo)
@@ -320,7 +351,7 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     return y, save_mean, save_invstd
 
 
-def try_inference(x, running_mean, running_var, weight, bias, eps, axis):
+def try_inference(x, running_mean, running_var, weight, bias, eps, axis, out=None):
     """``y`` for canonical arguments, else None."""
     cdef int t = _canonical_float(x)
     cdef bn_geometry geo
@@ -331,7 +362,10 @@ def try_inference(x, running_mean, running_var, weight, bias, eps, axis):
             and _optional_vector(weight, t, geo.channels) and _optional_vector(bias, t, geo.channels)):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), t, 0)
+    result = _result(out, xa, t, None)
+    if result is None:
+        return None
+    cdef cnp.ndarray y = <cnp.ndarray>result
     cdef bn_array xo = _contiguous_operand(xa, &geo), yo = _contiguous_operand(y, &geo)
     cdef bn_dtype dt = BN_FLOAT32 if t == cnp.NPY_FLOAT32 else BN_FLOAT64
     cdef void *prm = _data(running_mean)
@@ -346,7 +380,7 @@ def try_inference(x, running_mean, running_var, weight, bias, eps, axis):
     return y
 
 
-def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis):
+def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out=None):
     """``(grad_input, grad_weight, grad_bias)`` for canonical arguments, else None."""
     cdef int t = _canonical_float(x)
     cdef bn_geometry geo
@@ -363,7 +397,10 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis):
             and _optional_vector(weight, t, geo.channels)):
         return None
     cdef cnp.npy_intp channels = geo.channels
-    cdef cnp.ndarray grad_in = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), t, 0)
+    result = _result(out, xa, t, grad_out)
+    if result is None:
+        return None
+    cdef cnp.ndarray grad_in = <cnp.ndarray>result
     cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, t, 0)
     cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, t, 0)
     cdef bn_array go = _contiguous_operand(ga, &geo), xo = _contiguous_operand(xa, &geo)
