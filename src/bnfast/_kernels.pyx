@@ -142,6 +142,49 @@ cdef inline int _check(int status) except -1:
     return 0
 
 
+# One call site per C entry point, shared by the planned API and the fast path.
+
+cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object weight,
+                            object bias, object running_mean, object running_var, double momentum,
+                            double eps, cnp.ndarray save_mean, cnp.ndarray save_invstd) except -1:
+    cdef void *pw = _data(weight)
+    cdef void *pb = _data(bias)
+    cdef void *prm = _data(running_mean)
+    cdef void *prv = _data(running_var)
+    cdef void *psm = cnp.PyArray_DATA(save_mean)
+    cdef void *psi = cnp.PyArray_DATA(save_invstd)
+    cdef int nt = _threads(), status
+    with nogil:
+        status = bn_forward_train(dt, &geo, x, y, pw, pb, prm, prv, momentum, eps, psm, psi, nt)
+    return _check(status)
+
+
+cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object running_mean,
+                        object running_var, object weight, object bias, double eps) except -1:
+    cdef void *prm = _data(running_mean)
+    cdef void *prv = _data(running_var)
+    cdef void *pw = _data(weight)
+    cdef void *pb = _data(bias)
+    cdef int nt = _threads(), status
+    with nogil:
+        status = bn_inference(dt, &geo, x, y, prm, prv, pw, pb, eps, nt)
+    return _check(status)
+
+
+cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array x, bn_array grad_in,
+                       object save_mean, object save_invstd, object weight, bint training,
+                       cnp.ndarray grad_weight, cnp.ndarray grad_bias) except -1:
+    cdef void *psm = _data(save_mean)
+    cdef void *psi = _data(save_invstd)
+    cdef void *pw = _data(weight)
+    cdef void *pgw = cnp.PyArray_DATA(grad_weight)
+    cdef void *pgb = cnp.PyArray_DATA(grad_bias)
+    cdef int nt = _threads(), status
+    with nogil:
+        status = bn_backward(dt, &geo, grad_out, x, grad_in, psm, psi, pw, training, pgw, pgb, nt)
+    return _check(status)
+
+
 def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray mean,
             cnp.ndarray m2):
     """Per-channel Welford state of ``x`` into float64 ``count``, ``mean``, ``m2``."""
@@ -161,54 +204,22 @@ def forward_train(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
                   weight, bias, running_mean, running_var, double momentum, double eps,
                   cnp.ndarray save_mean, cnp.ndarray save_invstd):
     """Training forward: statistics, running update, normalize into ``y``."""
-    cdef bn_geometry geo = _geometry(shape)
-    cdef bn_array xa = _operand(x, xs), ya = _operand(y, ys)
-    cdef bn_dtype dt = _dtype_of(x)
-    cdef void *pw = _data(weight)
-    cdef void *pb = _data(bias)
-    cdef void *prm = _data(running_mean)
-    cdef void *prv = _data(running_var)
-    cdef void *psm = cnp.PyArray_DATA(save_mean)
-    cdef void *psi = cnp.PyArray_DATA(save_invstd)
-    cdef int nt = _threads(), status
-    with nogil:
-        status = bn_forward_train(dt, &geo, xa, ya, pw, pb, prm, prv, momentum, eps, psm, psi, nt)
-    _check(status)
-
+    _run_forward_train(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), weight, bias,
+                       running_mean, running_var, momentum, eps, save_mean, save_invstd)
 
 def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
               cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
     """Inference: normalize ``x`` into ``y`` with the given statistics."""
-    cdef bn_geometry geo = _geometry(shape)
-    cdef bn_array xa = _operand(x, xs), ya = _operand(y, ys)
-    cdef bn_dtype dt = _dtype_of(x)
-    cdef void *prm = cnp.PyArray_DATA(running_mean)
-    cdef void *prv = cnp.PyArray_DATA(running_var)
-    cdef void *pw = _data(weight)
-    cdef void *pb = _data(bias)
-    cdef int nt = _threads(), status
-    with nogil:
-        status = bn_inference(dt, &geo, xa, ya, prm, prv, pw, pb, eps, nt)
-    _check(status)
-
+    _run_inference(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), running_mean,
+                   running_var, weight, bias, eps)
 
 def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple xs,
              cnp.ndarray grad_in, tuple gis, cnp.ndarray save_mean, cnp.ndarray save_invstd,
              weight, bint training, cnp.ndarray grad_weight, cnp.ndarray grad_bias):
     """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``."""
-    cdef bn_geometry geo = _geometry(shape)
-    cdef bn_array ga = _operand(grad_out, gs), xa = _operand(x, xs), gia = _operand(grad_in, gis)
-    cdef bn_dtype dt = _dtype_of(x)
-    cdef void *psm = cnp.PyArray_DATA(save_mean)
-    cdef void *psi = cnp.PyArray_DATA(save_invstd)
-    cdef void *pw = _data(weight)
-    cdef void *pgw = cnp.PyArray_DATA(grad_weight)
-    cdef void *pgb = cnp.PyArray_DATA(grad_bias)
-    cdef int nt = _threads(), status
-    with nogil:
-        status = bn_backward(dt, &geo, ga, xa, gia, psm, psi, pw, training, pgw, pgb, nt)
-    _check(status)
-
+    _run_backward(_geometry(shape), _dtype_of(x), _operand(grad_out, gs), _operand(x, xs),
+                  _operand(grad_in, gis), save_mean, save_invstd, weight, training, grad_weight,
+                  grad_bias)
 
 # ---- fast path: calls whose arguments are already canonical -------------
 #
@@ -336,18 +347,8 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     cdef cnp.ndarray y = <cnp.ndarray>result
     cdef cnp.ndarray save_mean = cnp.PyArray_EMPTY(1, &channels, t, 0)
     cdef cnp.ndarray save_invstd = cnp.PyArray_EMPTY(1, &channels, t, 0)
-    cdef bn_array xo = _contiguous_operand(xa, &geo), yo = _contiguous_operand(y, &geo)
-    cdef bn_dtype dt = BN_FLOAT32 if t == cnp.NPY_FLOAT32 else BN_FLOAT64
-    cdef void *pw = _data(weight)
-    cdef void *pb = _data(bias)
-    cdef void *prm = _data(running_mean)
-    cdef void *prv = _data(running_var)
-    cdef double m = momentum, e = eps
-    cdef int nt = _threads(), status
-    with nogil:
-        status = bn_forward_train(dt, &geo, xo, yo, pw, pb, prm, prv, m, e,
-                                  cnp.PyArray_DATA(save_mean), cnp.PyArray_DATA(save_invstd), nt)
-    _check(status)
+    _run_forward_train(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
+                       weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd)
     return y, save_mean, save_invstd
 
 
@@ -366,17 +367,8 @@ def try_inference(x, running_mean, running_var, weight, bias, eps, axis, out=Non
     if result is None:
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
-    cdef bn_array xo = _contiguous_operand(xa, &geo), yo = _contiguous_operand(y, &geo)
-    cdef bn_dtype dt = BN_FLOAT32 if t == cnp.NPY_FLOAT32 else BN_FLOAT64
-    cdef void *prm = _data(running_mean)
-    cdef void *prv = _data(running_var)
-    cdef void *pw = _data(weight)
-    cdef void *pb = _data(bias)
-    cdef double e = eps
-    cdef int nt = _threads(), status
-    with nogil:
-        status = bn_inference(dt, &geo, xo, yo, prm, prv, pw, pb, e, nt)
-    _check(status)
+    _run_inference(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
+                   running_mean, running_var, weight, bias, eps)
     return y
 
 
@@ -403,16 +395,7 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
     cdef cnp.ndarray grad_in = <cnp.ndarray>result
     cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, t, 0)
     cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, t, 0)
-    cdef bn_array go = _contiguous_operand(ga, &geo), xo = _contiguous_operand(xa, &geo)
-    cdef bn_array gio = _contiguous_operand(grad_in, &geo)
-    cdef bn_dtype dt = BN_FLOAT32 if t == cnp.NPY_FLOAT32 else BN_FLOAT64
-    cdef void *psm = _data(save_mean)
-    cdef void *psi = _data(save_invstd)
-    cdef void *pw = _data(weight)
-    cdef bint train = training
-    cdef int nt = _threads(), status
-    with nogil:
-        status = bn_backward(dt, &geo, go, xo, gio, psm, psi, pw, train,
-                             cnp.PyArray_DATA(grad_weight), cnp.PyArray_DATA(grad_bias), nt)
-    _check(status)
+    _run_backward(geo, _dtype_of(xa), _contiguous_operand(ga, &geo), _contiguous_operand(xa, &geo),
+                  _contiguous_operand(grad_in, &geo), save_mean, save_invstd, weight, training,
+                  grad_weight, grad_bias)
     return grad_in, grad_weight, grad_bias
