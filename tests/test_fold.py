@@ -70,8 +70,9 @@ def test_linear(dtype, has_bias, affine):
     bn = trained_bn(BatchNorm1d, 6, dtype, (16, 6), affine=affine)
     W_before, b_before = W.copy(), None if b is None else b.copy()
     state = bn.state_dict()
+    bn.eval()
     W2, b2 = fold_batch_norm(W, b, bn)
-    assert bn.training  # fold does not change the mode...
+    assert not bn.training  # fold does not change the mode...
     np.testing.assert_array_equal(W, W_before)  # ... nor its inputs
     if b is not None:
         np.testing.assert_array_equal(b, b_before)
@@ -147,7 +148,7 @@ def test_channels_first_weight_with_channels_last_activations():
 def test_other_axis_matches_moved_weight():
     rng = np.random.default_rng(6)
     W = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)  # e.g. ConvTranspose (in, out, kh, kw)
-    bn = trained_bn(BatchNorm2d, 6, np.float32, (4, 6, 3, 3))
+    bn = trained_bn(BatchNorm2d, 6, np.float32, (4, 6, 3, 3)).eval()
     W2, b2 = fold_batch_norm(W, None, bn, axis=1)
     W3, b3 = fold_batch_norm(np.moveaxis(W, 1, 0), None, bn, axis=0)
     np.testing.assert_array_equal(W2, np.moveaxis(W3, 0, 1))
@@ -156,11 +157,11 @@ def test_other_axis_matches_moved_weight():
 
 def test_identity_bn_is_a_no_op_and_bias_false_layer():
     W = np.arange(12.0).reshape(3, 4)
-    bn = BatchNorm1d(3, eps=0.0, dtype=np.float64)
+    bn = BatchNorm1d(3, eps=0.0, dtype=np.float64).eval()
     W2, b2 = fold_batch_norm(W, None, bn)
     np.testing.assert_array_equal(W2, W)
     np.testing.assert_array_equal(b2, 0)
-    bn = BatchNorm1d(3, eps=0.0, bias=False, dtype=np.float64)
+    bn = BatchNorm1d(3, eps=0.0, bias=False, dtype=np.float64).eval()
     bn.weight = [1.0, 2.0, 3.0]
     bn.running_mean = [1.0, 1.0, 1.0]
     W2, b2 = fold_batch_norm(W, np.ones(3), bn)
@@ -169,7 +170,7 @@ def test_identity_bn_is_a_no_op_and_bias_false_layer():
 
 
 def test_result_dtype_follows_weight():
-    bn = trained_bn(BatchNorm1d, 3, np.float64, (8, 3))
+    bn = trained_bn(BatchNorm1d, 3, np.float64, (8, 3)).eval()
     W2, b2 = fold_batch_norm(np.ones((3, 2), np.float32), np.ones(3, np.float64), bn)
     assert W2.dtype == np.float32 and b2.dtype == np.float32
 
@@ -178,12 +179,13 @@ def test_result_dtype_follows_weight():
     "args,kwargs,exc,match",
     [
         ((np.ones((3, 2)), None, BatchNorm1d(3, track_running_stats=False)), {}, ValueError, "track_running_stats"),
-        ((np.ones((4, 2)), None, BatchNorm1d(3)), {}, ValueError, "num_features=3"),
-        ((np.ones((3, 2)), np.ones(4), BatchNorm1d(3)), {}, ValueError, r"bias must have shape \(3,\)"),
-        ((np.ones((3, 2), int), None, BatchNorm1d(3)), {}, TypeError, "floating"),
+        ((np.ones((4, 2)), None, BatchNorm1d(3).eval()), {}, ValueError, "num_features=3"),
+        ((np.ones((3, 2)), np.ones(4), BatchNorm1d(3).eval()), {}, ValueError, r"bias must have shape \(3,\)"),
+        ((np.ones((3, 2), int), None, BatchNorm1d(3).eval()), {}, TypeError, "floating"),
         ((np.ones((3, 2)), None, object()), {}, TypeError, "BatchNorm"),
-        ((np.ones((3, 2)), None, BatchNorm1d(3)), {"axis": 2}, ValueError, "out of range"),
-        ((np.ones((2, 3)), None, BatchNorm1d(3)), {"axis": 1.0}, TypeError, "axis"),
+        ((np.ones((3, 2)), None, BatchNorm1d(3).eval()), {"axis": 2}, ValueError, "out of range"),
+        ((np.ones((2, 3)), None, BatchNorm1d(3).eval()), {"axis": 1.0}, TypeError, "axis"),
+        ((np.ones((3, 2)), None, BatchNorm1d(3)), {}, ValueError, "training mode"),
     ],
 )
 def test_errors(args, kwargs, exc, match):

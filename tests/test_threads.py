@@ -19,10 +19,18 @@ def test_set_num_threads_none_restores_openmp_default():
     assert bnfast.get_num_threads() == default
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True])
-def test_set_num_threads_rejects_non_positive_integers(bad):
+@pytest.mark.parametrize("bad", [0, -1, 10**5, 2**31, 2**70])
+def test_set_num_threads_rejects_out_of_range_counts(bad):
     before = bnfast.get_num_threads()
     with pytest.raises(ValueError, match="number of threads"):
+        bnfast.set_num_threads(bad)
+    assert bnfast.get_num_threads() == before
+
+
+@pytest.mark.parametrize("bad", [1.5, 2.0, "2", True, np.bool_(True), [2]])
+def test_set_num_threads_rejects_non_integers(bad):
+    before = bnfast.get_num_threads()
+    with pytest.raises(TypeError, match="number of threads"):
         bnfast.set_num_threads(bad)
     assert bnfast.get_num_threads() == before
 

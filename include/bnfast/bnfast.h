@@ -8,49 +8,49 @@
 typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1 } bn_dtype;
 
 static inline int bn_moments(bn_dtype dt, const bn_geometry *geo, bn_array x, double *count,
-                             double *mean, double *m2, int nthreads)
+                             double *mean, double *m2, const bn_run *run)
 {
-    return dt == BN_FLOAT32 ? bn_moments_f32(geo, x, count, mean, m2, nthreads)
-                            : bn_moments_f64(geo, x, count, mean, m2, nthreads);
+    return dt == BN_FLOAT32 ? bn_moments_f32(geo, x, count, mean, m2, run)
+                            : bn_moments_f64(geo, x, count, mean, m2, run);
 }
 
 static inline int bn_forward_train(bn_dtype dt, const bn_geometry *geo, bn_array x, bn_array y,
                                    const void *weight, const void *bias, void *running_mean,
                                    void *running_var, double momentum, double eps,
-                                   void *save_mean, void *save_invstd, int nthreads)
+                                   void *save_mean, void *save_invstd, const bn_run *run)
 {
     if (dt == BN_FLOAT32)
         return bn_forward_train_f32(geo, x, y, (const float *)weight, (const float *)bias,
                                     (float *)running_mean, (float *)running_var, momentum, eps,
-                                    (float *)save_mean, (float *)save_invstd, nthreads);
+                                    (float *)save_mean, (float *)save_invstd, run);
     return bn_forward_train_f64(geo, x, y, (const double *)weight, (const double *)bias,
                                 (double *)running_mean, (double *)running_var, momentum, eps,
-                                (double *)save_mean, (double *)save_invstd, nthreads);
+                                (double *)save_mean, (double *)save_invstd, run);
 }
 
 static inline int bn_inference(bn_dtype dt, const bn_geometry *geo, bn_array x, bn_array y,
                                const void *running_mean, const void *running_var,
-                               const void *weight, const void *bias, double eps, int nthreads)
+                               const void *weight, const void *bias, double eps, const bn_run *run)
 {
     if (dt == BN_FLOAT32)
         return bn_inference_f32(geo, x, y, (const float *)running_mean, (const float *)running_var,
-                                (const float *)weight, (const float *)bias, eps, nthreads);
+                                (const float *)weight, (const float *)bias, eps, run);
     return bn_inference_f64(geo, x, y, (const double *)running_mean, (const double *)running_var,
-                            (const double *)weight, (const double *)bias, eps, nthreads);
+                            (const double *)weight, (const double *)bias, eps, run);
 }
 
 static inline int bn_backward(bn_dtype dt, const bn_geometry *geo, bn_array grad_out, bn_array x,
                               bn_array grad_in, const void *save_mean, const void *save_invstd,
                               const void *weight, int training, void *grad_weight,
-                              void *grad_bias, int nthreads)
+                              void *grad_bias, const bn_run *run)
 {
     if (dt == BN_FLOAT32)
         return bn_backward_f32(geo, grad_out, x, grad_in, (const float *)save_mean,
                                (const float *)save_invstd, (const float *)weight, training,
-                               (float *)grad_weight, (float *)grad_bias, nthreads);
+                               (float *)grad_weight, (float *)grad_bias, run);
     return bn_backward_f64(geo, grad_out, x, grad_in, (const double *)save_mean,
                            (const double *)save_invstd, (const double *)weight, training,
-                           (double *)grad_weight, (double *)grad_bias, nthreads);
+                           (double *)grad_weight, (double *)grad_bias, run);
 }
 
 /* Threads OpenMP would use by default (1 in a serial build). */

@@ -30,7 +30,8 @@ static inline VD BN_FN(ld_)(const BN_T *p)
 #if BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 32
     return (VD)_mm256_cvtps_pd(_mm_loadu_ps(p));
 #elif BN_X86 && BN_T_IS_FLOAT
-    return (VD)_mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd((const double *)(const void *)p)));
+    /* two floats through an unaligned, may-alias 64-bit load (no double* punning) */
+    return (VD)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(const void *)p)));
 #else
     VT v;
     memcpy(&v, p, sizeof v);
@@ -50,7 +51,7 @@ static inline void BN_FN(st_)(BN_T *p, VD v)
 #if BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 32
     _mm_storeu_ps(p, _mm256_cvtpd_ps((__m256d)v));
 #elif BN_X86 && BN_T_IS_FLOAT
-    _mm_store_sd((double *)(void *)p, _mm_castps_pd(_mm_cvtpd_ps((__m128d)v)));
+    _mm_storel_epi64((__m128i *)(void *)p, _mm_castps_si128(_mm_cvtpd_ps((__m128d)v)));
 #else
     VT t = __builtin_convertvector(v, VT);
     memcpy(p, &t, sizeof t);
@@ -786,10 +787,10 @@ static void BN_FN(finish_block_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
             const double invstd = 1.0 / sqrt(m2 / n + k->eps);
             ((BN_T *)k->save_mean)[c] = (BN_T)mean;
             ((BN_T *)k->save_invstd)[c] = (BN_T)invstd;
-            if (rm) {
+            if (rm) { /* written back by the entry point once nothing can fail */
                 const double m = k->momentum;
-                rm[c] = (BN_T)((1.0 - m) * (double)rm[c] + m * mean);
-                rv[c] = (BN_T)((1.0 - m) * (double)rv[c] + m * (m2 / (n - 1.0)));
+                k->next_mean[c] = (1.0 - m) * (double)rm[c] + m * mean;
+                k->next_var[c] = (1.0 - m) * (double)rv[c] + m * (m2 / (n - 1.0));
             }
             k->mean[c] = mean;
             k->scale[c] = (weight ? (double)weight[c] : 1.0) * invstd;
@@ -860,12 +861,13 @@ static void BN_FN(exec_body_)(bn_context *k)
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (ptrdiff_t t = t0; t < t1; t++) BN_FN(phase_a_)(k, t);
+            for (ptrdiff_t t = t0; t < t1; t++)
+                if (!bn_stopped(k)) BN_FN(phase_a_)(k, t);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
             for (ptrdiff_t b = c0; b < c1; b += BN_FINISH_BLOCK)
-                BN_FN(finish_block_)(k, b, bn_min(c1, b + BN_FINISH_BLOCK));
+                if (!bn_flag_load(&k->stop)) BN_FN(finish_block_)(k, b, bn_min(c1, b + BN_FINISH_BLOCK));
         }
         if (apply && spans) {
             const ptrdiff_t nspan = k->geo.outer * bn_ceil_div(c1 - c0, BN_FN(span_chunk_)(k));
@@ -873,6 +875,7 @@ static void BN_FN(exec_body_)(bn_context *k)
 #pragma omp for schedule(static) nowait
 #endif
             for (ptrdiff_t t = 0; t < nspan; t++) {
+                if (bn_stopped(k)) continue;
                 if (k->op == BN_OP_BACKWARD && k->training) BN_FN(grad_span_task_)(k, c0, c1, t);
                 else BN_FN(affine_span_task_)(k, c0, c1, t);
             }
@@ -880,13 +883,16 @@ static void BN_FN(exec_body_)(bn_context *k)
 #ifdef _OPENMP
 #pragma omp for schedule(static) nowait
 #endif
-            for (ptrdiff_t t = t0; t < t1; t++) BN_FN(phase_c_)(k, t);
+            for (ptrdiff_t t = t0; t < t1; t++)
+                if (!bn_stopped(k)) BN_FN(phase_c_)(k, t);
         }
     }
 }
 
-static void BN_FN(exec_)(bn_context *k, int nthreads)
+/* Runs the op; returns BN_OK or BN_ERR_INTERRUPTED. */
+static int BN_FN(exec_)(bn_context *k)
 {
+    const int nthreads = k->run->nthreads;
     const ptrdiff_t elements = k->geo.outer * k->geo.channels * k->geo.inner;
     const size_t bytes = (size_t)elements * sizeof(BN_T);
     k->stream = bytes >= BN_STREAM_MIN_BYTES;
@@ -901,12 +907,12 @@ static void BN_FN(exec_)(bn_context *k, int nthreads)
         const int nt = k->grid.ntasks < nthreads ? (int)k->grid.ntasks : nthreads;
 #pragma omp parallel num_threads(nt)
         BN_FN(exec_body_)(k);
-        return;
-    }
+    } else
 #else
     (void)nthreads;
 #endif
     BN_FN(exec_body_)(k);
+    return k->stop ? BN_ERR_INTERRUPTED : BN_OK;
 }
 
 /* Scratch: the stack for small calls, else one malloc. */
@@ -916,23 +922,23 @@ static void BN_FN(exec_)(bn_context *k, int nthreads)
                          bn_context_doubles(&(k), (arrays)) <= BN_STACK_DOUBLES ? stack_ \
                                                                                  : NULL) \
         != 0)                                                                        \
-        return -1;
+        return BN_ERR_NOMEM;
 
 /* ---- the public entry points ------------------------------------------- */
 
 /* Per-channel Welford state of x into count/mean/m2 (length channels). */
 static inline int BN_FN(bn_moments_)(const bn_geometry *geo, bn_array x, double *count,
-                                     double *mean, double *m2, int nthreads)
+                                     double *mean, double *m2, const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x);
+    bn_context k = bn_context_new(geo, x, run);
     BN_SCRATCH(k, 1)
     k.op = BN_OP_MOMENTS;
     k.out_count = count;
     k.out_mean = mean;
     k.out_m2 = m2;
-    BN_FN(exec_)(&k, nthreads);
+    const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
-    return 0;
+    return status;
 }
 
 /* Training forward: batch statistics, running-statistics update, normalize. */
@@ -940,9 +946,9 @@ static inline int BN_FN(bn_forward_train_)(const bn_geometry *geo, bn_array x, b
                                            const BN_T *weight, const BN_T *bias,
                                            BN_T *running_mean, BN_T *running_var,
                                            double momentum, double eps, BN_T *save_mean,
-                                           BN_T *save_invstd, int nthreads)
+                                           BN_T *save_invstd, const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x);
+    bn_context k = bn_context_new(geo, x, run);
     BN_SCRATCH(k, 1)
     k.op = BN_OP_FORWARD;
     k.y = y;
@@ -954,18 +960,23 @@ static inline int BN_FN(bn_forward_train_)(const bn_geometry *geo, bn_array x, b
     k.eps = eps;
     k.save_mean = save_mean;
     k.save_invstd = save_invstd;
-    BN_FN(exec_)(&k, nthreads);
+    const int status = BN_FN(exec_)(&k);
+    if (status == BN_OK && running_mean)
+        for (ptrdiff_t c = 0; c < geo->channels; c++) {
+            running_mean[c] = (BN_T)k.next_mean[c];
+            running_var[c] = (BN_T)k.next_var[c];
+        }
     bn_context_free(&k);
-    return 0;
+    return status;
 }
 
 /* Inference: normalize with the running statistics. */
 static inline int BN_FN(bn_inference_)(const bn_geometry *geo, bn_array x, bn_array y,
                                        const BN_T *running_mean, const BN_T *running_var,
                                        const BN_T *weight, const BN_T *bias, double eps,
-                                       int nthreads)
+                                       const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x);
+    bn_context k = bn_context_new(geo, x, run);
     BN_SCRATCH(k, 0)
     k.op = BN_OP_INFERENCE;
     k.y = y;
@@ -974,9 +985,9 @@ static inline int BN_FN(bn_inference_)(const bn_geometry *geo, bn_array x, bn_ar
         k.scale[c] = (weight ? (double)weight[c] : 1.0) / sqrt((double)running_var[c] + eps);
         k.shift[c] = bias ? (double)bias[c] : 0.0;
     }
-    BN_FN(exec_)(&k, nthreads);
+    const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
-    return 0;
+    return status;
 }
 
 /* Backward.  training: the full gradient through the batch statistics;
@@ -984,9 +995,9 @@ static inline int BN_FN(bn_inference_)(const bn_geometry *geo, bn_array x, bn_ar
 static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out, bn_array x,
                                       bn_array grad_in, const BN_T *save_mean,
                                       const BN_T *save_invstd, const BN_T *weight, int training,
-                                      BN_T *grad_weight, BN_T *grad_bias, int nthreads)
+                                      BN_T *grad_weight, BN_T *grad_bias, const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x);
+    bn_context k = bn_context_new(geo, x, run);
     BN_SCRATCH(k, 1)
     k.op = BN_OP_BACKWARD;
     k.g = grad_out;
@@ -1002,9 +1013,9 @@ static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out,
         k.ax = grad_out;     /* the affine phase reads g ... */
         k.amean = k.coef_x;  /* ... with mean 0 (finish_block_ zeroes coef_x) */
     }
-    BN_FN(exec_)(&k, nthreads);
+    const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
-    return 0;
+    return status;
 }
 
 #undef BN_SCRATCH

@@ -5,7 +5,9 @@
  *   bn_forward_train_f32/_f64 training forward with running-statistics update
  *   bn_inference_f32/_f64     inference with given statistics
  *   bn_backward_f32/_f64      backward, training or frozen statistics
- * Every entry returns 0, or -1 when scratch memory could not be allocated.
+ * Every entry returns BN_OK (0), BN_ERR_NOMEM when scratch memory could not
+ * be allocated, or BN_ERR_INTERRUPTED when run->interrupted asked it to stop
+ * (see bn_run in parallel.h); on an error no running statistics change.
  * Arguments are trusted: validation belongs to the caller (bnfast's Python
  * layer).  Results are bit-identical for any nthreads. */
 #ifndef BNFAST_KERNELS_H
@@ -53,6 +55,11 @@ typedef struct {
     const double *amean;                    /* mean of the affine phase */
     bn_partials part;                       /* partial states, row-major */
     double *scratch;
+    double *next_mean, *next_var; /* running statistics, written back on success */
+    const bn_run *run;
+    int stop;          /* raised when run->interrupted asked to stop */
+    unsigned polls;    /* tasks seen by the calling thread since the last poll */
+    double last_poll;  /* bn_wtime() of the last call to run->interrupted */
     /* op arguments */
     const void *weight, *bias, *save_mean_in, *save_invstd_in;
     void *running_mean, *running_var, *save_mean, *save_invstd, *grad_weight, *grad_bias;
@@ -64,10 +71,12 @@ typedef struct {
 /* Scratch small enough for the stack: tiny calls never touch malloc. */
 #define BN_STACK_DOUBLES 1024
 
-static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x)
+static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, const bn_run *run)
 {
     bn_context k;
     memset(&k, 0, sizeof k);
+    k.run = run;
+    k.last_poll = run->interrupted ? bn_wtime() : 0.0;
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
     k.x = x;
@@ -80,7 +89,7 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x)
 static inline size_t bn_context_doubles(const bn_context *k, int partials)
 {
     const size_t C = (size_t)k->geo.channels, P = (size_t)k->grid.partial_rows;
-    return 4 * C + (partials ? 2 * P * C + 2 * P : 0);
+    return 6 * C + (partials ? 2 * P * C + 2 * P : 0);
 }
 
 /* Carve the per-channel coefficients and partials out of `buf` (of
@@ -97,9 +106,11 @@ static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
     k->scale = k->mean + C;
     k->shift = k->scale + C;
     k->coef_x = k->shift + C;
+    k->next_mean = k->coef_x + C;
+    k->next_var = k->next_mean + C;
     k->amean = k->mean;
     if (partials) {
-        k->part.mean = k->coef_x + C;
+        k->part.mean = k->next_var + C;
         k->part.m2 = k->part.mean + P * C;
         k->part.share = k->part.m2 + P * C;
         k->part.weight = k->part.share + P;
@@ -121,6 +132,20 @@ static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
         }
     }
     return 0;
+}
+
+/* Whether the call should stop: the flag, or (on the calling thread, every
+ * 16 tasks and at most every 50 ms) a fresh answer of run->interrupted. */
+static inline int bn_stopped(bn_context *k)
+{
+    if (bn_flag_load(&k->stop)) return 1;
+    if (!k->run->interrupted || bn_thread_num() != 0 || (++k->polls & 15u)) return 0;
+    const double now = bn_wtime();
+    if (now - k->last_poll < 0.05) return 0;
+    k->last_poll = now;
+    if (!k->run->interrupted(k->run->arg)) return 0;
+    bn_flag_raise(&k->stop);
+    return 1;
 }
 
 static inline void bn_context_free(bn_context *k)
@@ -247,35 +272,35 @@ static inline int bn_isa(void)
 
 #define BN_DEFINE_ENTRIES(T, sfx)                                                              \
     static inline int bn_moments_##sfx(const bn_geometry *geo, bn_array x, double *count,     \
-                                       double *mean, double *m2, int nthreads)                \
+                                       double *mean, double *m2, const bn_run *run)           \
     {                                                                                          \
-        return BN_DISPATCH(bn_moments_, sfx, (geo, x, count, mean, m2, nthreads));             \
+        return BN_DISPATCH(bn_moments_, sfx, (geo, x, count, mean, m2, run));                  \
     }                                                                                          \
     static inline int bn_forward_train_##sfx(const bn_geometry *geo, bn_array x, bn_array y,  \
                                              const T *weight, const T *bias, T *running_mean, \
                                              T *running_var, double momentum, double eps,     \
-                                             T *save_mean, T *save_invstd, int nthreads)      \
+                                             T *save_mean, T *save_invstd, const bn_run *run) \
     {                                                                                          \
         return BN_DISPATCH(bn_forward_train_, sfx,                                             \
                            (geo, x, y, weight, bias, running_mean, running_var, momentum, eps, \
-                            save_mean, save_invstd, nthreads));                                \
+                            save_mean, save_invstd, run));                                     \
     }                                                                                          \
     static inline int bn_inference_##sfx(const bn_geometry *geo, bn_array x, bn_array y,      \
                                          const T *running_mean, const T *running_var,         \
                                          const T *weight, const T *bias, double eps,          \
-                                         int nthreads)                                        \
+                                         const bn_run *run)                                   \
     {                                                                                          \
         return BN_DISPATCH(bn_inference_, sfx,                                                 \
-                           (geo, x, y, running_mean, running_var, weight, bias, eps, nthreads)); \
+                           (geo, x, y, running_mean, running_var, weight, bias, eps, run));    \
     }                                                                                          \
     static inline int bn_backward_##sfx(const bn_geometry *geo, bn_array grad_out, bn_array x, \
                                         bn_array grad_in, const T *save_mean,                  \
                                         const T *save_invstd, const T *weight, int training,   \
-                                        T *grad_weight, T *grad_bias, int nthreads)            \
+                                        T *grad_weight, T *grad_bias, const bn_run *run)       \
     {                                                                                          \
         return BN_DISPATCH(bn_backward_, sfx,                                                  \
                            (geo, grad_out, x, grad_in, save_mean, save_invstd, weight,         \
-                            training, grad_weight, grad_bias, nthreads));                      \
+                            training, grad_weight, grad_bias, run));                           \
     }
 
 BN_DEFINE_ENTRIES(float, f32)

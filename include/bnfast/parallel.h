@@ -11,6 +11,7 @@
 #define BNFAST_PARALLEL_H
 
 #include <stddef.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -43,6 +44,50 @@
 typedef struct {
     ptrdiff_t outer, channels, inner;
 } bn_geometry;
+
+/* How a call runs: its thread count, and an optional interruption check.
+ * `interrupted(arg)` is called now and then (at most every ~50 ms) by the
+ * calling thread (OpenMP thread 0) of a long kernel; when it returns nonzero
+ * the remaining tasks are skipped and the kernel returns BN_ERR_INTERRUPTED
+ * with the running statistics unchanged (outputs are then unspecified). */
+typedef struct {
+    int nthreads;
+    int (*interrupted)(void *arg);
+    void *arg;
+} bn_run;
+
+/* Status codes of the entry points. */
+#define BN_OK 0
+#define BN_ERR_NOMEM (-1)
+#define BN_ERR_INTERRUPTED (-2)
+
+/* Seconds on a monotonic clock, for pacing the interruption checks. */
+static inline double bn_wtime(void)
+{
+#ifdef _OPENMP
+    return omp_get_wtime();
+#else
+    return (double)clock() / CLOCKS_PER_SEC;
+#endif
+}
+
+static inline int bn_thread_num(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* A flag one thread raises and every thread reads while tasks run. */
+#if defined(__GNUC__) || defined(__clang__)
+#define bn_flag_load(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define bn_flag_raise(p) __atomic_store_n((p), 1, __ATOMIC_RELAXED)
+#else
+#define bn_flag_load(p) (*(volatile int *)(p))
+#define bn_flag_raise(p) (*(volatile int *)(p) = 1)
+#endif
 
 /* A strided operand: element strides of the outer and channel axes; the inner
  * stride is 1 (planar) or unused (channels-last). */

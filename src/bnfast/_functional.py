@@ -50,14 +50,62 @@ _TRANSPOSED = 3  # inner == 1, outer stride 1: planar (1, C, outer)
 
 
 # ---------------------------------------------------------------- validation
+#
+# Byte order and alignment: the kernels read native, aligned data only.  An
+# input in the other byte order (or unaligned) is read once into a native
+# copy; an array the call writes (running statistics, out=) is updated
+# through a native copy that is written back on success.  Overlap: an array
+# updated in place (the running statistics) may share memory with no other
+# argument (ValueError); out= may overlap what the call reads, which is then
+# computed into a fresh array and copied to out.
 
 
-def _float_array(x, name: str) -> np.ndarray:
+def _native(a: np.ndarray) -> bool:
+    """Whether the kernels can use ``a``'s memory as it is."""
+    return a.dtype.isnative and a.flags.aligned
+
+
+def _native_dtype(dtype: np.dtype) -> np.dtype:
+    return dtype.newbyteorder("=")
+
+
+def _float_array(x, name: str, *, native: bool = True) -> np.ndarray:
+    """``x`` as a float32/float64 ndarray; with ``native``, in memory the
+    kernels can read (converted once if it must be)."""
     if type(x) is not np.ndarray:
         x = np.asarray(x)
     if x.dtype.char not in _SUPPORTED_CHARS:
         raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
-    return x
+    return _as_native(x) if native else x
+
+
+def _as_native(x: np.ndarray) -> np.ndarray:
+    return x if _native(x) else x.astype(_native_dtype(x.dtype), order="K")
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` share memory (exactly where that is cheap to
+    decide, else conservatively)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return bool(np.shares_memory(a, b, max_work=100_000))
+    except np.exceptions.TooHardError:
+        return True
+
+
+def _check_state_aliasing(state: dict, others: dict) -> None:
+    """Arrays updated in place share memory with no other argument."""
+    names = [n for n, a in state.items() if a is not None]
+    for i, name in enumerate(names):
+        for other in names[i + 1 :]:
+            if _overlap(state[name], state[other]):
+                raise ValueError(f"{name} and {other} share memory; pass separate arrays")
+        for other, a in others.items():
+            if isinstance(a, np.ndarray) and _overlap(state[name], a):
+                raise ValueError(
+                    f"{name} shares memory with {other}; it is updated in place, so pass a separate array"
+                )
 
 
 def _channel_axis(x: np.ndarray, axis) -> int:
@@ -72,41 +120,61 @@ def _channel_axis(x: np.ndarray, axis) -> int:
     return int(axis) % x.ndim
 
 
+def _real(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    return float(value)
+
+
 def _eps(eps) -> float:
     if type(eps) is float and 0.0 <= eps < math.inf:
         return eps
-    if not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+    value = _real(eps, "eps")
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    return float(eps)
+    return value
 
 
 def _momentum(momentum) -> float:
     if type(momentum) is float and 0.0 <= momentum <= 1.0:
         return momentum
-    if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+    value = _real(momentum, "momentum")
+    if not 0.0 <= value <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
-    return float(momentum)
+    return value
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
 
 
 def _vector(v, name: str, channels: int, dtype: np.dtype) -> np.ndarray | None:
     """A read-only per-channel argument as a contiguous array of ``dtype``."""
     if v is None:
         return None
-    if type(v) is np.ndarray and v.dtype is dtype and v.shape == (channels,) and v.flags.c_contiguous:
+    if (
+        type(v) is np.ndarray
+        and v.dtype is dtype
+        and v.shape == (channels,)
+        and v.flags.c_contiguous
+        and v.flags.aligned
+    ):
         return v
     v = np.asarray(v)
     if v.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating-point array, got dtype {v.dtype}")
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
-    return np.ascontiguousarray(v, dtype=dtype)
+    return np.require(v, dtype=dtype, requirements=["C", "A"])
 
 
 def _state_vector(v, name: str, channels: int, dtype: np.dtype) -> np.ndarray:
     """A per-channel buffer updated in place (running statistics)."""
     if not isinstance(v, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray updated in place, got {type(v).__name__}")
-    if v.dtype != dtype:
+    if _native_dtype(v.dtype) != dtype:  # either byte order
         raise TypeError(f"{name} must have the dtype of the input ({dtype}), got {v.dtype}")
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
@@ -122,7 +190,7 @@ def _check_out(out, x: np.ndarray, name: str = "out") -> None:
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != x.shape:
         raise ValueError(f"{name} must have shape {x.shape}, got {out.shape}")
-    if out.dtype != x.dtype:
+    if _native_dtype(out.dtype) != _native_dtype(x.dtype):  # either byte order
         raise ValueError(f"{name} must have dtype {x.dtype}, got {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
@@ -248,19 +316,28 @@ def _input(plan: _Plan, a: np.ndarray):
     return copy, strides
 
 
-def _output(plan: _Plan, out: np.ndarray | None, inputs):
-    """Where the kernel writes: ``out`` itself when its strides fit and it
-    overlaps no input except as that very array (element for element, which
-    every kernel allows), else a fresh array copied to ``out`` afterwards."""
-    if out is not None:
+def _output(plan: _Plan, out: np.ndarray | None, inputs, others=()):
+    """Where the kernel writes: ``out`` itself when it is native, its strides
+    fit and it overlaps no input except as that very array (element for
+    element, which every kernel allows) and none of ``others`` (per-channel
+    arguments) at all, else a fresh array copied to ``out`` afterwards."""
+    if out is not None and _native(out):
         strides = _fit(plan, out)
-        if strides is not None and all(out is a or not np.may_share_memory(out, a) for a in inputs):
+        if (
+            strides is not None
+            and all(out is a or not np.may_share_memory(out, a) for a in inputs)
+            and not any(a is not None and np.may_share_memory(out, a) for a in others)
+        ):
             return out, strides
     return _fresh(plan)
 
 
-def _contiguous(a: np.ndarray | None) -> np.ndarray | None:
-    return a if a is None or a.flags.c_contiguous else a.copy()
+def _state_buffer(a: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
+    """An array the kernel may update in place for the state array ``a``:
+    ``a`` itself, or a contiguous native copy written back on success."""
+    if a is None or (a.flags.c_contiguous and _native(a)):
+        return a
+    return np.ascontiguousarray(a, dtype=dtype)
 
 
 def _finish(target: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -339,6 +416,7 @@ def batch_norm_forward(
     done = _kernels.try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out)
     if done is not None:
         return done
+    source = x
     x = _float_array(x, "x")
     ax = _channel_axis(x, axis)
     channels = x.shape[ax]
@@ -351,6 +429,11 @@ def batch_norm_forward(
         running_var = _state_vector(running_var, "running_var", channels, x.dtype)
     momentum, eps = _momentum(momentum), _eps(eps)
     _check_out(out, x)
+    if running_mean is not None:
+        _check_state_aliasing(
+            {"running_mean": running_mean, "running_var": running_var},
+            {"x": source, "weight": weight, "bias": bias, "out": out},
+        )
     per_channel = x.size // channels if channels else math.prod(x.shape[:ax] + x.shape[ax + 1 :])
     if per_channel == 0:
         raise ValueError(f"cannot compute batch statistics of an empty batch (input shape {x.shape})")
@@ -364,10 +447,9 @@ def batch_norm_forward(
     if channels == 0:
         return (out if out is not None else np.empty_like(x)), save_mean, save_invstd
     plan = _plan(x, ax)
-    y, ys = _output(plan, out, (plan.x,))
-    # non-contiguous running buffers are updated through a copy, written back on success
-    rm = _contiguous(running_mean)
-    rv = _contiguous(running_var)
+    y, ys = _output(plan, out, (plan.x,), (weight, bias))
+    rm = _state_buffer(running_mean, x.dtype)
+    rv = _state_buffer(running_var, x.dtype)
     _kernels.forward_train(
         plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd
     )
@@ -426,7 +508,7 @@ def batch_norm_inference(
     if x.size == 0:
         return out if out is not None else np.empty_like(x)
     plan = _plan(x, ax)
-    y, ys = _output(plan, out, (plan.x,))
+    y, ys = _output(plan, out, (plan.x,), (running_mean, running_var, weight, bias))
     _kernels.inference(plan.shape, plan.x, plan.xs, y, ys, running_mean, running_var, weight, bias, eps)
     return _finish(y, out)
 
@@ -482,7 +564,7 @@ def batch_norm_backward(
     ax = _channel_axis(x, axis)
     if grad_out.shape != x.shape:
         raise ValueError(f"grad_out must have the shape of x {x.shape}, got {grad_out.shape}")
-    if grad_out.dtype != x.dtype:
+    if grad_out.dtype != x.dtype:  # both native now
         raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
     channels = x.shape[ax]
     save_mean = _vector(save_mean, "save_mean", channels, x.dtype)
@@ -490,6 +572,7 @@ def batch_norm_backward(
     if save_mean is None or save_invstd is None:
         raise ValueError("save_mean and save_invstd are required")
     weight = _vector(weight, "weight", channels, x.dtype)
+    training = _flag(training, "training")
     _check_out(out, x)
     grad_weight = np.zeros(channels, x.dtype)
     grad_bias = np.zeros(channels, x.dtype)
@@ -498,10 +581,10 @@ def batch_norm_backward(
         return grad_in, grad_weight, grad_bias
     plan = _plan(x, ax)
     g, gs = _input(plan, grad_out)
-    grad_in, gis = _output(plan, out, (plan.x, g))
+    grad_in, gis = _output(plan, out, (plan.x, g), (save_mean, save_invstd, weight))
     _kernels.backward(
         plan.shape, g, gs, plan.x, plan.xs, grad_in, gis,
-        save_mean, save_invstd, weight, bool(training), grad_weight, grad_bias,
+        save_mean, save_invstd, weight, training, grad_weight, grad_bias,
     )  # fmt: skip
     return _finish(grad_in, out), grad_weight, grad_bias
 
@@ -547,7 +630,7 @@ def batch_norm(
     --------
     batch_norm_forward, batch_norm_inference
     """
-    if training:
+    if _flag(training, "training"):
         y, _, _ = batch_norm_forward(
             x, weight, bias, running_mean, running_var, momentum=momentum, eps=eps, axis=axis, out=out
         )
@@ -574,8 +657,10 @@ def moments(x, *, axis=1) -> Moments:
     Moments
         ``count`` (int64), ``mean`` and ``m2`` (float64), each of shape (C,).
     """
-    x = _float_array(x, "x")
+    x = _float_array(x, "x", native=False)
     ax = _channel_axis(x, axis)
+    x, repeats = _unbroadcast(x, ax)
+    x = _as_native(x)
     channels = x.shape[ax]
     count = np.zeros(channels, np.float64)
     mean = np.zeros(channels, np.float64)
@@ -583,7 +668,23 @@ def moments(x, *, axis=1) -> Moments:
     if x.size:
         plan = _plan(x, ax)
         _kernels.moments(plan.shape, plan.x, plan.xs, count, mean, m2)
+    if repeats != 1:  # the state of `repeats` copies of the same values
+        count *= repeats
+        m2 *= repeats
     return Moments(count.astype(np.int64), mean, m2)
+
+
+def _unbroadcast(x: np.ndarray, axis: int):
+    """``x`` without its repeated (stride-0) non-channel axes, and how many
+    times the rest repeats: statistics need one pass over distinct data."""
+    index, repeats = [], 1
+    for i, (n, s) in enumerate(zip(x.shape, x.strides)):
+        if i != axis and s == 0 and n > 1:
+            index.append(slice(0, 1))
+            repeats *= n
+        else:
+            index.append(slice(None))
+    return (x[tuple(index)], repeats) if repeats != 1 else (x, 1)
 
 
 # ------------------------------------------------------------------- threads
@@ -598,15 +699,31 @@ def set_num_threads(n) -> None:
         ``None`` restores the default: OpenMP's, which follows
         ``OMP_NUM_THREADS`` and threadpoolctl limits.
 
+    Raises
+    ------
+    TypeError
+        ``n`` is not an integer (or None).
+    ValueError
+        ``n`` is outside ``[1, 4 * os.cpu_count()]``: more threads than that
+        only oversubscribe the CPUs (and tens of thousands make OpenMP fail).
+
     Notes
     -----
-    Results are bit-identical for any thread count.
+    Results are bit-identical for any thread count.  An OpenMP default
+    (``OMP_NUM_THREADS``) above the bound is capped to it.  In a child made by
+    ``os.fork()`` (e.g. a ``multiprocessing`` worker with the 'fork' start
+    method) kernels always run on one thread, and asking for more warns:
+    OpenMP's threads do not survive ``fork``, and a parallel call would hang.
+    Use the 'spawn' or 'forkserver' start method for parallel workers.
     """
     if n is None:
         _kernels.set_num_threads(0)
         return
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"number of threads must be an integer >= 1 or None, got {n!r}")
+    if not isinstance(n, numbers.Integral) or isinstance(n, (bool, np.bool_)):
+        raise TypeError(f"number of threads must be an integer or None, got {n!r}")
+    limit = _kernels.max_threads()
+    if not 1 <= n <= limit:
+        raise ValueError(f"number of threads must be in [1, {limit}] (4 per CPU) or None, got {n!r}")
     _kernels.set_num_threads(int(n))
 
 

@@ -11,6 +11,7 @@ import warnings
 
 cimport numpy as cnp
 from libc.math cimport isfinite
+from cpython.exc cimport PyErr_Occurred
 
 cnp.import_array()
 
@@ -26,13 +27,22 @@ cdef extern from "bnfast/bnfast.h" nogil:
     ctypedef enum bn_dtype:
         BN_FLOAT32
         BN_FLOAT64
-    int bn_moments(bn_dtype, const bn_geometry *, bn_array, double *, double *, double *, int)
+    ctypedef struct bn_run:
+        int nthreads
+        int (*interrupted)(void *) noexcept nogil
+        void *arg
+    int BN_OK
+    int BN_ERR_NOMEM
+    int BN_ERR_INTERRUPTED
+    int bn_moments(bn_dtype, const bn_geometry *, bn_array, double *, double *, double *,
+                   const bn_run *)
     int bn_forward_train(bn_dtype, const bn_geometry *, bn_array, bn_array, const void *,
-                         const void *, void *, void *, double, double, void *, void *, int)
+                         const void *, void *, void *, double, double, void *, void *,
+                         const bn_run *)
     int bn_inference(bn_dtype, const bn_geometry *, bn_array, bn_array, const void *,
-                     const void *, const void *, const void *, double, int)
+                     const void *, const void *, const void *, double, const bn_run *)
     int bn_backward(bn_dtype, const bn_geometry *, bn_array, bn_array, bn_array, const void *,
-                    const void *, const void *, int, void *, void *, int)
+                    const void *, const void *, int, void *, void *, const bn_run *)
     int bn_default_threads()
     int bn_openmp_enabled()
     const char *bn_simd_compiled()
@@ -44,18 +54,55 @@ cdef extern from "bnfast/bnfast.h" nogil:
     int BN_ISA_BASELINE
     int BN_ISA_AVX2
 
+cdef extern from "Python.h":
+    int PyErr_CheckSignals()  # no `except`: a raised KeyboardInterrupt stays pending
+    unsigned long PyThread_get_thread_ident() nogil
+
 cdef int _num_threads = 0  # 0: follow OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
+# set_num_threads' bound: oversubscription past a few threads per CPU only
+# slows a call down, and tens of thousands make libgomp fail or crash
+cdef int _max_threads = 4 * (os.cpu_count() or 1)
+cdef bint _forked_child = False  # set in a fork() child: it runs serially
+cdef unsigned long _main_thread = PyThread_get_thread_ident()  # the thread Python signals reach
 
 
 def set_num_threads(int n):
-    """Use ``n`` threads in every kernel; 0 restores OpenMP's default."""
+    """Use ``n`` threads in every kernel; 0 restores OpenMP's default.  The
+    caller (bnfast._functional) checks 0 <= n <= max_threads()."""
     global _num_threads
     _num_threads = n
+    if _forked_child and n != 1:
+        warnings.warn("bnfast runs serially in a process made by fork(): OpenMP's threads do "
+                      "not survive fork (a parallel call would hang); use the 'spawn' or "
+                      "'forkserver' multiprocessing start method for parallel workers",
+                      RuntimeWarning, stacklevel=2)
+
+
+def forked_child():
+    """Whether this process was made by fork() after bnfast was imported."""
+    return bool(_forked_child)
 
 
 def get_num_threads():
     """Threads the next kernel call will use."""
-    return _num_threads if _num_threads > 0 else bn_default_threads()
+    return _threads()
+
+
+def max_threads():
+    """The largest thread count set_num_threads accepts."""
+    return _max_threads
+
+
+def _after_fork_in_child():
+    """os.register_at_fork hook: GNU OpenMP's thread pool does not survive
+    fork() (a parallel region in the child waits for threads that do not
+    exist), so the child runs every kernel on its own thread."""
+    global _forked_child, _main_thread
+    _forked_child = True
+    _main_thread = PyThread_get_thread_ident()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def openmp_enabled():
@@ -110,8 +157,39 @@ def _select_isa_from_environment():
 _select_isa_from_environment()
 
 
-cdef inline int _threads():
-    return _num_threads if _num_threads > 0 else bn_default_threads()
+cdef inline int _threads() noexcept:
+    if _forked_child:
+        return 1
+    cdef int n = _num_threads if _num_threads > 0 else bn_default_threads()
+    return n if n <= _max_threads else _max_threads
+
+
+# Calls of at least this many elements check for Ctrl-C while they run.
+cdef Py_ssize_t _INTERRUPTIBLE_ELEMS = 1 << 22
+
+
+cdef int _signals_pending() noexcept:
+    # PyErr_CheckSignals runs Python's handlers; a KeyboardInterrupt they raise
+    # stays set in this thread until _check re-raises it after the kernel.
+    return PyErr_CheckSignals() != 0
+
+
+cdef int _interrupted(void *arg) noexcept nogil:
+    with gil:
+        return _signals_pending()
+
+
+cdef inline bn_run _run_config(const bn_geometry *geo) noexcept:
+    """Thread count and, for long calls on the main thread (the only one
+    Python's signal handlers run in), the Ctrl-C check."""
+    cdef bn_run run
+    run.nthreads = _threads()
+    run.interrupted = NULL
+    run.arg = NULL
+    if (geo.outer * geo.channels * geo.inner >= _INTERRUPTIBLE_ELEMS
+            and PyThread_get_thread_ident() == _main_thread):
+        run.interrupted = _interrupted
+    return run
 
 
 cdef inline bn_dtype _dtype_of(cnp.ndarray a):
@@ -137,7 +215,11 @@ cdef inline bn_geometry _geometry(tuple shape):
 
 
 cdef inline int _check(int status) except -1:
-    if status != 0:
+    if status == BN_ERR_INTERRUPTED:
+        if PyErr_Occurred():
+            return -1  # the pending KeyboardInterrupt (or a handler's exception)
+        raise KeyboardInterrupt
+    if status != BN_OK:
         raise MemoryError("bnfast: could not allocate kernel scratch memory")
     return 0
 
@@ -153,9 +235,10 @@ cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y
     cdef void *prv = _data(running_var)
     cdef void *psm = cnp.PyArray_DATA(save_mean)
     cdef void *psi = cnp.PyArray_DATA(save_invstd)
-    cdef int nt = _threads(), status
+    cdef bn_run run = _run_config(&geo)
+    cdef int status
     with nogil:
-        status = bn_forward_train(dt, &geo, x, y, pw, pb, prm, prv, momentum, eps, psm, psi, nt)
+        status = bn_forward_train(dt, &geo, x, y, pw, pb, prm, prv, momentum, eps, psm, psi, &run)
     return _check(status)
 
 
@@ -165,9 +248,10 @@ cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, ob
     cdef void *prv = _data(running_var)
     cdef void *pw = _data(weight)
     cdef void *pb = _data(bias)
-    cdef int nt = _threads(), status
+    cdef bn_run run = _run_config(&geo)
+    cdef int status
     with nogil:
-        status = bn_inference(dt, &geo, x, y, prm, prv, pw, pb, eps, nt)
+        status = bn_inference(dt, &geo, x, y, prm, prv, pw, pb, eps, &run)
     return _check(status)
 
 
@@ -179,9 +263,10 @@ cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array
     cdef void *pw = _data(weight)
     cdef void *pgw = cnp.PyArray_DATA(grad_weight)
     cdef void *pgb = cnp.PyArray_DATA(grad_bias)
-    cdef int nt = _threads(), status
+    cdef bn_run run = _run_config(&geo)
+    cdef int status
     with nogil:
-        status = bn_backward(dt, &geo, grad_out, x, grad_in, psm, psi, pw, training, pgw, pgb, nt)
+        status = bn_backward(dt, &geo, grad_out, x, grad_in, psm, psi, pw, training, pgw, pgb, &run)
     return _check(status)
 
 
@@ -194,9 +279,10 @@ def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray
     cdef double *pc = <double *>cnp.PyArray_DATA(count)
     cdef double *pm = <double *>cnp.PyArray_DATA(mean)
     cdef double *pm2 = <double *>cnp.PyArray_DATA(m2)
-    cdef int nt = _threads(), status
+    cdef bn_run run = _run_config(&geo)
+    cdef int status
     with nogil:
-        status = bn_moments(dt, &geo, xa, pc, pm, pm2, nt)
+        status = bn_moments(dt, &geo, xa, pc, pm, pm2, &run)
     _check(status)
 
 
@@ -224,9 +310,10 @@ def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple x
 # ---- fast path: calls whose arguments are already canonical -------------
 #
 # The functional API offers every call here first.  These functions only
-# recognize the common case -- C-contiguous, aligned float32/float64 arrays of
-# matching dtype and shape, Python floats in range, a canonical out= that is
-# the input or overlaps no input -- and return None
+# recognize the common case -- C-contiguous, aligned, native-byte-order
+# float32/float64 arrays of matching dtype and shape, Python floats in range,
+# running statistics that overlap nothing, a canonical out= that is the input
+# or overlaps no other argument -- and return None
 # for anything else, which bnfast._functional then validates (and reports) in
 # full.  They never raise for bad input: errors have one home.
 
@@ -241,7 +328,7 @@ cdef inline int _canonical_float(object a):
     cdef int t = cnp.PyArray_TYPE(arr)
     if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
         return -1
-    if (cnp.PyArray_FLAGS(arr) & _CANONICAL) != _CANONICAL:
+    if (cnp.PyArray_FLAGS(arr) & _CANONICAL) != _CANONICAL or not cnp.PyArray_ISNOTSWAPPED(arr):
         return -1
     return t
 
@@ -262,9 +349,9 @@ cdef inline bint _optional_vector(object v, int t, Py_ssize_t channels):
 
 cdef inline bint _contiguous_geometry(cnp.ndarray x, object axis, bn_geometry *geo):
     """(outer, C, inner) of a C-contiguous ``x`` around ``axis``; False if unusual."""
-    if type(axis) is not int:
-        return False
     cdef int nd = cnp.PyArray_NDIM(x)
+    if type(axis) is not int or not -nd <= axis < nd:  # compared as Python ints: no overflow
+        return False
     cdef long ax = axis
     if ax < 0:
         ax += nd
@@ -302,10 +389,20 @@ cdef inline bint _disjoint(cnp.ndarray a, cnp.ndarray b):
     return pa + cnp.PyArray_NBYTES(a) <= pb or pb + cnp.PyArray_NBYTES(b) <= pa
 
 
+cdef inline bint _disjoint_from(object a, object b, object c, object d, object e):
+    """Whether the canonical array ``a`` overlaps none of the canonical arrays
+    (or Nones) ``b``..``e``."""
+    for other in (b, c, d, e):
+        if other is not None and not _disjoint(<cnp.ndarray>a, <cnp.ndarray>other):
+            return False
+    return True
+
+
 cdef object _result(object out, cnp.ndarray x, int t, object other):
     """Where a canonical call writes its full-size result: a new array when
     ``out`` is None, ``out`` itself when it is canonical, writable, of x's
-    shape and is ``x``/``other`` or overlaps neither, else None (decline)."""
+    shape and is ``x``/``other`` or overlaps neither, else None (decline).
+    (The caller also declines an ``out`` that overlaps a per-channel argument.)"""
     if out is None:
         return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, 0)
     if _canonical_float(out) != t:
@@ -337,12 +434,15 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         if running_var is not None:
             return None
     elif not (_channel_vector(running_mean, t, geo.channels, True)
-              and _channel_vector(running_var, t, geo.channels, True)):
+              and _channel_vector(running_var, t, geo.channels, True)
+              and _disjoint_from(running_mean, running_var, x, weight, bias)
+              and _disjoint_from(running_var, x, weight, bias, out)
+              and (out is None or _disjoint(<cnp.ndarray>running_mean, <cnp.ndarray>out))):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.npy_intp channels = geo.channels
     result = _result(out, xa, t, None)
-    if result is None:
+    if result is None or (out is not None and not _disjoint_from(out, weight, bias, None, None)):
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     cdef cnp.ndarray save_mean = cnp.PyArray_EMPTY(1, &channels, t, 0)
@@ -364,7 +464,8 @@ def try_inference(x, running_mean, running_var, weight, bias, eps, axis, out=Non
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     result = _result(out, xa, t, None)
-    if result is None:
+    if result is None or (out is not None
+                          and not _disjoint_from(out, running_mean, running_var, weight, bias)):
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     _run_inference(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
@@ -390,7 +491,8 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
         return None
     cdef cnp.npy_intp channels = geo.channels
     result = _result(out, xa, t, grad_out)
-    if result is None:
+    if result is None or (out is not None
+                          and not _disjoint_from(out, save_mean, save_invstd, weight, None)):
         return None
     cdef cnp.ndarray grad_in = <cnp.ndarray>result
     cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, t, 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -22,8 +24,10 @@ def fold_batch_norm(
     in eval mode, ``y = (z - running_mean) * s + beta`` with
     ``s = gamma / sqrt(running_var + eps)``, so the single layer with
     ``W' = W * s`` (scaled along the output-channel axis) and
-    ``b' = (b - running_mean) * s + beta`` gives the same ``y``.  The running
-    statistics are used whatever ``bn.training`` is; ``gamma = 1`` when
+    ``b' = (b - running_mean) * s + beta`` gives the same ``y``.  ``bn``
+    must be in eval mode, as for PyTorch's ``fuse_conv_bn_eval``: in training
+    mode it normalizes with batch statistics, which no fixed layer reproduces.
+    ``gamma = 1`` when
     ``bn.affine`` is false and ``beta = 0`` when ``bn.bias`` is None.  The
     arithmetic is done in float64 and the results are cast to ``weight``'s
     dtype.  The inputs are not modified.
@@ -46,8 +50,8 @@ def fold_batch_norm(
     bias : array_like or None
         Bias of the preceding layer, shape ``(out,)``; None counts as zeros.
     bn : BatchNorm
-        A bnfast BatchNorm layer with ``track_running_stats=True`` and
-        ``num_features == weight.shape[axis]``.
+        A bnfast BatchNorm layer in eval mode with ``track_running_stats=True``
+        and ``num_features == weight.shape[axis]``.
     axis : int, default 0
         Axis of ``weight`` that indexes the output channels.
 
@@ -61,10 +65,12 @@ def fold_batch_norm(
     Raises
     ------
     TypeError
-        ``bn`` is not a bnfast BatchNorm, or ``weight`` is not floating point.
+        ``bn`` is not a bnfast BatchNorm, ``bn.eps`` is not a real number, or
+        ``weight`` is not floating point.
     ValueError
-        ``bn`` has no running statistics, ``axis`` is out of range, or the
-        shapes of ``weight``/``bias`` do not match ``bn.num_features``.
+        ``bn`` is in training mode or has no running statistics, ``bn.eps``
+        is negative or not finite, ``axis`` is out of range, or the shapes of
+        ``weight``/``bias`` do not match ``bn.num_features``.
 
     Examples
     --------
@@ -83,6 +89,15 @@ def fold_batch_norm(
             "cannot fold a BatchNorm with track_running_stats=False: it always normalizes "
             "with batch statistics"
         )
+    if bn.training:
+        raise ValueError(
+            "cannot fold a BatchNorm in training mode: it normalizes with batch statistics; "
+            "call bn.eval() first"
+        )
+    if isinstance(bn.eps, (bool, np.bool_)) or not isinstance(bn.eps, numbers.Real):
+        raise TypeError(f"bn.eps must be a real number (got {bn.eps!r})")
+    if not (math.isfinite(bn.eps) and bn.eps >= 0):
+        raise ValueError(f"bn.eps must be a finite number >= 0 (got {bn.eps!r})")
     w = np.asarray(weight)
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"weight must be a floating-point array (got dtype {w.dtype})")
@@ -105,8 +120,6 @@ def fold_batch_norm(
         if b.dtype.kind not in "iuf":
             raise TypeError(f"bias must be a real numeric array (got dtype {b.dtype})")
         b = b.astype(np.float64)
-    if not float(bn.eps) >= 0:
-        raise ValueError(f"bn.eps must be >= 0 (got {bn.eps})")
     assert bn.running_mean is not None and bn.running_var is not None
     mean = bn.running_mean.astype(np.float64)
     var = bn.running_var.astype(np.float64)

@@ -66,6 +66,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _check_batch_count(value: np.ndarray, where: str) -> None:
+    """``num_batches_tracked`` is a count: an integer in [0, 2**63 - 1]."""
+    if value.dtype.kind not in "iu":
+        raise TypeError(f"{where} must be an integer array (got dtype {value.dtype})")
+    if value.size and not (0 <= int(value.min()) and int(value.max()) <= _INT64_MAX):
+        raise ValueError(f"{where} must be in [0, 2**63 - 1] (got {value!r})")
+
+
 class BatchNorm:
     """Batch normalization over the channel axis of an input of any rank >= 2.
 
@@ -309,6 +320,8 @@ class BatchNorm:
 
     @num_batches_tracked.setter
     def num_batches_tracked(self, value: Any) -> None:
+        if self._num_batches_tracked is not None:
+            _check_batch_count(np.asarray(value), "num_batches_tracked")
         self._set_array(self._num_batches_tracked, value, "num_batches_tracked")
 
     # ------------------------------------------------------------------ modes
@@ -363,7 +376,8 @@ class BatchNorm:
     def _check_input(self, x: Any) -> np.ndarray:
         x = np.asarray(x)
         self._check_rank(x.ndim)
-        if x.dtype != self._dtype and x.dtype in _FLOAT_DTYPES:
+        native = x.dtype.newbyteorder("=")  # either byte order is fine
+        if native != self._dtype and native in _FLOAT_DTYPES:
             raise TypeError(
                 f"{type(self).__name__} has {self._dtype} parameters but the input is {x.dtype}; "
                 f"convert the input with x.astype(np.{self._dtype}) or create the layer with "
@@ -410,6 +424,11 @@ class BatchNorm:
             if self.training and self._track_running_stats:
                 assert self._num_batches_tracked is not None
                 count = int(self._num_batches_tracked) + 1
+                if count < 1:
+                    raise ValueError(
+                        f"num_batches_tracked must be >= 0 (got {count - 1}); reset it with "
+                        "reset_running_stats()"
+                    )
                 factor = 1.0 / count if self.momentum is None else self.momentum
                 y, mean, invstd = batch_norm_forward(
                     x, w, b, self._running_mean, self._running_var,
@@ -591,10 +610,7 @@ class BatchNorm:
             except Exception as exc:  # e.g. a torch tensor that requires grad
                 raise TypeError(f"state_dict[{key!r}] cannot be converted to a NumPy array: {exc}") from exc
             if key == "num_batches_tracked":
-                if value.dtype.kind not in "iu":
-                    raise TypeError(
-                        f"state_dict['num_batches_tracked'] must be an integer array (got dtype {value.dtype})"
-                    )
+                _check_batch_count(value, "state_dict['num_batches_tracked']")
             elif value.dtype.kind not in "biuf":
                 raise TypeError(f"state_dict[{key!r}] must be a real numeric array (got dtype {value.dtype})")
             if value.shape != target.shape:
