@@ -3,9 +3,12 @@
 Environment:
     BNFAST_NATIVE=1      add -march=native (fastest on this machine, not portable)
     BNFAST_NO_OPENMP=1   build the serial kernels even where OpenMP is available
+    CFLAGS, LDFLAGS      honoured, the OpenMP probe included (e.g. a sanitizer
+                         build); an -O level in CFLAGS replaces the default -O3
 """
 
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -20,15 +23,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
 
 
+def _user_flags(name):
+    return shlex.split(os.environ.get(name, ""))
+
+
 def _compiles_with(compiler, flags):
-    """Whether a tiny OpenMP program compiles and links with ``flags``."""
+    """Whether a tiny OpenMP program compiles and links with ``flags`` and the
+    user's CFLAGS/LDFLAGS (which the extension itself is built with)."""
     tmp = tempfile.mkdtemp(prefix="bnfast-omp-")
     try:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
             f.write("#include <omp.h>\nint main(void){int n=0;\n#pragma omp parallel reduction(+:n)\nn+=1;\nreturn n>0?0:1;}\n")
         objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
-        compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=flags)
+        link_flags = flags + _user_flags("CFLAGS") + _user_flags("LDFLAGS")
+        compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=link_flags)
         return True
     except Exception:
         return False
@@ -44,13 +53,16 @@ class BuildExt(build_ext):
         if ctype == "msvc":
             cflags, omp = ["/O2"], ["/openmp"]
         else:
-            cflags = ["-O3", "-std=c11", "-fno-math-errno", "-ffp-contract=fast"]
+            # the user's -O level wins (extra args come after CFLAGS on the command line)
+            optimize = [] if any(f.startswith("-O") for f in _user_flags("CFLAGS")) else ["-O3"]
+            cflags = optimize + ["-std=c11", "-fno-math-errno", "-ffp-contract=fast"]
             omp = ["-fopenmp"]
             if os.environ.get("BNFAST_NATIVE") == "1":
                 cflags.append("-march=native")
-        use_omp = os.environ.get("BNFAST_NO_OPENMP") != "1" and _compiles_with(self.compiler, omp)
-        if not use_omp:
-            warnings.warn("bnfast: OpenMP not available; building serial kernels", stacklevel=1)
+        serial_asked = os.environ.get("BNFAST_NO_OPENMP") == "1"
+        if serial_asked or not _compiles_with(self.compiler, omp):
+            if not serial_asked:
+                warnings.warn("bnfast: OpenMP not available; building serial kernels", stacklevel=1)
             omp = []
         for ext in self.extensions:
             ext.extra_compile_args = cflags + omp

@@ -337,7 +337,7 @@ def _state_buffer(a: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
     ``a`` itself, or a contiguous native copy written back on success."""
     if a is None or (a.flags.c_contiguous and _native(a)):
         return a
-    return np.ascontiguousarray(a, dtype=dtype)
+    return np.array(a, dtype=dtype, order="C", copy=True)  # a fresh array is aligned
 
 
 def _finish(target: np.ndarray, out: np.ndarray | None) -> np.ndarray:
