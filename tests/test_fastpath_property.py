@@ -62,7 +62,7 @@ FIELDS = {
     "momentum": (0.1, 0.0, 1.0, 1.5, -0.1, True, float("nan"), np.float32(0.25), 1, "0.1"),
     "eps": (1e-5, 0.0, -1.0, True, float("inf"), np.float64(1e-3), 2, None),
     "out": ("none", "fresh", "x", "g", "swapped", "strided", "unaligned", "other-dtype",
-            "readonly", "over-running", "over-weight", "wrong-shape"),
+            "readonly", "over-running", "over-weight", "wrong-shape", "string", "list"),
     "training": (True, False, np.bool_(True), "no", None, 1),
 }
 
@@ -152,6 +152,10 @@ def _build(r):
             w[...] = w0
     elif kind == "wrong-shape":
         out = np.full(shape + (1,), 7.0, dt)
+    elif kind == "string":
+        out = "out"
+    elif kind == "list":
+        out = np.full(shape, 7.0, dt).tolist()
 
     op = r["op"]
     momentum, eps, training = r["momentum"], r["eps"], r["training"]

@@ -436,13 +436,13 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     elif not (_channel_vector(running_mean, t, geo.channels, True)
               and _channel_vector(running_var, t, geo.channels, True)
               and _disjoint_from(running_mean, running_var, x, weight, bias)
-              and _disjoint_from(running_var, x, weight, bias, out)
-              and (out is None or _disjoint(<cnp.ndarray>running_mean, <cnp.ndarray>out))):
+              and _disjoint_from(running_var, x, weight, bias, None)):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.npy_intp channels = geo.channels
-    result = _result(out, xa, t, None)
-    if result is None or (out is not None and not _disjoint_from(out, weight, bias, None, None)):
+    result = _result(out, xa, t, None)  # out is a canonical array from here on, or None
+    if result is None or (out is not None
+                          and not _disjoint_from(out, weight, bias, running_mean, running_var)):
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     cdef cnp.ndarray save_mean = cnp.PyArray_EMPTY(1, &channels, t, 0)
