@@ -15,6 +15,18 @@ import bnfast
 from bnfast import _kernels
 
 THREADS = (1, 2, 3, 4)
+_SHORT = {"AVX2+FMA": "avx2", "AVX-512": "avx512"}  # simd_in_use() -> select_isa() name
+
+
+@pytest.fixture(params=["baseline", "avx2", "avx512"])
+def isa(request):
+    """Run the test with each kernel variant this CPU and build have."""
+    if request.param not in _kernels.simd_available():
+        pytest.skip(f"{request.param} kernels are not available on this CPU or build")
+    before = _SHORT.get(_kernels.simd_in_use(), "baseline")
+    _kernels.select_isa(request.param)
+    yield request.param
+    _kernels.select_isa(before)
 
 # (NCHW-order shape, layout); NHWC arrays are the channels-last transpose.
 SHAPES = [
@@ -64,7 +76,7 @@ def _all_outputs(x, g, w, b, axis):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape,layout", SHAPES, ids=[f"{s}-{l}" for s, l in SHAPES])
-def test_bit_identical_across_thread_counts(shape, layout, dtype):
+def test_bit_identical_across_thread_counts(shape, layout, dtype, isa):
     rng = np.random.default_rng(sum(shape))
     x, axis = _layout((rng.standard_normal(shape) * 2 + 3).astype(dtype), layout)
     g, _ = _layout(rng.standard_normal(shape).astype(dtype), layout)
@@ -81,7 +93,7 @@ def test_bit_identical_across_thread_counts(shape, layout, dtype):
             assert np.array_equal(a, ref, equal_nan=True), f"{name} differs with {n} threads vs 1"
 
 
-def test_bit_identical_with_large_offset_and_strided_input():
+def test_bit_identical_with_large_offset_and_strided_input(isa):
     rng = np.random.default_rng(7)
     base = (1e5 + rng.standard_normal((6, 40, 33, 29))).astype(np.float32)
     x = base[:, ::2, :, ::-1]  # strided, negative strides
@@ -108,7 +120,7 @@ def test_same_isa_selection_is_stable():
             bnfast.set_num_threads(3)
             assert np.array_equal(bnfast.batch_norm_forward(x)[0], first)
     finally:
-        _kernels.select_isa("avx2" if before == "AVX2+FMA" else "baseline")
+        _kernels.select_isa(_SHORT.get(before, "baseline"))
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])

@@ -17,6 +17,15 @@ import pytest
 import bnfast
 from bnfast import _kernels
 
+# BNFAST_FORCE_ISA name -> simd_in_use() name; "baseline" is the build's own
+NAMES = {"avx2": "AVX2+FMA", "avx512": "AVX-512"}
+SHORT = {v: k for k, v in NAMES.items()}
+
+
+def _short_name(in_use: str) -> str:
+    return SHORT.get(in_use, "baseline")
+
+
 _CHECK = textwrap.dedent(
     r"""
     import json, sys
@@ -83,12 +92,12 @@ def _run(isa: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_each_variant_matches_reference(isa):
     if isa not in _kernels.simd_available():
         pytest.skip(f"{isa} kernels are not available on this CPU or build")
     result = _run(isa)
-    expected = "AVX2+FMA" if isa == "avx2" else _kernels.simd_compiled().split(",")[0]
+    expected = NAMES.get(isa, _kernels.simd_compiled().split(",")[0])
     assert result["in_use"] == expected
 
 
@@ -96,8 +105,9 @@ def test_default_is_best_available():
     env = {k: v for k, v in os.environ.items() if k != "BNFAST_FORCE_ISA"}
     code = "from bnfast import _kernels; print(_kernels.simd_in_use())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    best = "AVX2+FMA" if "avx2" in _kernels.simd_available() else _kernels.simd_compiled().split(",")[0]
-    assert out.stdout.strip() == best
+    available = _kernels.simd_available()
+    best = next((NAMES[n] for n in ("avx512", "avx2") if n in available), None)
+    assert out.stdout.strip() == (best or _kernels.simd_compiled().split(",")[0])
 
 
 def test_unknown_isa_warns_and_falls_back():
@@ -120,8 +130,19 @@ def test_select_isa_roundtrip():
         with pytest.raises(ValueError):
             _kernels.select_isa("no-such-isa")
     finally:
-        _kernels.select_isa("avx2" if before == "AVX2+FMA" else "baseline")
+        _kernels.select_isa(_short_name(before))
     assert _kernels.simd_in_use() == before
+
+
+def test_avx512_listed_only_where_compiled():
+    """The avx512 variant is offered exactly when it is compiled in; forcing it
+    where it is not available must fail loudly, not run something else."""
+    compiled = "AVX-512" in _kernels.simd_compiled().split(", ")[1:]
+    if "avx512" in _kernels.simd_available():
+        assert compiled
+    else:
+        with pytest.raises(ValueError, match="not available"):
+            _kernels.select_isa("avx512")
 
 
 def test_show_config_reports_isa(capsys):

@@ -43,6 +43,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
     int bn_isa()
     int BN_ISA_BASELINE
     int BN_ISA_AVX2
+    int BN_ISA_AVX512
 
 cdef int _num_threads = 0  # 0: follow OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
 
@@ -64,7 +65,7 @@ def openmp_enabled():
 
 
 def simd_compiled():
-    """Instruction sets the kernels were compiled for, baseline first (e.g. "SSE2, AVX2+FMA")."""
+    """Instruction sets the kernels were compiled for, baseline first (e.g. "SSE2, AVX2+FMA, AVX-512")."""
     return bn_simd_compiled().decode()
 
 
@@ -73,7 +74,7 @@ def simd_in_use():
     return bn_simd_in_use().decode()
 
 
-_ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2}
+_ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2, "avx512": BN_ISA_AVX512}
 
 
 def simd_available():
@@ -82,8 +83,8 @@ def simd_available():
 
 
 def select_isa(name):
-    """Run the kernels of variant ``name`` ("baseline", "avx2" or "auto" for the
-    best this CPU runs); raises ValueError when it is unknown or unavailable."""
+    """Run the kernels of variant ``name`` ("baseline", "avx2", "avx512" or "auto"
+    for the best this CPU runs); raises ValueError when it is unknown or unavailable."""
     key = str(name).strip().lower()
     if key == "auto":
         bn_select_isa(-1)
