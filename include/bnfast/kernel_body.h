@@ -902,7 +902,7 @@ static void BN_FN(exec_)(bn_context *k, int nthreads)
 {
     const ptrdiff_t elements = k->geo.outer * k->geo.channels * k->geo.inner;
     const size_t bytes = (size_t)elements * sizeof(BN_T);
-    k->stream = bytes >= BN_STREAM_MIN_BYTES;
+    k->stream = bytes > k->stream_bytes;
     k->group_channels = k->geo.channels;
     if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)

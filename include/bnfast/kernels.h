@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include "cache.h"
 #include "moments.h"
 #include "parallel.h"
 
@@ -46,6 +47,7 @@ typedef struct {
     bn_geometry geo;
     bn_grid grid;
     int op, stream;
+    size_t stream_bytes; /* stream outputs larger than this (bn_stream_threshold) */
     ptrdiff_t group_channels; /* planar: channels per cache group */
     bn_array x, y, g;
     bn_array ax;                            /* input of the affine phase */
@@ -70,6 +72,7 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x)
     memset(&k, 0, sizeof k);
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
+    k.stream_bytes = bn_stream_threshold();
     k.x = x;
     k.y = x;
     k.g = x;
@@ -212,9 +215,10 @@ static int bn_isa_active = -1; /* -1: not chosen yet */
 #if BN_HAVE_AVX512_VARIANT
 #include <cpuid.h>
 /* Whether the OS saves the AVX-512 state (opmask, ZMM0-15 upper halves,
- * ZMM16-31) on context switches: XCR0 bits 1, 2, 5, 6, 7.  libgcc's and
- * compiler-rt's __builtin_cpu_supports("avx512f") check this too; older
- * runtimes did not, and a wrong answer here means SIGILL, so check again. */
+ * ZMM16-31) on context switches: XCR0 bits 1, 2, 5, 6, 7.  Current libgcc and
+ * compiler-rt check this in __builtin_cpu_supports too, libgcc before 7.4 did
+ * not (GCC PR 85100), and a wrong answer means SIGILL, so check here as well.
+ * (macOS enables the ZMM state lazily and may report it clear: AVX2 there.) */
 static inline int bn_os_saves_zmm(void)
 {
     unsigned a, b, c, d, lo, hi;

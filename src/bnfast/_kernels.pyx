@@ -6,6 +6,7 @@ Arguments are trusted: bnfast._functional validates them and plans the
 releases the GIL while the kernel runs.
 """
 
+import operator
 import os
 import warnings
 
@@ -44,6 +45,13 @@ cdef extern from "bnfast/bnfast.h" nogil:
     int BN_ISA_BASELINE
     int BN_ISA_AVX2
     int BN_ISA_AVX512
+    ctypedef struct bn_cache_sizes:
+        size_t l1d
+        size_t l2
+        size_t l3
+    const bn_cache_sizes *bn_caches()
+    size_t bn_stream_threshold()
+    size_t bn_set_stream_threshold(long long)
 
 cdef int _num_threads = 0  # 0: follow OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
 
@@ -109,6 +117,68 @@ def _select_isa_from_environment():
 
 
 _select_isa_from_environment()
+
+
+def cache_sizes():
+    """Data-cache sizes of this machine, detected once at import.
+
+    Returns
+    -------
+    dict
+        ``{"l1d": int | None, "l2": int | None, "l3": int | None}`` in bytes,
+        for one core (the L3 of its core complex); None where the OS and CPU
+        report nothing.
+    """
+    cdef const bn_cache_sizes *c = bn_caches()
+    return {"l1d": c.l1d or None, "l2": c.l2 or None, "l3": c.l3 or None}
+
+
+def stream_threshold():
+    """Outputs of more bytes than this are written with streaming stores.
+
+    By default twice the last-level cache (16 MiB when no cache size is
+    known); ``BNFAST_STREAM_BYTES`` at import or `set_stream_threshold`
+    override it.  Streaming changes speed only, never results.
+    """
+    return int(bn_stream_threshold())
+
+
+def set_stream_threshold(nbytes=None):
+    """Stream outputs larger than ``nbytes`` bytes.
+
+    Parameters
+    ----------
+    nbytes : int or None
+        The new threshold; 0 streams every output the kernels can, None
+        restores the default derived from the cache sizes.
+
+    Returns
+    -------
+    int
+        The threshold now in use.
+    """
+    if nbytes is None:
+        return int(bn_set_stream_threshold(-1))
+    n = operator.index(nbytes)
+    if n < 0:
+        raise ValueError(f"nbytes must be >= 0 or None, got {n}")
+    return int(bn_set_stream_threshold(min(n, 2**63 - 1)))
+
+
+def _stream_threshold_from_environment():
+    bn_caches()  # detect once, before any kernel runs on another thread
+    text = os.environ.get("BNFAST_STREAM_BYTES", "").strip()
+    if text:
+        try:
+            set_stream_threshold(int(text))
+            return
+        except ValueError as err:
+            warnings.warn(f"BNFAST_STREAM_BYTES={text!r} ignored (want bytes, an integer >= 0): {err}",
+                          RuntimeWarning, stacklevel=2)
+    set_stream_threshold(None)
+
+
+_stream_threshold_from_environment()
 
 
 cdef inline int _threads():
