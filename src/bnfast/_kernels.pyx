@@ -27,6 +27,11 @@ cdef extern from "bnfast/bnfast.h" nogil:
     ctypedef enum bn_dtype:
         BN_FLOAT32
         BN_FLOAT64
+    ctypedef struct bn_grid:
+        Py_ssize_t ntasks
+        Py_ssize_t partial_rows
+    bn_grid bn_make_grid(const bn_geometry *)
+    int BN_PARALLEL_MIN_ELEMS
     int bn_moments(bn_dtype, const bn_geometry *, bn_array, double *, double *, double *, int)
     int bn_forward_train(bn_dtype, const bn_geometry *, bn_array, bn_array, const void *,
                          const void *, void *, void *, double, double, void *, void *, int)
@@ -179,6 +184,16 @@ def _stream_threshold_from_environment():
 
 
 _stream_threshold_from_environment()
+
+
+def _task_grid(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner):
+    """(tasks, partial states per channel, elements below which calls run
+    serially) of the kernels' task grid for an (outer, channels, inner) view;
+    for tests."""
+    cdef bn_geometry geo
+    geo.outer, geo.channels, geo.inner = outer, channels, inner
+    cdef bn_grid g = bn_make_grid(&geo)
+    return g.ntasks, g.partial_rows, BN_PARALLEL_MIN_ELEMS
 
 
 cdef inline int _threads():
