@@ -58,6 +58,9 @@ cdef extern from "bnfast/bnfast.h" nogil:
     size_t bn_stream_threshold()
     size_t bn_set_stream_threshold(long long)
 
+cdef extern from "bnfast/bench.h" nogil:
+    void bn_bench_traffic(bn_dtype, void *, const void *, const void *, size_t, int)
+
 cdef int _num_threads = 0  # 0: follow OpenMP's default (OMP_NUM_THREADS, threadpoolctl)
 
 
@@ -198,6 +201,43 @@ def _task_grid(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner):
 
 cdef inline int _threads():
     return _num_threads if _num_threads > 0 else bn_default_threads()
+
+
+def traffic(cnp.ndarray out, cnp.ndarray a, b=None):
+    """``out[...] = a`` or ``out[...] = a + b``: the benchmarks' memory-limit reference.
+
+    The same memory traffic as a normalize (one read, one write) or a
+    backward (two reads, one write), run like the kernels: with
+    `get_num_threads` threads from the same parallel threshold, and with
+    streaming stores above `stream_threshold`.
+
+    Parameters
+    ----------
+    out, a : ndarray
+        C-contiguous float32 or float64 arrays of one dtype and size.
+    b : ndarray, optional
+        A second input like ``a``.
+
+    Raises
+    ------
+    ValueError
+        When the arrays are not C-contiguous arrays of one float dtype and size.
+    """
+    arrays = (out, a) if b is None else (out, a, b)
+    for arr in arrays:
+        if (arr.dtype != out.dtype or arr.dtype.char not in "fd" or arr.size != out.size
+                or not arr.flags.c_contiguous):
+            raise ValueError("traffic needs C-contiguous float32/float64 arrays of one dtype and size")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    cdef void *po = cnp.PyArray_DATA(out)
+    cdef const void *pa = cnp.PyArray_DATA(a)
+    cdef const void *pb = NULL if b is None else cnp.PyArray_DATA(<cnp.ndarray>b)
+    cdef size_t n = out.size
+    cdef bn_dtype dt = _dtype_of(out)
+    cdef int nt = _threads()
+    with nogil:
+        bn_bench_traffic(dt, po, pa, pb, n, nt)
 
 
 cdef inline bn_dtype _dtype_of(cnp.ndarray a):
