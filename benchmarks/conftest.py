@@ -3,15 +3,19 @@
 Run from the repository root::
 
     pytest benchmarks                                  # quick subset, a few minutes
-    pytest benchmarks --bnfast-suite=full              # the whole suite of issue 3 (long)
+    pytest benchmarks --bnfast-suite=full              # the whole suite of issue 9 (long)
     pytest benchmarks --benchmark-autosave             # save a baseline under .benchmarks/
     pytest benchmarks --benchmark-compare              # compare with the latest saved run
     pytest benchmarks --benchmark-compare --benchmark-compare-fail=min:10%   # fail on >10% regressions
 
 Each group is one operation/shape/layout/dtype/thread-count; its members are
 bnfast with out= (bnfast) and allocating its result (bnfast_alloc), the
-roofline reference on the same arrays (np.copyto, or np.add for backward),
-the NumPy baseline and PyTorch (when importable).
+memory-limit reference on the same arrays with the group's thread count
+(roofline: bnfast._kernels.traffic, out = x, or out = x + g for backward,
+streaming like the kernels), the NumPy baseline and PyTorch (when importable;
+channels-last memory format for NHWC groups, same thread count).  The CPU
+model, SIMD variant and cache sizes are in the report header and in the saved
+machine_info["bnfast"].
 """
 
 from __future__ import annotations
@@ -25,13 +29,25 @@ def pytest_addoption(parser):
         "--bnfast-suite",
         choices=("quick", "full"),
         default="quick",
-        help="quick: float32, 2 threads, small shapes (default); full: the suite of issue 3",
+        help="quick: float32, 2 threads, small shapes (default); full: the suite of issue 9",
     )
     group.addoption(
         "--bnfast-threads",
         default=None,
         help="comma-separated thread counts (default: 2 for quick, 1,2 for full)",
     )
+
+
+def pytest_report_header(config):
+    from bnfast import _bench
+
+    return ["bnfast: " + line for line in _bench.header_lines(_bench._torch())]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from bnfast import _bench
+
+    machine_info["bnfast"] = _bench.machine_info()
 
 
 def pytest_configure(config):

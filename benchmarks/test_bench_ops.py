@@ -1,4 +1,4 @@
-"""Train-forward, inference and backward: bnfast vs roofline, NumPy and PyTorch."""
+"""Train-forward, inference and backward: bnfast vs the memory limit, NumPy and PyTorch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import bnfast
 from bnfast import _bench
 
 QUICK_SHAPES = [(32, 64, 28, 28), (1, 64, 56, 56), (256, 1024), (8, 16)]
-# bnfast: with out= (no allocation); bnfast_alloc: allocating its result, like numpy and torch
+# bnfast: with out= (no allocation); bnfast_alloc: allocating its result, like numpy and torch;
+# roofline: the same traffic with as many threads (bnfast._kernels.traffic)
 IMPLS = ("bnfast", "bnfast_alloc", "roofline", "numpy", "torch")
 
 

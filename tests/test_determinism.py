@@ -1,9 +1,11 @@
-"""Bit-identical results for any thread count.
+"""Bit-identical results for any thread count, with or without streaming stores.
 
 The kernels split work on a grid that depends only on the shape and merge
 partial results in a fixed order, so 1, 2, 3 or 4 threads -- and every SIMD
 variant's own results -- must agree to the last bit, for every op, layout and
 dtype, including the shapes of the performance suite (some scaled down).
+Streaming (non-temporal) stores change how an output is written, never its
+value: forcing them on for every output must not change a bit either.
 """
 
 from __future__ import annotations
@@ -15,6 +17,18 @@ import bnfast
 from bnfast import _kernels
 
 THREADS = (1, 2, 3, 4)
+_SHORT = {"AVX2+FMA": "avx2", "AVX-512": "avx512"}  # simd_in_use() -> select_isa() name
+
+
+@pytest.fixture(params=["baseline", "avx2", "avx512"])
+def isa(request):
+    """Run the test with each kernel variant this CPU and build have."""
+    if request.param not in _kernels.simd_available():
+        pytest.skip(f"{request.param} kernels are not available on this CPU or build")
+    before = _SHORT.get(_kernels.simd_in_use(), "baseline")
+    _kernels.select_isa(request.param)
+    yield request.param
+    _kernels.select_isa(before)
 
 # (NCHW-order shape, layout); NHWC arrays are the channels-last transpose.
 SHAPES = [
@@ -39,9 +53,19 @@ SHAPES = [
     ((70001, 3), "NC"),
     ((2, 1, 100003), "NCHW"),  # one long run split into segments
     ((5, 1029, 3), "NHWC"),  # more channels than a tile
-    ((40, 256, 14, 14), "NCHW"),  # streamed output, short runs: spans across channels
+    ((40, 256, 14, 14), "NCHW"),  # short runs: streamed spans across channels
     ((40, 256, 14, 14), "NHWC"),
+    ((3, 40, 17, 13), "NCHW"),  # odd runs: streamed lines straddle channels, unaligned rows
+    ((7, 5, 11, 45), "NHWC"),
 ]
+
+
+@pytest.fixture
+def stream_threshold():
+    """Restore the streaming threshold after the test."""
+    before = _kernels.stream_threshold()
+    yield _kernels.set_stream_threshold
+    _kernels.set_stream_threshold(before)
 
 
 def _layout(x: np.ndarray, layout: str):
@@ -64,7 +88,7 @@ def _all_outputs(x, g, w, b, axis):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape,layout", SHAPES, ids=[f"{s}-{l}" for s, l in SHAPES])
-def test_bit_identical_across_thread_counts(shape, layout, dtype):
+def test_bit_identical_across_thread_counts(shape, layout, dtype, isa, stream_threshold):
     rng = np.random.default_rng(sum(shape))
     x, axis = _layout((rng.standard_normal(shape) * 2 + 3).astype(dtype), layout)
     g, _ = _layout(rng.standard_normal(shape).astype(dtype), layout)
@@ -72,16 +96,21 @@ def test_bit_identical_across_thread_counts(shape, layout, dtype):
     w = rng.standard_normal(C).astype(dtype)
     b = rng.standard_normal(C).astype(dtype)
     results = {}
+    stream_threshold(2**62)  # no streaming stores
     for n in THREADS:
         bnfast.set_num_threads(n)
         results[n] = _all_outputs(x, g, w, b, axis)
+    stream_threshold(0)  # streaming stores wherever the kernels can use them
+    for n in (1, 3):
+        bnfast.set_num_threads(n)
+        results[f"{n} streamed"] = _all_outputs(x, g, w, b, axis)
     names = "y mean invstd rm rv yi gi gw gb ge gwe gbe count mmean m2".split()
-    for n in THREADS[1:]:
+    for n in list(results)[1:]:
         for name, a, ref in zip(names, results[n], results[1]):
             assert np.array_equal(a, ref, equal_nan=True), f"{name} differs with {n} threads vs 1"
 
 
-def test_bit_identical_with_large_offset_and_strided_input():
+def test_bit_identical_with_large_offset_and_strided_input(isa):
     rng = np.random.default_rng(7)
     base = (1e5 + rng.standard_normal((6, 40, 33, 29))).astype(np.float32)
     x = base[:, ::2, :, ::-1]  # strided, negative strides
@@ -108,15 +137,16 @@ def test_same_isa_selection_is_stable():
             bnfast.set_num_threads(3)
             assert np.array_equal(bnfast.batch_norm_forward(x)[0], first)
     finally:
-        _kernels.select_isa("avx2" if before == "AVX2+FMA" else "baseline")
+        _kernels.select_isa(_SHORT.get(before, "baseline"))
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_streamed_outputs_match_reference(layout):
+def test_streamed_outputs_match_reference(layout, stream_threshold):
     """Outputs past the streaming threshold (whole-line stores, spans over
     channels) agree with the float64 reference, with out= aliasing the input."""
     from bnfast import _reference
 
+    stream_threshold(1 << 20)  # the (40, 256, 14, 14) float32 outputs are 8 MB
     rng = np.random.default_rng(3)
     x, axis = _layout((rng.standard_normal((40, 256, 14, 14)) * 2 + 3).astype(np.float32), layout)
     g, _ = _layout(rng.standard_normal((40, 256, 14, 14)).astype(np.float32), layout)

@@ -65,3 +65,58 @@ def test_concurrent_callers_get_their_own_results():
         t.join()
     for got, want in zip(results, expected):
         np.testing.assert_allclose(got, want, atol=1e-11)
+
+
+# (outer, channels, inner) views of suite shapes with a batch of one or few channels
+_FEW = {
+    "(1,64,56,56) NCHW": (1, 64, 3136), "(1,64,56,56) NHWC": (3136, 64, 1),
+    "(8,3,224,224) NCHW": (8, 3, 50176), "(8,3,224,224) NHWC": (401408, 3, 1),
+    "(1,3,224,224) NCHW": (1, 3, 50176), "(1,1,300,300) NCHW": (1, 1, 90000),
+    "(65536,1) NC": (65536, 1, 1), "(256,1024) NC": (256, 1024, 1), "(4096,64) NC": (4096, 64, 1),
+}
+
+
+@pytest.mark.parametrize("view", list(_FEW.values()), ids=list(_FEW))
+def test_task_grid_gives_two_threads_work(view):
+    """A call large enough to run in parallel has at least 4 tasks: few
+    channels or a batch of one still split into runs, segments or row chunks."""
+    ntasks, partial_rows, parallel_min = bnfast._kernels._task_grid(*view)
+    outer, channels, inner = view
+    assert outer * channels * inner >= parallel_min
+    assert ntasks >= 4 and partial_rows >= 1
+
+
+_COUNT_THREADS = """
+import os, numpy as np, bnfast
+bnfast.set_num_threads(2)
+def threads():
+    return len(os.listdir("/proc/self/task"))
+rng = np.random.default_rng(0)
+start = threads()
+for shape, axis in (((8, 16), 1), ((2, 4, 8, 8), 1), ((4, 6, 6, 8), -1), ((1, 3, 100, 100), 1)):
+    x = rng.standard_normal(shape)
+    y, m, s = bnfast.batch_norm_forward(x, axis=axis)
+    bnfast.batch_norm_inference(x, m, 1 / s**2, axis=axis)
+    bnfast.batch_norm_backward(x, x, m, s, axis=axis)
+    bnfast.batch_norm_backward(x, x, m, s, training=False, axis=axis)
+    bnfast.moments(x, axis=axis)
+small = threads()
+bnfast.batch_norm_forward(rng.standard_normal((8, 16, 64, 64)))
+print(start, small, threads())
+"""
+
+
+def test_small_calls_open_no_parallel_region():
+    """Below the parallel threshold no OpenMP team is started: the OpenMP
+    runtime creates its worker threads at the first parallel region only."""
+    import os
+    import subprocess
+    import sys
+
+    if not bnfast._kernels.openmp_enabled() or not os.path.isdir("/proc/self/task"):
+        pytest.skip("needs OpenMP and Linux /proc")
+    env = dict(os.environ, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="passive")
+    out = subprocess.run([sys.executable, "-c", _COUNT_THREADS], env=env, capture_output=True, text=True)
+    start, small, large = map(int, out.stdout.split())
+    assert small == start, "a small call started OpenMP worker threads"
+    assert large > small, "a large call should have run in parallel (is the test still valid?)"

@@ -90,13 +90,15 @@ static inline int bn_openmp_enabled(void)
 /* Name of kernel variant `isa` (BN_ISA_*). */
 static inline const char *bn_isa_name(int isa)
 {
-    return isa == BN_ISA_AVX2 ? "AVX2+FMA" : BN_SIMD_BASELINE_NAME;
+    return isa == BN_ISA_AVX512 ? "AVX-512" : isa == BN_ISA_AVX2 ? "AVX2+FMA" : BN_SIMD_BASELINE_NAME;
 }
 
-/* Every variant compiled in, baseline first: e.g. "SSE2, AVX2+FMA". */
+/* Every variant compiled in, baseline first: e.g. "SSE2, AVX2+FMA, AVX-512". */
 static inline const char *bn_simd_compiled(void)
 {
-#if BN_HAVE_AVX2_VARIANT
+#if BN_HAVE_AVX512_VARIANT
+    return BN_SIMD_BASELINE_NAME ", AVX2+FMA, AVX-512";
+#elif BN_HAVE_AVX2_VARIANT
     return BN_SIMD_BASELINE_NAME ", AVX2+FMA";
 #else
     return BN_SIMD_BASELINE_NAME;

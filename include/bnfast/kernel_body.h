@@ -29,6 +29,8 @@ static inline VD BN_FN(ld_)(const BN_T *p)
 {
 #if BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 32
     return (VD)_mm256_cvtps_pd(_mm_loadu_ps(p));
+#elif BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 64
+    return (VD)_mm512_cvtps_pd(_mm256_loadu_ps(p));
 #elif BN_X86 && BN_T_IS_FLOAT
     /* two floats through an unaligned, may-alias 64-bit load (no double* punning) */
     return (VD)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(const void *)p)));
@@ -50,6 +52,8 @@ static inline void BN_FN(st_)(BN_T *p, VD v)
 {
 #if BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 32
     _mm_storeu_ps(p, _mm256_cvtpd_ps((__m256d)v));
+#elif BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 64
+    _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
 #elif BN_X86 && BN_T_IS_FLOAT
     _mm_storel_epi64((__m128i *)(void *)p, _mm_castps_si128(_mm_cvtpd_ps((__m128d)v)));
 #else
@@ -77,11 +81,18 @@ static inline void BN_FN(stream2_)(BN_T *p, VD a, VD b)
 {
 #if BN_T_IS_FLOAT && BN_VEC_BYTES == 32
     _mm256_stream_ps(p, _mm256_set_m128(_mm256_cvtpd_ps((__m256d)b), _mm256_cvtpd_ps((__m256d)a)));
+#elif BN_T_IS_FLOAT && BN_VEC_BYTES == 64 /* insertf64x4 is AVX512F; insertf32x8 would need DQ */
+    _mm512_stream_ps(p, _mm512_castpd_ps(_mm512_insertf64x4(
+                            _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps((__m512d)a))),
+                            _mm256_castps_pd(_mm512_cvtpd_ps((__m512d)b)), 1)));
 #elif BN_T_IS_FLOAT
     _mm_stream_ps(p, _mm_movelh_ps(_mm_cvtpd_ps((__m128d)a), _mm_cvtpd_ps((__m128d)b)));
 #elif BN_VEC_BYTES == 32
     _mm256_stream_pd(p, (__m256d)a);
     _mm256_stream_pd(p + W, (__m256d)b);
+#elif BN_VEC_BYTES == 64 /* two whole lines */
+    _mm512_stream_pd(p, (__m512d)a);
+    _mm512_stream_pd(p + W, (__m512d)b);
 #else
     _mm_stream_pd(p, (__m128d)a);
     _mm_stream_pd(p + W, (__m128d)b);
@@ -96,8 +107,10 @@ static inline void BN_FN(stream2_)(BN_T *p, VD a, VD b)
 #endif
 
 /* Streaming stores write whole 64-byte lines only: elements before p's next
- * line boundary (-1 if p is not element-aligned), and elements per line. */
-#define BN_LINE_ELEMS ((ptrdiff_t)(64 / sizeof(BN_T)))
+ * line boundary (-1 if p is not element-aligned), and elements per streamed
+ * block: one line, or two when one BN_STREAM2 covers more (64-byte vectors of
+ * double). */
+#define BN_LINE_ELEMS ((ptrdiff_t)(64 / sizeof(BN_T) > 2 * W ? 64 / sizeof(BN_T) : 2 * W))
 static inline ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
 {
     const size_t a = (size_t)p % 64;
@@ -360,7 +373,7 @@ static void BN_FN(affine_span_task_)(const bn_context *k, ptrdiff_t c0, ptrdiff_
         } else { /* straddles channels: compute the line in L1, then stream it */
             BN_T line[BN_LINE_ELEMS] __attribute__((aligned(64)));
             for (ptrdiff_t e = 0, c = ca + jf; e < BN_LINE_ELEMS; e++) {
-                if (i + e == bound) c++; /* a line spans at most two runs (inner >= 16) */
+                if (i + e == bound) c++; /* a line spans at most two runs (inner >= BN_LINE_ELEMS) */
                 line[e] = (BN_T)(((double)x[i + e] - k->amean[c]) * k->scale[c] + k->shift[c]);
             }
             for (ptrdiff_t e = 0; e < BN_LINE_ELEMS; e += 2 * W)
@@ -895,7 +908,7 @@ static int BN_FN(exec_)(bn_context *k)
     const int nthreads = k->run->nthreads;
     const ptrdiff_t elements = k->geo.outer * k->geo.channels * k->geo.inner;
     const size_t bytes = (size_t)elements * sizeof(BN_T);
-    k->stream = bytes >= BN_STREAM_MIN_BYTES;
+    k->stream = bytes > k->stream_bytes;
     k->group_channels = k->geo.channels;
     if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include "cache.h"
 #include "moments.h"
 #include "parallel.h"
 
@@ -48,6 +49,7 @@ typedef struct {
     bn_geometry geo;
     bn_grid grid;
     int op, stream;
+    size_t stream_bytes; /* stream outputs larger than this (bn_stream_threshold) */
     ptrdiff_t group_channels; /* planar: channels per cache group */
     bn_array x, y, g;
     bn_array ax;                            /* input of the affine phase */
@@ -79,6 +81,7 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
     k.last_poll = run->interrupted ? bn_wtime() : 0.0;
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
+    k.stream_bytes = bn_stream_threshold();
     k.x = x;
     k.y = x;
     k.g = x;
@@ -156,10 +159,12 @@ static inline void bn_context_free(bn_context *k)
 
 /* ---- instantiations: element type x instruction set ------------------
  * The portable body (compiled for the build's baseline: SSE2 on x86-64, NEON
- * on aarch64) always exists.  On x86 with GCC or clang a second copy is
- * compiled for AVX2+FMA and chosen at run time (see bn_select_isa). */
+ * on aarch64) always exists.  On x86 with GCC or clang further copies are
+ * compiled for AVX2+FMA and for AVX-512 and chosen at run time (see
+ * bn_select_isa): a portable build still runs the widest vectors the CPU has. */
 #define BN_ISA_BASELINE 0
 #define BN_ISA_AVX2 1
+#define BN_ISA_AVX512 2
 
 #if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && \
     (defined(__GNUC__) || defined(__clang__)) && !defined(BN_NO_DISPATCH)
@@ -167,27 +172,23 @@ static inline void bn_context_free(bn_context *k)
 #else
 #define BN_HAVE_AVX2_VARIANT 0
 #endif
+/* AVX-512 needs the AVX2 variant's toolchain; BN_NO_AVX512 drops it alone. */
+#if BN_HAVE_AVX2_VARIANT && !defined(BN_NO_AVX512)
+#define BN_HAVE_AVX512_VARIANT 1
+#else
+#define BN_HAVE_AVX512_VARIANT 0
+#endif
 
-#if defined(__AVX__)
+#if defined(__AVX512F__)
+#define BN_VEC_BYTES 64 /* a -march build that already has AVX-512 */
+#elif defined(__AVX__)
 #define BN_VEC_BYTES 32 /* a -march build that already has AVX */
 #else
 #define BN_VEC_BYTES 16 /* SSE2, NEON */
 #endif
-#define BN_T float
-#define BN_T_IS_FLOAT 1
-#define BN_SFX f32_base
-#include "kernel_body.h"
-#undef BN_T
-#undef BN_T_IS_FLOAT
-#undef BN_SFX
-
-#define BN_T double
-#define BN_T_IS_FLOAT 0
-#define BN_SFX f64_base
-#include "kernel_body.h"
-#undef BN_T
-#undef BN_T_IS_FLOAT
-#undef BN_SFX
+#define BN_ISA_SFX base
+#include "instantiate.h"
+#undef BN_ISA_SFX
 #undef BN_VEC_BYTES
 
 #if BN_HAVE_AVX2_VARIANT
@@ -201,21 +202,29 @@ static inline void bn_context_free(bn_context *k)
 #define BN_AVX2_VEC_BYTES 32
 #endif
 #define BN_VEC_BYTES BN_AVX2_VEC_BYTES
-#define BN_T float
-#define BN_T_IS_FLOAT 1
-#define BN_SFX f32_avx2
-#include "kernel_body.h"
-#undef BN_T
-#undef BN_T_IS_FLOAT
-#undef BN_SFX
+#define BN_ISA_SFX avx2
+#include "instantiate.h"
+#undef BN_ISA_SFX
+#undef BN_VEC_BYTES
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
 
-#define BN_T double
-#define BN_T_IS_FLOAT 0
-#define BN_SFX f64_avx2
-#include "kernel_body.h"
-#undef BN_T
-#undef BN_T_IS_FLOAT
-#undef BN_SFX
+#if BN_HAVE_AVX512_VARIANT
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+#endif
+#define BN_VEC_BYTES 64
+#define BN_ISA_SFX avx512
+#include "instantiate.h"
+#undef BN_ISA_SFX
 #undef BN_VEC_BYTES
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -228,6 +237,23 @@ static inline void bn_context_free(bn_context *k)
 
 static int bn_isa_active = -1; /* -1: not chosen yet */
 
+#if BN_HAVE_AVX512_VARIANT
+#include <cpuid.h>
+/* Whether the OS saves the AVX-512 state (opmask, ZMM0-15 upper halves,
+ * ZMM16-31) on context switches: XCR0 bits 1, 2, 5, 6, 7.  Current libgcc and
+ * compiler-rt check this in __builtin_cpu_supports too, libgcc before 7.4 did
+ * not (GCC PR 85100), and a wrong answer means SIGILL, so check here as well.
+ * (macOS enables the ZMM state lazily and may report it clear: AVX2 there.) */
+static inline int bn_os_saves_zmm(void)
+{
+    unsigned a, b, c, d, lo, hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    (void)hi;
+    return (lo & 0xe6) == 0xe6;
+}
+#endif
+
 /* Whether this CPU (and OS) can run the given variant of this build. */
 static inline int bn_isa_available(int isa)
 {
@@ -238,12 +264,22 @@ static inline int bn_isa_available(int isa)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     }
 #endif
+#if BN_HAVE_AVX512_VARIANT
+    if (isa == BN_ISA_AVX512) {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+               && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+               && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+               && bn_os_saves_zmm();
+    }
+#endif
     return 0;
 }
 
 /* The widest variant this CPU runs. */
 static inline int bn_isa_best(void)
 {
+    if (bn_isa_available(BN_ISA_AVX512)) return BN_ISA_AVX512;
     return bn_isa_available(BN_ISA_AVX2) ? BN_ISA_AVX2 : BN_ISA_BASELINE;
 }
 
@@ -263,7 +299,11 @@ static inline int bn_isa(void)
     return bn_isa_active;
 }
 
-#if BN_HAVE_AVX2_VARIANT
+#if BN_HAVE_AVX512_VARIANT
+#define BN_DISPATCH(name, sfx, args)                                  \
+    (bn_isa() == BN_ISA_AVX512 ? name##sfx##_avx512 args              \
+     : bn_isa() == BN_ISA_AVX2 ? name##sfx##_avx2 args : name##sfx##_base args)
+#elif BN_HAVE_AVX2_VARIANT
 #define BN_DISPATCH(name, sfx, args) \
     (bn_isa() == BN_ISA_AVX2 ? name##sfx##_avx2 args : name##sfx##_base args)
 #else

@@ -33,13 +33,8 @@
 #ifndef BN_GROUP_BYTES
 #define BN_GROUP_BYTES (2 << 20)
 #endif
-/* Outputs at least this large are written with non-temporal (streaming)
- * stores where the CPU has them: they would not stay in cache anyway, and
- * streaming saves the read-for-ownership of every output line.  (About half
- * a core complex's L3; the OS's figure for the L3 is often the whole chip's.) */
-#ifndef BN_STREAM_MIN_BYTES
-#define BN_STREAM_MIN_BYTES ((size_t)4 << 20)
-#endif
+/* Which outputs are written with streaming stores is decided at run time
+ * from the cache sizes: see cache.h. */
 
 typedef struct {
     ptrdiff_t outer, channels, inner;

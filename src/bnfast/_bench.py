@@ -1,17 +1,23 @@
-"""`python -m bnfast bench`: bnfast against the memory roofline, NumPy and PyTorch.
+"""`python -m bnfast bench`: bnfast against the memory limit, NumPy and PyTorch.
 
-Every case times, interleaved round by round so that all see the same machine
-state:
+The header names the CPU, the SIMD variant in use, the detected cache sizes
+and the streaming-store threshold.  Every case times, interleaved round by
+round so that all see the same machine state:
 
 * bnfast with ``out=`` (no allocation) -- the ``time`` and ``GB/s`` columns;
   ``no out=`` is bnfast allocating its result, the usual call;
-* the roofline reference on the same arrays: ``np.copyto`` (one read, one
-  write) for train/inference, ``np.add(a, b, out=c)`` (two reads, one write)
-  for backward -- ``x roof`` is bnfast's time over the reference's;
+* the memory-limit reference on the same arrays with the same thread count
+  (``bnfast._kernels.traffic``, parallel and streaming like the kernels):
+  ``out = x`` (one read, one write) for train/inference, ``out = x + g`` (two
+  reads, one write) for backward -- ``x roof`` is bnfast's time over the
+  reference's;
 * bnfast allocating its outputs, against the NumPy baseline
   (`bnfast._baseline`) and PyTorch (``torch.nn.functional.batch_norm``,
-  ``torch.ops.aten.native_batch_norm_backward``) when it is importable, which
-  allocate too -- ``vs NumPy`` and ``vs torch`` are their times over bnfast's.
+  ``torch.ops.aten.native_batch_norm_backward``, with as many threads) when it
+  is importable, which allocate too -- ``vs NumPy`` and ``vs torch`` are their
+  times over bnfast's.  NHWC cases give PyTorch its channels-last memory
+  format (``torch.channels_last``, ``channels_last_3d`` for 5-D), so both
+  libraries read the same bytes.
 
 Times are the best of the rounds (and of ``--passes`` runs over the list).  GB/s counts the minimum traffic: the
 arrays read and written once each.
@@ -22,13 +28,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
 import time
 
 import numpy as np
 
 from . import _baseline, _kernels
+from ._config import format_bytes
 from ._functional import (
     batch_norm_backward,
     batch_norm_forward,
@@ -37,7 +46,8 @@ from ._functional import (
     set_num_threads,
 )
 
-# The suite of issue 3: NCHW-order shapes; NHWC runs use the channels-last transpose.
+# The suite of issue 9 (NCHW-order shapes; NHWC runs use the channels-last
+# transpose), and a small call where per-call overhead dominates.
 SUITE = [
     (32, 64, 28, 28),
     (32, 64, 56, 56),
@@ -47,8 +57,8 @@ SUITE = [
     (1, 64, 56, 56),
     (256, 1024),
     (4096, 64),
-    (8, 16),
     (2, 32, 16, 28, 28),
+    (8, 16),
 ]
 QUICK = [(32, 64, 28, 28), (64, 64, 112, 112), (256, 1024), (8, 16)]
 OPS = ("train", "inference", "backward")
@@ -62,6 +72,62 @@ def _torch():
     except Exception:  # not installed, or broken: the comparison is optional
         return None
     return torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name: /proc/cpuinfo, else lscpu, else `platform.processor`.
+
+    x86 family and model numbers are appended: virtual machines often report
+    a bare "AMD EPYC".
+    """
+    try:
+        fields: dict = {}
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
+        name = next((fields[k] for k in ("model name", "cpu model", "hardware") if fields.get(k)), None)
+        if name:
+            if fields.get("cpu family") and fields.get("model"):
+                name += f" (family {fields['cpu family']}, model {fields['model']})"
+            return name
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip().lower() == "model name" and value.strip():
+                return value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info() -> dict:
+    """CPU, SIMD variant, cache sizes and streaming threshold, for headers and JSON."""
+    caches = _kernels.cache_sizes()
+    return {
+        "cpu": cpu_model(), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "simd_in_use": _kernels.simd_in_use(), "simd_compiled": _kernels.simd_compiled(),
+        "openmp": _kernels.openmp_enabled(),
+        "cache_l1d": caches["l1d"], "cache_l2": caches["l2"], "cache_l3": caches["l3"],
+        "stream_threshold": _kernels.stream_threshold(),
+    }  # fmt: skip
+
+
+def header_lines(torch=None) -> list[str]:
+    """The benchmark header: machine, kernels, caches and library versions."""
+    m = machine_info()
+    return [
+        f"CPU: {m['cpu']} ({m['machine']}, {m['cpus']} logical CPUs)",
+        f"bnfast kernels: {m['simd_in_use']} in use (compiled {m['simd_compiled']}), OpenMP {m['openmp']}",
+        f"caches: L1d {format_bytes(m['cache_l1d'])}, L2 {format_bytes(m['cache_l2'])}, "
+        f"L3 {format_bytes(m['cache_l3'])}; streaming stores above {format_bytes(m['stream_threshold'])}",
+        f"NumPy {np.__version__}, PyTorch {torch.__version__ if torch is not None else 'not importable'}",
+    ]
 
 
 def _layouts_of(shape, layouts):
@@ -82,9 +148,12 @@ def _make(shape, channels_last: bool, dtype, seed: int = 0):
 
 
 def _torch_view(torch, a: np.ndarray, channels_last: bool):
+    """``a`` as PyTorch sees it: NCHW-shaped, in channels-last memory format for NHWC data."""
     t = torch.from_numpy(a)
-    if channels_last:  # an NCHW-shaped view with channels-last strides
+    if channels_last:  # an NCHW-shaped view of the same bytes, channels-last strides
         t = t.permute(0, a.ndim - 1, *range(1, a.ndim - 1))
+        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(a.ndim)
+        assert fmt is None or t.is_contiguous(memory_format=fmt)
     return t
 
 
@@ -101,17 +170,17 @@ def _case_fns(op, x, g, axis, torch, channels_last):
     fns = {}
     if op == "train":
         fns["bnfast"] = lambda: batch_norm_forward(x, w, b, rm, rv, axis=axis, out=out)
-        fns["roof"] = lambda: np.copyto(out, x)
+        fns["roof"] = lambda: _kernels.traffic(out, x)
         fns["bnfast_alloc"] = lambda: batch_norm_forward(x, w, b, rm, rv, axis=axis)
         fns["numpy"] = lambda: _baseline.forward(x, w, b, axis=axis)
     elif op == "inference":
         fns["bnfast"] = lambda: batch_norm_inference(x, mean, var, w, b, axis=axis, out=out)
-        fns["roof"] = lambda: np.copyto(out, x)
+        fns["roof"] = lambda: _kernels.traffic(out, x)
         fns["bnfast_alloc"] = lambda: batch_norm_inference(x, mean, var, w, b, axis=axis)
         fns["numpy"] = lambda: _baseline.inference(x, mean, var, w, b, axis=axis)
     else:
         fns["bnfast"] = lambda: batch_norm_backward(g, x, mean, invstd, w, axis=axis, out=out)
-        fns["roof"] = lambda: np.add(x, g, out=out)
+        fns["roof"] = lambda: _kernels.traffic(out, x, g)
         fns["bnfast_alloc"] = lambda: batch_norm_backward(g, x, mean, invstd, w, axis=axis)
         fns["numpy"] = lambda: _baseline.backward(g, x, mean, invstd, w, axis=axis)
     if torch is not None:
@@ -207,7 +276,9 @@ def run(shapes=None, ops=OPS, dtypes=DTYPES, layouts=LAYOUTS, threads=(1, 2), *,
                     "op": op, "shape": list(shape), "layout": layout, "dtype": dtype,
                     "threads": n, "time_s": best["bnfast"],
                     "gbps": arrays * x.nbytes / best["bnfast"] / 1e9,
-                    "roof": "np.add" if op == "backward" else "np.copyto",
+                    "roof": "out = x + g" if op == "backward" else "out = x",
+                    "torch_format": None if torch is None else
+                    ("channels_last_3d" if len(shape) == 5 else "channels_last") if channels_last else "contiguous",
                     "roof_s": best["roof"], "ratio_roof": best["bnfast"] / best["roof"],
                     "alloc_s": best["bnfast_alloc"],
                     "numpy_s": best.get("numpy"), "torch_s": best.get("torch"),
@@ -267,29 +338,64 @@ def summary(rows: list[dict]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Bar chart of the speedups (matplotlib required)."""
+def plot(rows: list[dict], path: str, torch_note: str | None = None, title: str | None = None) -> None:
+    """Chart of the results, one quantity per panel (matplotlib required).
+
+    Parameters
+    ----------
+    rows : list of dict
+        Rows from `run`.
+    path : str
+        Image file to write.
+    torch_note : str, optional
+        Why there is no PyTorch comparison, shown in its panel when no row has one.
+    title : str, optional
+        Figure title, e.g. the CPU model.
+    """
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
 
     labels = [
         f"{r['op'][:5]} {'x'.join(map(str, r['shape']))} {r['layout']} {r['dtype'][-2:]} t{r['threads']}"
         for r in rows
     ]
     ys = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(10, 0.22 * len(rows) + 1.5))
-    ax.barh(ys - 0.2, [r["speedup_torch"] or 0 for r in rows], 0.4, label="vs PyTorch")
-    ax.barh(ys + 0.2, [1 / r["ratio_roof"] for r in rows], 0.4, label="roofline fraction (ref / bnfast)")
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_yticks(ys, labels, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("speedup (log)")
-    ax.legend(loc="lower right")
-    ax.set_title("bnfast: speedup vs PyTorch and fraction of the memory roofline")
-    fig.tight_layout()
+    threads = sorted({r["threads"] for r in rows})
+    palette = plt.get_cmap("tab10")
+    colors = [palette(threads.index(r["threads"]) % 10) for r in rows]
+    fig, (ax_t, ax_r) = plt.subplots(1, 2, sharey=True, figsize=(12, 0.2 * len(rows) + 2.2))
+
+    speedups = [r["speedup_torch"] for r in rows]
+    ax_t.set_title("speedup over PyTorch", fontsize=10)
+    if any(speedups):
+        ax_t.barh(ys, [v if v else np.nan for v in speedups], 0.8, color=colors)
+        ax_t.set_xscale("log")
+        ax_t.axvline(1.0, color="k", lw=0.8)
+        ax_t.set_xlabel("PyTorch time / bnfast time (log scale; > 1: bnfast faster)")
+        missing = sum(1 for v in speedups if not v)
+        if missing:
+            ax_t.text(0.99, 0.01, f"{missing} case(s) without a PyTorch time", transform=ax_t.transAxes,
+                      ha="right", va="bottom", fontsize=7)
+    else:
+        ax_t.text(0.5, 0.5, "no PyTorch comparison:\n" + (torch_note or "PyTorch is not installed"),
+                  transform=ax_t.transAxes, ha="center", va="center", fontsize=9)
+        ax_t.set_xticks([])
+
+    ax_r.set_title("fraction of the memory limit", fontsize=10)
+    ax_r.barh(ys, [1 / r["ratio_roof"] for r in rows], 0.8, color=colors)
+    ax_r.axvline(1.0, color="k", lw=0.8)
+    ax_r.set_xlabel("reference (same traffic, same threads) time / bnfast time; 1: at the limit")
+
+    ax_t.set_yticks(ys, labels, fontsize=6)
+    ax_t.invert_yaxis()
+    handles = [Patch(color=palette(i % 10), label=f"{n} thread{'s' if n > 1 else ''}") for i, n in enumerate(threads)]
+    # the legend sits above both panels, clear of every bar
+    fig.legend(handles=handles, loc="upper right", ncol=len(handles), frameon=False, fontsize=8)
+    fig.suptitle(title or "bnfast benchmark", x=0.01, ha="left", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=120)
 
 
@@ -325,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even if importable")
     parser.add_argument("--no-numpy", action="store_true", help="skip the (slow) NumPy baseline")
     parser.add_argument("--json", metavar="FILE", help="write the raw figures as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="bar chart of the speedups (needs matplotlib)")
+    parser.add_argument(
+        "--plot", metavar="FILE.png",
+        help="chart: speedup over PyTorch and fraction of the memory limit, one panel each (needs matplotlib)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     try:
@@ -347,12 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.4)
 
     torch = None if args.no_torch else _torch()
-    print(
-        f"bnfast bench: {platform.machine()}, SIMD in use {_kernels.simd_in_use()} "
-        f"(compiled {_kernels.simd_compiled()}), OpenMP {_kernels.openmp_enabled()}, "
-        f"NumPy {np.__version__}, PyTorch {torch.__version__ if torch is not None else 'not importable'}"
-    )
-    print("x roof: bnfast (out=) time / np.copyto (train, inference) or np.add(a, b, out=c) (backward)")
+    print("bnfast bench")
+    for line in header_lines(torch):
+        print("  " + line)
+    print("x roof: bnfast (out=) time / the memory-limit reference with as many threads: out = x (train,")
+    print("        inference) or out = x + g (backward), streaming stores above the same threshold")
+    if torch is not None:
+        print("vs torch: NHWC cases run PyTorch in channels_last memory format")
     print("vs NumPy / vs torch: their time / bnfast's (all allocating their outputs); >1 means bnfast is faster")
     print(HEADER)
     print("-" * len(HEADER))
@@ -366,15 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     for line in summary(rows):
         print(line)
     if args.json:
-        meta = {
-            "simd_in_use": _kernels.simd_in_use(), "simd_compiled": _kernels.simd_compiled(),
-            "numpy": np.__version__, "torch": torch.__version__ if torch is not None else None,
-            "machine": platform.machine(), "processor": platform.processor(),
-        }  # fmt: skip
+        meta = dict(
+            machine_info(), numpy=np.__version__, torch=torch.__version__ if torch is not None else None,
+            processor=platform.processor(),
+        )  # fmt: skip
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
         print(f"raw figures written to {args.json}")
     if args.plot:
-        plot(rows, args.plot)
+        note = "--no-torch was given" if args.no_torch else "PyTorch is not installed (pip install torch)"
+        plot(rows, args.plot, torch_note=None if torch is not None else note, title=f"bnfast on {cpu_model()}")
         print(f"chart written to {args.plot}")
     return 0

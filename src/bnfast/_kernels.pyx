@@ -6,6 +6,7 @@ Arguments are trusted: bnfast._functional validates them and plans the
 releases the GIL while the kernel runs.
 """
 
+import operator
 import os
 import warnings
 
@@ -34,6 +35,11 @@ cdef extern from "bnfast/bnfast.h" nogil:
     int BN_OK
     int BN_ERR_NOMEM
     int BN_ERR_INTERRUPTED
+    ctypedef struct bn_grid:
+        Py_ssize_t ntasks
+        Py_ssize_t partial_rows
+    bn_grid bn_make_grid(const bn_geometry *)
+    int BN_PARALLEL_MIN_ELEMS
     int bn_moments(bn_dtype, const bn_geometry *, bn_array, double *, double *, double *,
                    const bn_run *)
     int bn_forward_train(bn_dtype, const bn_geometry *, bn_array, bn_array, const void *,
@@ -53,6 +59,17 @@ cdef extern from "bnfast/bnfast.h" nogil:
     int bn_isa()
     int BN_ISA_BASELINE
     int BN_ISA_AVX2
+    int BN_ISA_AVX512
+    ctypedef struct bn_cache_sizes:
+        size_t l1d
+        size_t l2
+        size_t l3
+    const bn_cache_sizes *bn_caches()
+    size_t bn_stream_threshold()
+    size_t bn_set_stream_threshold(long long)
+
+cdef extern from "bnfast/bench.h" nogil:
+    void bn_bench_traffic(bn_dtype, void *, const void *, const void *, size_t, int)
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals()  # no `except`: a raised KeyboardInterrupt stays pending
@@ -111,7 +128,7 @@ def openmp_enabled():
 
 
 def simd_compiled():
-    """Instruction sets the kernels were compiled for, baseline first (e.g. "SSE2, AVX2+FMA")."""
+    """Instruction sets the kernels were compiled for, baseline first (e.g. "SSE2, AVX2+FMA, AVX-512")."""
     return bn_simd_compiled().decode()
 
 
@@ -120,7 +137,7 @@ def simd_in_use():
     return bn_simd_in_use().decode()
 
 
-_ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2}
+_ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2, "avx512": BN_ISA_AVX512}
 
 
 def simd_available():
@@ -129,8 +146,8 @@ def simd_available():
 
 
 def select_isa(name):
-    """Run the kernels of variant ``name`` ("baseline", "avx2" or "auto" for the
-    best this CPU runs); raises ValueError when it is unknown or unavailable."""
+    """Run the kernels of variant ``name`` ("baseline", "avx2", "avx512" or "auto"
+    for the best this CPU runs); raises ValueError when it is unknown or unavailable."""
     key = str(name).strip().lower()
     if key == "auto":
         bn_select_isa(-1)
@@ -155,6 +172,78 @@ def _select_isa_from_environment():
 
 
 _select_isa_from_environment()
+
+
+def cache_sizes():
+    """Data-cache sizes of this machine, detected once at import.
+
+    Returns
+    -------
+    dict
+        ``{"l1d": int | None, "l2": int | None, "l3": int | None}`` in bytes,
+        for one core (the L3 of its core complex); None where the OS and CPU
+        report nothing.
+    """
+    cdef const bn_cache_sizes *c = bn_caches()
+    return {"l1d": c.l1d or None, "l2": c.l2 or None, "l3": c.l3 or None}
+
+
+def stream_threshold():
+    """Outputs of more bytes than this are written with streaming stores.
+
+    By default twice the last-level cache (16 MiB when no cache size is
+    known); ``BNFAST_STREAM_BYTES`` at import or `set_stream_threshold`
+    override it.  Streaming changes speed only, never results.
+    """
+    return int(bn_stream_threshold())
+
+
+def set_stream_threshold(nbytes=None):
+    """Stream outputs larger than ``nbytes`` bytes.
+
+    Parameters
+    ----------
+    nbytes : int or None
+        The new threshold; 0 streams every output the kernels can, None
+        restores the default derived from the cache sizes.
+
+    Returns
+    -------
+    int
+        The threshold now in use.
+    """
+    if nbytes is None:
+        return int(bn_set_stream_threshold(-1))
+    n = operator.index(nbytes)
+    if n < 0:
+        raise ValueError(f"nbytes must be >= 0 or None, got {n}")
+    return int(bn_set_stream_threshold(min(n, 2**63 - 1)))
+
+
+def _stream_threshold_from_environment():
+    bn_caches()  # detect once, before any kernel runs on another thread
+    text = os.environ.get("BNFAST_STREAM_BYTES", "").strip()
+    if text:
+        try:
+            set_stream_threshold(int(text))
+            return
+        except ValueError as err:
+            warnings.warn(f"BNFAST_STREAM_BYTES={text!r} ignored (want bytes, an integer >= 0): {err}",
+                          RuntimeWarning, stacklevel=2)
+    set_stream_threshold(None)
+
+
+_stream_threshold_from_environment()
+
+
+def _task_grid(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner):
+    """(tasks, partial states per channel, elements below which calls run
+    serially) of the kernels' task grid for an (outer, channels, inner) view;
+    for tests."""
+    cdef bn_geometry geo
+    geo.outer, geo.channels, geo.inner = outer, channels, inner
+    cdef bn_grid g = bn_make_grid(&geo)
+    return g.ntasks, g.partial_rows, BN_PARALLEL_MIN_ELEMS
 
 
 cdef inline int _threads() noexcept:
@@ -190,6 +279,43 @@ cdef inline bn_run _run_config(const bn_geometry *geo) noexcept:
             and PyThread_get_thread_ident() == _main_thread):
         run.interrupted = _interrupted
     return run
+
+
+def traffic(cnp.ndarray out, cnp.ndarray a, b=None):
+    """``out[...] = a`` or ``out[...] = a + b``: the benchmarks' memory-limit reference.
+
+    The same memory traffic as a normalize (one read, one write) or a
+    backward (two reads, one write), run like the kernels: with
+    `get_num_threads` threads from the same parallel threshold, and with
+    streaming stores above `stream_threshold`.
+
+    Parameters
+    ----------
+    out, a : ndarray
+        C-contiguous float32 or float64 arrays of one dtype and size.
+    b : ndarray, optional
+        A second input like ``a``.
+
+    Raises
+    ------
+    ValueError
+        When the arrays are not C-contiguous arrays of one float dtype and size.
+    """
+    arrays = (out, a) if b is None else (out, a, b)
+    for arr in arrays:
+        if (arr.dtype != out.dtype or arr.dtype.char not in "fd" or arr.size != out.size
+                or not arr.flags.c_contiguous):
+            raise ValueError("traffic needs C-contiguous float32/float64 arrays of one dtype and size")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    cdef void *po = cnp.PyArray_DATA(out)
+    cdef const void *pa = cnp.PyArray_DATA(a)
+    cdef const void *pb = NULL if b is None else cnp.PyArray_DATA(<cnp.ndarray>b)
+    cdef size_t n = out.size
+    cdef bn_dtype dt = _dtype_of(out)
+    cdef int nt = _threads()
+    with nogil:
+        bn_bench_traffic(dt, po, pa, pb, n, nt)
 
 
 cdef inline bn_dtype _dtype_of(cnp.ndarray a):

@@ -1,0 +1,98 @@
+"""The benchmark tooling (``python -m bnfast bench``) works; no timings are judged."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from bnfast import _bench, _kernels
+
+
+def test_cpu_model_comes_from_cpuinfo():
+    name = _bench.cpu_model()
+    assert isinstance(name, str) and name
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")]
+        if models and models[0]:
+            assert name.startswith(models[0])
+
+
+def test_header_names_cpu_isa_and_caches():
+    text = "\n".join(_bench.header_lines(None))
+    assert _bench.cpu_model() in text
+    assert _kernels.simd_in_use() in text
+    assert "L1d" in text and "L3" in text and "streaming stores above" in text
+    info = _bench.machine_info()
+    assert info["stream_threshold"] == _kernels.stream_threshold()
+    assert info["cache_l3"] == _kernels.cache_sizes()["l3"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [0, 5, 70001, 300001])
+def test_traffic_reference_copies_and_adds(dtype, n):
+    rng = np.random.default_rng(n)
+    a, b = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    before_threads, before_threshold = _kernels.get_num_threads(), _kernels.stream_threshold()
+    try:
+        for threads in (1, 2, 3):
+            _kernels.set_num_threads(threads)
+            for threshold in (None, 0):  # plain and streaming stores
+                _kernels.set_stream_threshold(threshold)
+                out = np.full(n + 1, np.nan, dtype)[1:]  # not 16-byte aligned for float64
+                _kernels.traffic(out, a)
+                assert np.array_equal(out, a)
+                _kernels.traffic(out, a, b)
+                assert np.array_equal(out, a + b)
+    finally:
+        _kernels.set_num_threads(before_threads)
+        _kernels.set_stream_threshold(before_threshold)
+
+
+def test_traffic_rejects_mismatched_arrays():
+    a = np.zeros(10)
+    with pytest.raises(ValueError):
+        _kernels.traffic(np.zeros(10, np.float32), a)
+    with pytest.raises(ValueError):
+        _kernels.traffic(np.zeros(9), a)
+    with pytest.raises(ValueError):
+        _kernels.traffic(np.zeros(20)[::2], a)
+    with pytest.raises(ValueError):
+        _kernels.traffic(np.zeros(10, np.int64), np.zeros(10, np.int64))
+
+
+def test_torch_sees_nhwc_in_channels_last_format():
+    torch = pytest.importorskip("torch")
+    for shape, fmt in (((2, 3, 4, 5), torch.channels_last), ((2, 3, 4, 5, 6), torch.channels_last_3d)):
+        x, _, _ = _bench._make(shape, True, np.float32)
+        t = _bench._torch_view(torch, x, True)
+        assert tuple(t.shape) == shape and t.is_contiguous(memory_format=fmt)
+        assert t.data_ptr() == x.ctypes.data  # a view: the same bytes as bnfast reads
+
+
+def test_suite_is_issue_9s():
+    assert _bench.SUITE == [
+        (32, 64, 28, 28), (32, 64, 56, 56), (64, 64, 112, 112), (128, 256, 14, 14), (8, 3, 224, 224),
+        (1, 64, 56, 56), (256, 1024), (4096, 64), (2, 32, 16, 28, 28), (8, 16),
+    ]  # fmt: skip
+
+
+def test_help_describes_the_reference(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _bench.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "memory-limit reference" in out and "channels_last" in out and "--plot" in out
+
+
+def test_run_and_plot_without_torch(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = _bench.run([(8, 16), (2, 3, 4, 4)], ops=("inference", "backward"), dtypes=("float32",),
+                      threads=(1, 2), min_rounds=1, budget=0.0, use_torch=False, use_numpy=False)
+    assert len(rows) == 3 * 2 * 2  # NC; NCHW and NHWC -- x 2 ops x 2 thread counts
+    assert all(r["torch_s"] is None and r["roof_s"] > 0 for r in rows)
+    path = tmp_path / "chart.png"
+    _bench.plot(rows, str(path), torch_note="PyTorch is not installed")
+    assert path.stat().st_size > 0
