@@ -48,20 +48,6 @@ static inline VD BN_FN(ldd_)(const double *p)
     return v;
 }
 
-static inline void BN_FN(st_)(BN_T *p, VD v)
-{
-#if BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 32
-    _mm_storeu_ps(p, _mm256_cvtpd_ps((__m256d)v));
-#elif BN_X86 && BN_T_IS_FLOAT && BN_VEC_BYTES == 64
-    _mm256_storeu_ps(p, _mm512_cvtpd_ps((__m512d)v));
-#elif BN_X86 && BN_T_IS_FLOAT
-    _mm_storel_epi64((__m128i *)(void *)p, _mm_castps_si128(_mm_cvtpd_ps((__m128d)v)));
-#else
-    VT t = __builtin_convertvector(v, VT);
-    memcpy(p, &t, sizeof t);
-#endif
-}
-
 static inline VD BN_FN(splat_)(double s)
 {
     VD v;
@@ -71,34 +57,53 @@ static inline VD BN_FN(splat_)(double s)
 
 #define BN_LD BN_FN(ld_)
 #define BN_LDD BN_FN(ldd_)
-#define BN_ST BN_FN(st_)
 #define BN_SPLAT BN_FN(splat_)
 
-/* Non-temporal store of 2 W elements to an address aligned to BN_VEC_BYTES. */
+/* VA: WA elements of BN_T in one register, for the apply phase, which
+ * computes in BN_T (the statistics accumulate in double). */
+#define WA ((ptrdiff_t)(BN_VEC_BYTES / sizeof(BN_T)))
+typedef BN_T BN_FN(va_) __attribute__((vector_size(BN_VEC_BYTES)));
+
+static inline BN_FN(va_) BN_FN(lda_)(const BN_T *p)
+{
+    BN_FN(va_) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v); }
+
+static inline BN_FN(va_) BN_FN(splata_)(BN_T s)
+{
+    BN_FN(va_) v;
+    for (ptrdiff_t l = 0; l < WA; l++) v[l] = s;
+    return v;
+}
+
+#define BN_LDA BN_FN(lda_)
+#define BN_STA BN_FN(sta_)
+#define BN_SPLATA BN_FN(splata_)
+
+/* Non-temporal store of one vector to an address aligned to BN_VEC_BYTES. */
 #if BN_X86
 #define BN_CAN_STREAM 1
-static inline void BN_FN(stream2_)(BN_T *p, VD a, VD b)
+static inline void BN_FN(streama_)(BN_T *p, BN_FN(va_) v)
 {
-#if BN_T_IS_FLOAT && BN_VEC_BYTES == 32
-    _mm256_stream_ps(p, _mm256_set_m128(_mm256_cvtpd_ps((__m256d)b), _mm256_cvtpd_ps((__m256d)a)));
-#elif BN_T_IS_FLOAT && BN_VEC_BYTES == 64 /* insertf64x4 is AVX512F; insertf32x8 would need DQ */
-    _mm512_stream_ps(p, _mm512_castpd_ps(_mm512_insertf64x4(
-                            _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps((__m512d)a))),
-                            _mm256_castps_pd(_mm512_cvtpd_ps((__m512d)b)), 1)));
+#if BN_T_IS_FLOAT && BN_VEC_BYTES == 64
+    _mm512_stream_ps(p, (__m512)v);
+#elif BN_T_IS_FLOAT && BN_VEC_BYTES == 32
+    _mm256_stream_ps(p, (__m256)v);
 #elif BN_T_IS_FLOAT
-    _mm_stream_ps(p, _mm_movelh_ps(_mm_cvtpd_ps((__m128d)a), _mm_cvtpd_ps((__m128d)b)));
+    _mm_stream_ps(p, (__m128)v);
+#elif BN_VEC_BYTES == 64
+    _mm512_stream_pd(p, (__m512d)v);
 #elif BN_VEC_BYTES == 32
-    _mm256_stream_pd(p, (__m256d)a);
-    _mm256_stream_pd(p + W, (__m256d)b);
-#elif BN_VEC_BYTES == 64 /* two whole lines */
-    _mm512_stream_pd(p, (__m512d)a);
-    _mm512_stream_pd(p + W, (__m512d)b);
+    _mm256_stream_pd(p, (__m256d)v);
 #else
-    _mm_stream_pd(p, (__m128d)a);
-    _mm_stream_pd(p + W, (__m128d)b);
+    _mm_stream_pd(p, (__m128d)v);
 #endif
 }
-#define BN_STREAM2 BN_FN(stream2_)
+#define BN_STREAMA BN_FN(streama_)
 #else
 #define BN_CAN_STREAM 0
 #endif
@@ -106,11 +111,10 @@ static inline void BN_FN(stream2_)(BN_T *p, VD a, VD b)
 #define BN_CAN_STREAM 0
 #endif
 
-/* Streaming stores write whole 64-byte lines only: elements before p's next
- * line boundary (-1 if p is not element-aligned), and elements per streamed
- * block: one line, or two when one BN_STREAM2 covers more (64-byte vectors of
- * double). */
-#define BN_LINE_ELEMS ((ptrdiff_t)(64 / sizeof(BN_T) > 2 * W ? 64 / sizeof(BN_T) : 2 * W))
+/* Streaming stores write whole 64-byte lines only (a whole number of vectors):
+ * elements per line, and elements before p's next line boundary (-1 if p is
+ * not element-aligned). */
+#define BN_LINE_T ((ptrdiff_t)(64 / sizeof(BN_T)))
 static inline ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
 {
     const size_t a = (size_t)p % 64;
@@ -126,6 +130,74 @@ static inline void BN_FN(stream_fence_)(int stream)
     (void)stream;
 #endif
 }
+
+/* ---- per-channel coefficients of the apply phase -------------------------
+ * Arrays of BN_T, BN_COEFS of them (kernels.h), channels long, in k->coef: the mean as a
+ * pair mh + ml (ml = 0 for double), the affine scale s and shift b, and for
+ * the gradient the factors of grad_in = g * a + xhat * k1 + k0 with
+ * xhat = (x - mean) * inv.  Kept as xhat-terms (not one coefficient of x)
+ * so that no coefficient underflows in BN_T for data of huge magnitude. */
+typedef struct {
+    BN_T mh, ml, s, b, a, inv, k1, k0;
+} BN_FN(coef_);
+
+static inline void BN_FN(set_coef_)(const bn_context *k, ptrdiff_t c, double mean, double s,
+                                    double b, double a, double inv, double k1, double k0)
+{
+    BN_T *q = (BN_T *)k->coef;
+    const ptrdiff_t C = k->geo.channels;
+    const BN_T mh = (BN_T)mean;
+    q[BN_MH * C + c] = mh;
+    q[BN_ML * C + c] = (BN_T)(mean - (double)mh);
+    q[BN_S * C + c] = (BN_T)s;
+    q[BN_B * C + c] = (BN_T)b;
+    q[BN_A * C + c] = (BN_T)a;
+    q[BN_INV * C + c] = (BN_T)inv;
+    q[BN_K1 * C + c] = (BN_T)k1;
+    q[BN_K0 * C + c] = (BN_T)k0;
+}
+
+static inline BN_FN(coef_) BN_FN(coef_at_)(const bn_context *k, ptrdiff_t c)
+{
+    const BN_T *q = (const BN_T *)k->coef;
+    const ptrdiff_t C = k->geo.channels;
+    BN_FN(coef_) K = {q[BN_MH * C + c], q[BN_ML * C + c], q[BN_S * C + c], q[BN_B * C + c],
+                      q[BN_A * C + c], q[BN_INV * C + c], q[BN_K1 * C + c], q[BN_K0 * C + c]};
+    return K;
+}
+
+#if BN_VECTORS
+typedef struct {
+    BN_FN(va_) mh, ml, s, b, a, inv, k1, k0;
+} BN_FN(coefv_);
+
+/* Channel c's coefficients in every lane (planar runs). */
+static inline BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c)
+{
+    const BN_FN(coef_) K = BN_FN(coef_at_)(k, c);
+    BN_FN(coefv_) V = {BN_SPLATA(K.mh), BN_SPLATA(K.ml), BN_SPLATA(K.s),   BN_SPLATA(K.b),
+                       BN_SPLATA(K.a),  BN_SPLATA(K.inv), BN_SPLATA(K.k1), BN_SPLATA(K.k0)};
+    return V;
+}
+
+/* Channels c .. c + WA - 1, one per lane (channels-last rows). */
+static inline BN_FN(coefv_) BN_FN(coefv_load_)(const bn_context *k, ptrdiff_t c)
+{
+    const BN_T *q = (const BN_T *)k->coef + c;
+    const ptrdiff_t C = k->geo.channels;
+    BN_FN(coefv_) V = {BN_LDA(q + BN_MH * C), BN_LDA(q + BN_ML * C), BN_LDA(q + BN_S * C),
+                       BN_LDA(q + BN_B * C),  BN_LDA(q + BN_A * C),  BN_LDA(q + BN_INV * C),
+                       BN_LDA(q + BN_K1 * C), BN_LDA(q + BN_K0 * C)};
+    return V;
+}
+
+static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
+{
+    const BN_FN(va_) z = BN_SPLATA(0);
+    BN_FN(coefv_) V = {z, z, z, z, z, z, z, z};
+    return V;
+}
+#endif
 
 /* ---- statistics: Welford over the runs of one planar task --------------- */
 
@@ -250,217 +322,6 @@ static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
     }
 }
 
-/* ---- y = (x - mean) * scale + shift, per channel, in double ------------ */
-
-/* y[i] for i in [i0, i1) with ordinary stores. */
-static inline void BN_FN(affine_span_)(const BN_T *x, BN_T *y, ptrdiff_t i0, ptrdiff_t i1,
-                                       double mu, double s, double b)
-{
-    ptrdiff_t i = i0;
-#if BN_VECTORS
-    const VD vmu = BN_SPLAT(mu), vs = BN_SPLAT(s), vb = BN_SPLAT(b);
-    for (; i + BN_U * W <= i1; i += BN_U * W) {
-        VD v[BN_U];
-        for (int j = 0; j < BN_U; j++) v[j] = (BN_LD(x + i + j * W) - vmu) * vs + vb;
-        for (int j = 0; j < BN_U; j++) BN_ST(y + i + j * W, v[j]);
-    }
-    for (; i + W <= i1; i += W) BN_ST(y + i, (BN_LD(x + i) - vmu) * vs + vb);
-#endif
-    for (; i < i1; i++) y[i] = (BN_T)(((double)x[i] - mu) * s + b);
-}
-
-static inline void BN_FN(affine_run_)(const BN_T *x, BN_T *y, ptrdiff_t len, double mu, double s,
-                                      double b, int stream)
-{
-#if BN_VECTORS && BN_CAN_STREAM
-    ptrdiff_t peel;
-    if (stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_ELEMS <= len) {
-        const VD vmu = BN_SPLAT(mu), vs = BN_SPLAT(s), vb = BN_SPLAT(b);
-        const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
-        BN_FN(affine_span_)(x, y, 0, peel, mu, s, b);
-        for (ptrdiff_t i = peel; i < end; i += 2 * W) {
-            const VD a = (BN_LD(x + i) - vmu) * vs + vb;
-            const VD c = (BN_LD(x + i + W) - vmu) * vs + vb;
-            BN_STREAM2(y + i, a, c);
-        }
-        BN_FN(affine_span_)(x, y, end, len, mu, s, b);
-        return;
-    }
-#else
-    (void)stream;
-#endif
-    BN_FN(affine_span_)(x, y, 0, len, mu, s, b);
-}
-
-static void BN_FN(affine_planar_)(const bn_context *k, ptrdiff_t t)
-{
-    const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
-    const ptrdiff_t c = u.channel;
-    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
-        const BN_T *x = (const BN_T *)k->ax.data + n * k->ax.outer_stride + c * k->ax.channel_stride
-                        + u.offset;
-        BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + c * k->y.channel_stride + u.offset;
-        BN_FN(affine_run_)(x, y, u.len, k->amean[c], k->scale[c], k->shift[c], k->stream);
-    }
-    BN_FN(stream_fence_)(k->stream);
-}
-
-/* Short planar runs (inner < BN_SPAN_INNER) with streaming: the normalize
- * phase walks rows of consecutive channels as one contiguous span, so that
- * streaming stores write whole lines across run boundaries.  Span task t of
- * channels [c0, c1) covers row t / chunks, channels of chunk t % chunks. */
-#define BN_SPAN_INNER 2048
-
-static inline ptrdiff_t BN_FN(span_chunk_)(const bn_context *k)
-{
-    return bn_max(1, BN_TASK_ELEMS / k->geo.inner);
-}
-
-static inline int BN_FN(use_spans_)(const bn_context *k)
-{
-#if BN_VECTORS && BN_CAN_STREAM
-    return k->stream && !k->grid.channels_last && k->geo.inner < BN_SPAN_INNER
-           && k->geo.inner >= BN_LINE_ELEMS
-           && k->ax.channel_stride == k->geo.inner && k->y.channel_stride == k->geo.inner
-           && (k->op != BN_OP_BACKWARD || !k->training
-               || (k->x.channel_stride == k->geo.inner && k->g.channel_stride == k->geo.inner));
-#else
-    (void)k;
-    return 0;
-#endif
-}
-
-/* Elements [i0, i1) of a span starting at channel ca, ordinary stores. */
-static inline void BN_FN(span_plain_)(const bn_context *k, const BN_T *x, BN_T *y, ptrdiff_t ca,
-                                      ptrdiff_t i0, ptrdiff_t i1)
-{
-    const ptrdiff_t inner = k->geo.inner;
-    while (i0 < i1) {
-        const ptrdiff_t j = i0 / inner, end = bn_min(i1, (j + 1) * inner);
-        const ptrdiff_t c = ca + j;
-        BN_FN(affine_span_)(x, y, i0, end, k->amean[c], k->scale[c], k->shift[c]);
-        i0 = end;
-    }
-}
-
-static void BN_FN(affine_span_task_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
-{
-#if BN_VECTORS && BN_CAN_STREAM
-    const ptrdiff_t inner = k->geo.inner, chunk = BN_FN(span_chunk_)(k);
-    const ptrdiff_t chunks = bn_ceil_div(c1 - c0, chunk);
-    const ptrdiff_t n = t / chunks, ca = c0 + (t % chunks) * chunk, cb = bn_min(c1, ca + chunk);
-    const BN_T *x = (const BN_T *)k->ax.data + n * k->ax.outer_stride + ca * inner;
-    BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + ca * inner;
-    const ptrdiff_t len = (cb - ca) * inner;
-    const ptrdiff_t peel = BN_FN(line_peel_)(y);
-    if (peel < 0 || peel + BN_LINE_ELEMS > len) {
-        BN_FN(span_plain_)(k, x, y, ca, 0, len);
-        return;
-    }
-    const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
-    BN_FN(span_plain_)(k, x, y, ca, 0, peel);
-    ptrdiff_t jf = peel / inner, bound = (jf + 1) * inner; /* channel of element i, its end */
-    for (ptrdiff_t i = peel; i < end; i += BN_LINE_ELEMS) {
-        while (i >= bound) {
-            jf++;
-            bound += inner;
-        }
-        if (i + BN_LINE_ELEMS <= bound) { /* the line lies in one channel */
-            const ptrdiff_t c = ca + jf;
-            const VD vmu = BN_SPLAT(k->amean[c]), vs = BN_SPLAT(k->scale[c]), vb = BN_SPLAT(k->shift[c]);
-            for (ptrdiff_t e = i; e < i + BN_LINE_ELEMS; e += 2 * W)
-                BN_STREAM2(y + e, (BN_LD(x + e) - vmu) * vs + vb, (BN_LD(x + e + W) - vmu) * vs + vb);
-        } else { /* straddles channels: compute the line in L1, then stream it */
-            BN_T line[BN_LINE_ELEMS] __attribute__((aligned(64)));
-            for (ptrdiff_t e = 0, c = ca + jf; e < BN_LINE_ELEMS; e++) {
-                if (i + e == bound) c++; /* a line spans at most two runs (inner >= BN_LINE_ELEMS) */
-                line[e] = (BN_T)(((double)x[i + e] - k->amean[c]) * k->scale[c] + k->shift[c]);
-            }
-            for (ptrdiff_t e = 0; e < BN_LINE_ELEMS; e += 2 * W)
-                BN_STREAM2(y + i + e, BN_LD(line + e), BN_LD(line + e + W));
-        }
-    }
-    BN_FN(span_plain_)(k, x, y, ca, end, len);
-    BN_FN(stream_fence_)(1);
-#else
-    (void)k;
-    (void)c0;
-    (void)c1;
-    (void)t;
-#endif
-}
-
-/* Channels-last: blocks of BN_ROWS rows share each load of the per-channel
- * coefficients, except when streaming (interleaved rows would break up the
- * write-combining of whole lines); other rows one by one. */
-#define BN_ROWS 4
-
-static void BN_FN(affine_rows_)(const bn_context *k, ptrdiff_t t)
-{
-    const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
-    const double *mu = k->amean, *s = k->scale, *b = k->shift;
-    const ptrdiff_t xs = k->ax.outer_stride, ys = k->y.outer_stride;
-    const BN_T *x0 = (const BN_T *)k->ax.data;
-    BN_T *y0 = (BN_T *)k->y.data; /* may alias x */
-    ptrdiff_t r = u.row0;
-#if BN_VECTORS
-    if (!k->stream) { /* streaming stores go row by row: whole lines per row */
-        for (; r + BN_ROWS <= u.row1; r += BN_ROWS) {
-            const BN_T *x = x0 + r * xs;
-            BN_T *y = y0 + r * ys;
-            ptrdiff_t c = u.c0;
-            for (; c + 2 * W <= u.c1; c += 2 * W) {
-                const VD m0 = BN_LDD(mu + c), m1 = BN_LDD(mu + c + W);
-                const VD s0 = BN_LDD(s + c), s1 = BN_LDD(s + c + W);
-                const VD b0 = BN_LDD(b + c), b1 = BN_LDD(b + c + W);
-                for (int q = 0; q < BN_ROWS; q++) {
-                    const VD p0 = (BN_LD(x + q * xs + c) - m0) * s0 + b0;
-                    const VD p1 = (BN_LD(x + q * xs + c + W) - m1) * s1 + b1;
-                    BN_ST(y + q * ys + c, p0);
-                    BN_ST(y + q * ys + c + W, p1);
-                }
-            }
-            for (; c < u.c1; c++)
-                for (int q = 0; q < BN_ROWS; q++)
-                    y[q * ys + c] = (BN_T)(((double)x[q * xs + c] - mu[c]) * s[c] + b[c]);
-        }
-    }
-#endif
-    for (; r < u.row1; r++) {
-        const BN_T *x = x0 + r * xs;
-        BN_T *y = y0 + r * ys;
-        ptrdiff_t c = u.c0;
-#if BN_VECTORS
-#if BN_CAN_STREAM
-        ptrdiff_t peel;
-        if (k->stream && (peel = BN_FN(line_peel_)(y + c)) >= 0 && peel + BN_LINE_ELEMS <= u.c1 - c) {
-            const ptrdiff_t e = c + peel;
-            for (; c + W <= e; c += W)
-                BN_ST(y + c, (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c));
-            for (; c < e; c++) y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
-            for (const ptrdiff_t e2 = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e2; c += 2 * W) {
-                const VD a = (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c);
-                const VD d = (BN_LD(x + c + W) - BN_LDD(mu + c + W)) * BN_LDD(s + c + W)
-                             + BN_LDD(b + c + W);
-                BN_STREAM2(y + c, a, d);
-            }
-        }
-#endif
-        for (; c + 2 * W <= u.c1; c += 2 * W) {
-            const VD a = (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c);
-            const VD d = (BN_LD(x + c + W) - BN_LDD(mu + c + W)) * BN_LDD(s + c + W)
-                         + BN_LDD(b + c + W);
-            BN_ST(y + c, a);
-            BN_ST(y + c + W, d);
-        }
-        for (; c + W <= u.c1; c += W)
-            BN_ST(y + c, (BN_LD(x + c) - BN_LDD(mu + c)) * BN_LDD(s + c) + BN_LDD(b + c));
-#endif
-        for (; c < u.c1; c++) y[c] = (BN_T)(((double)x[c] - mu[c]) * s[c] + b[c]);
-    }
-    BN_FN(stream_fence_)(k->stream);
-}
-
 /* ---- backward: per-channel sum(g) and sum(g * (x - mean)) --------------- */
 
 static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
@@ -562,194 +423,29 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
     }
 }
 
-/* ---- backward: grad_in = g * scale + (x - mean) * coef_x + shift -------- */
+/* ---- apply phase: one template, two operations ---------------------------
+ * affine: y = (x - mean) * s + b (training forward, inference, and backward
+ *         with constant statistics, which reads g as x with mean 0, b = 0);
+ * grad:   grad_in = g * a + xhat * k1 + k0 (training backward). */
+#define BN_APPLY affine
+#define BN_APPLY_X ax
+#define BN_APPLY_G 0
+#define BN_APPLY_EXPR(g, x, K) ((((x) - (K).mh) - (K).ml) * (K).s + (K).b)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_X
+#undef BN_APPLY_G
+#undef BN_APPLY_EXPR
 
-static inline void BN_FN(grad_apply_span_)(const BN_T *g, const BN_T *x, BN_T *y, ptrdiff_t i0,
-                                           ptrdiff_t i1, double mu, double a, double bx, double c0)
-{
-    ptrdiff_t i = i0; /* y may alias g or x element for element */
-#if BN_VECTORS
-    const VD vmu = BN_SPLAT(mu), va = BN_SPLAT(a), vbx = BN_SPLAT(bx), vc = BN_SPLAT(c0);
-    for (; i + 2 * W <= i1; i += 2 * W) {
-        const VD p = BN_LD(g + i) * va + ((BN_LD(x + i) - vmu) * vbx + vc);
-        const VD q = BN_LD(g + i + W) * va + ((BN_LD(x + i + W) - vmu) * vbx + vc);
-        BN_ST(y + i, p);
-        BN_ST(y + i + W, q);
-    }
-#endif
-    for (; i < i1; i++) y[i] = (BN_T)((double)g[i] * a + (((double)x[i] - mu) * bx + c0));
-}
-
-static inline void BN_FN(grad_apply_run_)(const BN_T *g, const BN_T *x, BN_T *y, ptrdiff_t len,
-                                          double mu, double a, double bx, double c0, int stream)
-{
-#if BN_VECTORS && BN_CAN_STREAM
-    ptrdiff_t peel;
-    if (stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_ELEMS <= len) {
-        const VD vmu = BN_SPLAT(mu), va = BN_SPLAT(a), vbx = BN_SPLAT(bx), vc = BN_SPLAT(c0);
-        const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
-        BN_FN(grad_apply_span_)(g, x, y, 0, peel, mu, a, bx, c0);
-        for (ptrdiff_t i = peel; i < end; i += 2 * W) {
-            const VD p = BN_LD(g + i) * va + ((BN_LD(x + i) - vmu) * vbx + vc);
-            const VD q = BN_LD(g + i + W) * va + ((BN_LD(x + i + W) - vmu) * vbx + vc);
-            BN_STREAM2(y + i, p, q);
-        }
-        BN_FN(grad_apply_span_)(g, x, y, end, len, mu, a, bx, c0);
-        return;
-    }
-#else
-    (void)stream;
-#endif
-    BN_FN(grad_apply_span_)(g, x, y, 0, len, mu, a, bx, c0);
-}
-
-static void BN_FN(grad_apply_planar_)(const bn_context *k, ptrdiff_t t)
-{
-    const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
-    const ptrdiff_t c = u.channel;
-    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
-        const BN_T *x = (const BN_T *)k->x.data + n * k->x.outer_stride + c * k->x.channel_stride
-                        + u.offset;
-        const BN_T *g = (const BN_T *)k->g.data + n * k->g.outer_stride + c * k->g.channel_stride
-                        + u.offset;
-        BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + c * k->y.channel_stride + u.offset;
-        BN_FN(grad_apply_run_)(g, x, y, u.len, k->mean[c], k->scale[c], k->coef_x[c], k->shift[c],
-                               k->stream);
-    }
-    BN_FN(stream_fence_)(k->stream);
-}
-
-static void BN_FN(grad_apply_rows_)(const bn_context *k, ptrdiff_t t)
-{
-    const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
-    const double *mu = k->mean, *a = k->scale, *bx = k->coef_x, *c0 = k->shift;
-    const ptrdiff_t xs = k->x.outer_stride, gs = k->g.outer_stride, ys = k->y.outer_stride;
-    const BN_T *x0 = (const BN_T *)k->x.data, *g0 = (const BN_T *)k->g.data;
-    BN_T *y0 = (BN_T *)k->y.data; /* may alias g or x */
-#define BN_GRAD_S(g, x, c) (BN_T)((double)(g) * a[c] + (((double)(x) - mu[c]) * bx[c] + c0[c]))
-    ptrdiff_t r = u.row0;
-#if BN_VECTORS
-    if (!k->stream) { /* streaming stores go row by row: whole lines per row */
-        for (; r + BN_ROWS <= u.row1; r += BN_ROWS) {
-            const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
-            BN_T *y = y0 + r * ys;
-            ptrdiff_t c = u.c0;
-            for (; c + 2 * W <= u.c1; c += 2 * W) {
-                const VD m0 = BN_LDD(mu + c), m1 = BN_LDD(mu + c + W);
-                const VD a0 = BN_LDD(a + c), a1 = BN_LDD(a + c + W);
-                const VD x0c = BN_LDD(bx + c), x1c = BN_LDD(bx + c + W);
-                const VD k0 = BN_LDD(c0 + c), k1 = BN_LDD(c0 + c + W);
-                for (int q = 0; q < BN_ROWS; q++) {
-                    const VD p0 = BN_LD(g + q * gs + c) * a0 + ((BN_LD(x + q * xs + c) - m0) * x0c + k0);
-                    const VD p1 = BN_LD(g + q * gs + c + W) * a1
-                                  + ((BN_LD(x + q * xs + c + W) - m1) * x1c + k1);
-                    BN_ST(y + q * ys + c, p0);
-                    BN_ST(y + q * ys + c + W, p1);
-                }
-            }
-            for (; c < u.c1; c++)
-                for (int q = 0; q < BN_ROWS; q++)
-                    y[q * ys + c] = BN_GRAD_S(g[q * gs + c], x[q * xs + c], c);
-        }
-    }
-#endif
-    for (; r < u.row1; r++) {
-        const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
-        BN_T *y = y0 + r * ys;
-        ptrdiff_t c = u.c0;
-#if BN_VECTORS
-#define BN_GRAD_VEC(c)                                                                          \
-    (BN_LD(g + (c)) * BN_LDD(a + (c))                                                         \
-     + ((BN_LD(x + (c)) - BN_LDD(mu + (c))) * BN_LDD(bx + (c)) + BN_LDD(c0 + (c))))
-#if BN_CAN_STREAM
-        ptrdiff_t peel;
-        if (k->stream && (peel = BN_FN(line_peel_)(y + c)) >= 0 && peel + BN_LINE_ELEMS <= u.c1 - c) {
-            const ptrdiff_t e = c + peel;
-            for (; c + W <= e; c += W) BN_ST(y + c, BN_GRAD_VEC(c));
-            for (; c < e; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
-            for (const ptrdiff_t e2 = c + (u.c1 - c) / BN_LINE_ELEMS * BN_LINE_ELEMS; c < e2; c += 2 * W) {
-                const VD p = BN_GRAD_VEC(c), q = BN_GRAD_VEC(c + W);
-                BN_STREAM2(y + c, p, q);
-            }
-        }
-#endif
-        for (; c + 2 * W <= u.c1; c += 2 * W) {
-            const VD p = BN_GRAD_VEC(c), q = BN_GRAD_VEC(c + W);
-            BN_ST(y + c, p);
-            BN_ST(y + c + W, q);
-        }
-        for (; c + W <= u.c1; c += W) BN_ST(y + c, BN_GRAD_VEC(c));
-#undef BN_GRAD_VEC
-#endif
-        for (; c < u.c1; c++) y[c] = BN_GRAD_S(g[c], x[c], c);
-    }
-#undef BN_GRAD_S
-    BN_FN(stream_fence_)(k->stream);
-}
-
-/* Training backward, short planar runs with streaming: as affine_span_task_. */
-static inline void BN_FN(grad_span_plain_)(const bn_context *k, const BN_T *g, const BN_T *x,
-                                           BN_T *y, ptrdiff_t ca, ptrdiff_t i0, ptrdiff_t i1)
-{
-    const ptrdiff_t inner = k->geo.inner;
-    while (i0 < i1) {
-        const ptrdiff_t j = i0 / inner, end = bn_min(i1, (j + 1) * inner);
-        const ptrdiff_t c = ca + j;
-        BN_FN(grad_apply_span_)(g, x, y, i0, end, k->mean[c], k->scale[c], k->coef_x[c], k->shift[c]);
-        i0 = end;
-    }
-}
-
-static void BN_FN(grad_span_task_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
-{
-#if BN_VECTORS && BN_CAN_STREAM
-    const ptrdiff_t inner = k->geo.inner, chunk = BN_FN(span_chunk_)(k);
-    const ptrdiff_t chunks = bn_ceil_div(c1 - c0, chunk);
-    const ptrdiff_t n = t / chunks, ca = c0 + (t % chunks) * chunk, cb = bn_min(c1, ca + chunk);
-    const BN_T *x = (const BN_T *)k->x.data + n * k->x.outer_stride + ca * inner;
-    const BN_T *g = (const BN_T *)k->g.data + n * k->g.outer_stride + ca * inner;
-    BN_T *y = (BN_T *)k->y.data + n * k->y.outer_stride + ca * inner;
-    const ptrdiff_t len = (cb - ca) * inner;
-    const ptrdiff_t peel = BN_FN(line_peel_)(y);
-    if (peel < 0 || peel + BN_LINE_ELEMS > len) {
-        BN_FN(grad_span_plain_)(k, g, x, y, ca, 0, len);
-        return;
-    }
-    const ptrdiff_t end = peel + (len - peel) / BN_LINE_ELEMS * BN_LINE_ELEMS;
-    BN_FN(grad_span_plain_)(k, g, x, y, ca, 0, peel);
-    ptrdiff_t jf = peel / inner, bound = (jf + 1) * inner;
-    for (ptrdiff_t i = peel; i < end; i += BN_LINE_ELEMS) {
-        while (i >= bound) {
-            jf++;
-            bound += inner;
-        }
-        if (i + BN_LINE_ELEMS <= bound) {
-            const ptrdiff_t c = ca + jf;
-            const VD vmu = BN_SPLAT(k->mean[c]), va = BN_SPLAT(k->scale[c]);
-            const VD vbx = BN_SPLAT(k->coef_x[c]), vc = BN_SPLAT(k->shift[c]);
-            for (ptrdiff_t e = i; e < i + BN_LINE_ELEMS; e += 2 * W)
-                BN_STREAM2(y + e, BN_LD(g + e) * va + ((BN_LD(x + e) - vmu) * vbx + vc),
-                           BN_LD(g + e + W) * va + ((BN_LD(x + e + W) - vmu) * vbx + vc));
-        } else {
-            BN_T line[BN_LINE_ELEMS] __attribute__((aligned(64)));
-            for (ptrdiff_t e = 0, c = ca + jf; e < BN_LINE_ELEMS; e++) {
-                if (i + e == bound) c++;
-                line[e] = (BN_T)((double)g[i + e] * k->scale[c]
-                                 + (((double)x[i + e] - k->mean[c]) * k->coef_x[c] + k->shift[c]));
-            }
-            for (ptrdiff_t e = 0; e < BN_LINE_ELEMS; e += 2 * W)
-                BN_STREAM2(y + i + e, BN_LD(line + e), BN_LD(line + e + W));
-        }
-    }
-    BN_FN(grad_span_plain_)(k, g, x, y, ca, end, len);
-    BN_FN(stream_fence_)(1);
-#else
-    (void)k;
-    (void)c0;
-    (void)c1;
-    (void)t;
-#endif
-}
+#define BN_APPLY grad
+#define BN_APPLY_X x
+#define BN_APPLY_G 1
+#define BN_APPLY_EXPR(g, x, K) ((g) * (K).a + ((((x) - (K).mh) - (K).ml) * (K).inv * (K).k1 + (K).k0))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_X
+#undef BN_APPLY_G
+#undef BN_APPLY_EXPR
 
 /* ---- per-channel finishing steps between the phases ---------------------
  * Channels [c0, c1): merge the partials of every channel in partial order
@@ -805,9 +501,8 @@ static void BN_FN(finish_block_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
                 k->next_mean[c] = (1.0 - m) * (double)rm[c] + m * mean;
                 k->next_var[c] = (1.0 - m) * (double)rv[c] + m * (m2 / (n - 1.0));
             }
-            k->mean[c] = mean;
-            k->scale[c] = (weight ? (double)weight[c] : 1.0) * invstd;
-            k->shift[c] = bias ? (double)bias[c] : 0.0;
+            BN_FN(set_coef_)(k, c, mean, (weight ? (double)weight[c] : 1.0) * invstd,
+                             bias ? (double)bias[c] : 0.0, 0.0, 0.0, 0.0, 0.0);
         } else {
             const double sum_g = a[j], sum_gx = b[j];
             const BN_T *weight = (const BN_T *)k->weight;
@@ -815,17 +510,14 @@ static void BN_FN(finish_block_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
             const double s = (weight ? (double)weight[c] : 1.0) * invstd;
             ((BN_T *)k->grad_bias)[c] = (BN_T)sum_g;
             ((BN_T *)k->grad_weight)[c] = (BN_T)(sum_gx * invstd);
-            k->scale[c] = s;
-            if (k->training) {
-                k->coef_x[c] = -s * invstd * invstd * sum_gx / n;
-                k->shift[c] = -s * sum_g / n;
-            } else {
+            if (k->training) /* s * (g - mean(g) - xhat * mean(g * xhat)) */
+                BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, -s * sum_gx * invstd / n,
+                                 -s * sum_g / n);
+            else
                 /* constants: grad_in = g * weight * invstd through the affine
                  * phase on g with mean 0 (x is not read: an inf in x must
                  * not turn into 0 * inf) */
-                k->coef_x[c] = 0.0;
-                k->shift[c] = 0.0;
-            }
+                BN_FN(set_coef_)(k, c, 0.0, s, 0.0, 0.0, 0.0, 0.0, 0.0);
         }
     }
 }
@@ -841,32 +533,21 @@ static void BN_FN(phase_a_)(const bn_context *k, ptrdiff_t t)
     }
 }
 
-static void BN_FN(phase_c_)(const bn_context *k, ptrdiff_t t)
-{
-    if (k->op == BN_OP_BACKWARD && k->training) {
-        if (k->grid.channels_last) BN_FN(grad_apply_rows_)(k, t);
-        else BN_FN(grad_apply_planar_)(k, t);
-    } else {
-        if (k->grid.channels_last) BN_FN(affine_rows_)(k, t);
-        else BN_FN(affine_planar_)(k, t);
-    }
-}
-
 /* The op's phases, run by every thread of a team (or by one, outside any
  * parallel region, where the worksharing loops below run serially):
  *   A  statistics / gradient sums of a group of channels (partials per task),
  *   B  per-channel finish: ordered merge of the partials, coefficients,
- *   C  normalize / gradient apply of the same group.
- * The static schedules give a thread the same tasks in A and C, so C reads
- * what A brought into that core's cache.  C of one group touches only its own
- * channels, so the next group's A may start without waiting. */
+ *   C  normalize / gradient apply of the same group (apply_body.h): planar
+ *      tasks in memory order (rows of runs of consecutive channels),
+ *      channels-last tasks as in A.
+ * C of one group touches only its own channels, so the next group's A may
+ * start without waiting; A and C of a group run while it is in the cache. */
 static void BN_FN(exec_body_)(bn_context *k)
 {
     const ptrdiff_t C = k->geo.channels;
     const int reduce = k->op != BN_OP_INFERENCE, apply = k->op != BN_OP_MOMENTS;
     const ptrdiff_t per = k->grid.channels_last ? 0 : k->grid.partial_rows;
     const ptrdiff_t gch = k->grid.channels_last ? C : k->group_channels;
-    const int spans = BN_FN(use_spans_)(k);
     for (ptrdiff_t c0 = 0; c0 < C; c0 += gch) {
         const ptrdiff_t c1 = bn_min(C, c0 + gch);
         const ptrdiff_t t0 = per * c0, t1 = per ? per * c1 : k->grid.ntasks;
@@ -882,22 +563,22 @@ static void BN_FN(exec_body_)(bn_context *k)
             for (ptrdiff_t b = c0; b < c1; b += BN_FINISH_BLOCK)
                 if (!bn_flag_load(&k->stop)) BN_FN(finish_block_)(k, b, bn_min(c1, b + BN_FINISH_BLOCK));
         }
-        if (apply && spans) {
-            const ptrdiff_t nspan = k->geo.outer * bn_ceil_div(c1 - c0, BN_FN(span_chunk_)(k));
+        if (!apply) continue;
+        const int grad = k->op == BN_OP_BACKWARD && k->training;
+        const ptrdiff_t ntasks = k->grid.channels_last ? k->grid.ntasks
+                                                       : bn_apply_tasks(&k->geo, c0, c1);
 #ifdef _OPENMP
 #pragma omp for schedule(static) nowait
 #endif
-            for (ptrdiff_t t = 0; t < nspan; t++) {
-                if (bn_stopped(k)) continue;
-                if (k->op == BN_OP_BACKWARD && k->training) BN_FN(grad_span_task_)(k, c0, c1, t);
-                else BN_FN(affine_span_task_)(k, c0, c1, t);
+        for (ptrdiff_t t = 0; t < ntasks; t++) {
+            if (bn_stopped(k)) continue;
+            if (k->grid.channels_last) {
+                if (grad) BN_FN(apply_grad_rows_)(k, t);
+                else BN_FN(apply_affine_rows_)(k, t);
+            } else {
+                if (grad) BN_FN(apply_grad_planar_)(k, c0, c1, t);
+                else BN_FN(apply_affine_planar_)(k, c0, c1, t);
             }
-        } else if (apply) {
-#ifdef _OPENMP
-#pragma omp for schedule(static) nowait
-#endif
-            for (ptrdiff_t t = t0; t < t1; t++)
-                if (!bn_stopped(k)) BN_FN(phase_c_)(k, t);
         }
     }
 }
@@ -993,11 +674,10 @@ static inline int BN_FN(bn_inference_)(const bn_geometry *geo, bn_array x, bn_ar
     BN_SCRATCH(k, 0)
     k.op = BN_OP_INFERENCE;
     k.y = y;
-    for (ptrdiff_t c = 0; c < geo->channels; c++) {
-        k.mean[c] = (double)running_mean[c];
-        k.scale[c] = (weight ? (double)weight[c] : 1.0) / sqrt((double)running_var[c] + eps);
-        k.shift[c] = bias ? (double)bias[c] : 0.0;
-    }
+    for (ptrdiff_t c = 0; c < geo->channels; c++)
+        BN_FN(set_coef_)(&k, c, (double)running_mean[c],
+                         (weight ? (double)weight[c] : 1.0) / sqrt((double)running_var[c] + eps),
+                         bias ? (double)bias[c] : 0.0, 0.0, 0.0, 0.0, 0.0);
     const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
     return status;
@@ -1022,27 +702,25 @@ static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out,
     k.grad_weight = grad_weight;
     k.grad_bias = grad_bias;
     for (ptrdiff_t c = 0; c < geo->channels; c++) k.mean[c] = (double)save_mean[c];
-    if (!training) {
-        k.ax = grad_out;     /* the affine phase reads g ... */
-        k.amean = k.coef_x;  /* ... with mean 0 (finish_block_ zeroes coef_x) */
-    }
+    if (!training) k.ax = grad_out; /* the affine phase reads g (with mean 0) */
     const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
     return status;
 }
 
 #undef BN_SCRATCH
-#undef BN_SPAN_INNER
 #undef BN_ROW_BLOCK
-#undef BN_LINE_ELEMS
-#undef BN_ROWS
+#undef BN_LINE_T
 #undef BN_FINISH_BLOCK
 #undef BN_LD
 #undef BN_LDD
-#undef BN_ST
 #undef BN_SPLAT
-#undef BN_STREAM2
+#undef BN_LDA
+#undef BN_STA
+#undef BN_SPLATA
+#undef BN_STREAMA
 #undef BN_CAN_STREAM
+#undef WA
 #undef VD
 #undef VT
 #undef W

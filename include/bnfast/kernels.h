@@ -40,6 +40,13 @@
 #define BN_VECTORS 0
 #endif
 
+/* For helpers with compile-time-constant arguments that must specialize. */
+#if defined(__GNUC__) || defined(__clang__)
+#define BN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define BN_ALWAYS_INLINE inline
+#endif
+
 /* Phases of an op; see bn_exec_ in kernel_body.h. */
 enum { BN_OP_MOMENTS, BN_OP_FORWARD, BN_OP_INFERENCE, BN_OP_BACKWARD };
 
@@ -52,9 +59,9 @@ typedef struct {
     size_t stream_bytes; /* stream outputs larger than this (bn_stream_threshold) */
     ptrdiff_t group_channels; /* planar: channels per cache group */
     bn_array x, y, g;
-    bn_array ax;                            /* input of the affine phase */
-    double *mean, *scale, *shift, *coef_x;  /* per channel */
-    const double *amean;                    /* mean of the affine phase */
+    bn_array ax;  /* input of the affine phase */
+    double *mean; /* per channel, in double: the mean the statistics are centred on */
+    void *coef;   /* per channel, in the element type: the apply phase's coefficients */
     bn_partials part;                       /* partial states, row-major */
     double *scratch;
     double *next_mean, *next_var; /* running statistics, written back on success */
@@ -69,6 +76,11 @@ typedef struct {
     int training;
     double *out_count, *out_mean, *out_m2;
 } bn_context;
+
+/* The apply phase's per-channel coefficients (see kernel_body.h), and the
+ * doubles per channel that hold them in any element type. */
+enum { BN_MH, BN_ML, BN_S, BN_B, BN_A, BN_INV, BN_K1, BN_K0, BN_COEFS };
+#define BN_COEF_DOUBLES BN_COEFS
 
 /* Scratch small enough for the stack: tiny calls never touch malloc. */
 #define BN_STACK_DOUBLES 1024
@@ -92,7 +104,7 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
 static inline size_t bn_context_doubles(const bn_context *k, int partials)
 {
     const size_t C = (size_t)k->geo.channels, P = (size_t)k->grid.partial_rows;
-    return 6 * C + (partials ? 2 * P * C + 2 * P : 0);
+    return 3 * C + BN_COEF_DOUBLES * C + (partials ? 2 * P * C + 2 * P : 0);
 }
 
 /* Carve the per-channel coefficients and partials out of `buf` (of
@@ -106,14 +118,11 @@ static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
         buf = k->scratch;
     }
     k->mean = buf;
-    k->scale = k->mean + C;
-    k->shift = k->scale + C;
-    k->coef_x = k->shift + C;
-    k->next_mean = k->coef_x + C;
+    k->next_mean = k->mean + C;
     k->next_var = k->next_mean + C;
-    k->amean = k->mean;
+    k->coef = k->next_var + C; /* doubles are aligned for any element type */
     if (partials) {
-        k->part.mean = k->next_var + C;
+        k->part.mean = k->next_var + C + BN_COEF_DOUBLES * C;
         k->part.m2 = k->part.mean + P * C;
         k->part.share = k->part.m2 + P * C;
         k->part.weight = k->part.share + P;

@@ -157,6 +157,44 @@ static inline bn_planar_task bn_planar_task_of(const bn_grid *g, const bn_geomet
     return u;
 }
 
+/* Apply-phase task t of the planar channel group [c0, c1): row `row`,
+ * channels [c0, c1) of it and elements [i0, i1) of each of their runs.  Short
+ * runs: several consecutive channels of a row, so that the tasks follow the
+ * memory order of a contiguous array; long runs: one segment of one run. */
+typedef struct {
+    ptrdiff_t row, c0, c1, i0, i1;
+} bn_apply_task;
+
+static inline ptrdiff_t bn_apply_chunk_(const bn_geometry *geo)
+{
+    return geo->inner >= BN_TASK_ELEMS ? 1 : BN_TASK_ELEMS / geo->inner;
+}
+
+static inline ptrdiff_t bn_apply_segments_(const bn_geometry *geo)
+{
+    return geo->inner >= BN_TASK_ELEMS ? bn_ceil_div(geo->inner, BN_TASK_ELEMS) : 1;
+}
+
+static inline ptrdiff_t bn_apply_tasks(const bn_geometry *geo, ptrdiff_t c0, ptrdiff_t c1)
+{
+    return geo->outer * bn_ceil_div(c1 - c0, bn_apply_chunk_(geo)) * bn_apply_segments_(geo);
+}
+
+static inline bn_apply_task bn_apply_task_of(const bn_geometry *geo, ptrdiff_t c0, ptrdiff_t c1,
+                                             ptrdiff_t t)
+{
+    const ptrdiff_t chunk = bn_apply_chunk_(geo), segments = bn_apply_segments_(geo);
+    const ptrdiff_t per_row = bn_ceil_div(c1 - c0, chunk) * segments;
+    bn_apply_task u;
+    u.row = t / per_row;
+    const ptrdiff_t rest = t - u.row * per_row, j = rest / segments, s = rest - j * segments;
+    u.c0 = c0 + j * chunk;
+    u.c1 = bn_min(c1, u.c0 + chunk);
+    u.i0 = s * BN_TASK_ELEMS;
+    u.i1 = segments > 1 ? bn_min(geo->inner, u.i0 + BN_TASK_ELEMS) : geo->inner;
+    return u;
+}
+
 /* One channels-last task: rows [row0, row1), channels [c0, c1). */
 typedef struct {
     ptrdiff_t row0, row1, c0, c1, prow;

@@ -1,0 +1,99 @@
+/* The apply phase of every op, written once: y = f(g, x; coefficients of the
+ * channel), element by element, in BN_T arithmetic.  kernel_body.h includes it
+ * once per operation, after defining
+ *   BN_APPLY       the name token of the operation (affine, grad),
+ *   BN_APPLY_X     the bn_array field of the context read as x,
+ *   BN_APPLY_G     1 if the op reads a second input k->g, else 0,
+ *   BN_APPLY_EXPR(g, x, K)  the per-element expression, with K a coefficient
+ *                  set (scalar or vector: the same expression serves both).
+ * No include guard on purpose.
+ *
+ * Coefficients are per channel (see BN_FN(coef_) in kernel_body.h): the mean
+ * as a pair mh + ml of BN_T, so that x - mean is formed in the centred form
+ * (x - mh) - ml without cancelling when the mean is large; then scale/shift
+ * terms rounded once to BN_T.  Vector loops and scalar tails evaluate the
+ * same expression (with the same contraction into FMAs), so which elements a
+ * vector covers never changes a result. */
+
+#define BN_AFN(name) BN_FN(BN_CAT(BN_CAT(apply_, BN_APPLY), BN_CAT(_, name)))
+
+/* One element, scalar: the tails of the vector loops. */
+static inline BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *x, ptrdiff_t i,
+                                ptrdiff_t c)
+{
+    const BN_FN(coef_) K = BN_FN(coef_at_)(k, c);
+    (void)g;
+    return BN_APPLY_EXPR(BN_APPLY_G ? g[i] : (BN_T)0, x[i], K);
+}
+
+/* Elements [0, n) of a span of g/x/y.  per_lane == 0: every element belongs
+ * to channel c (a planar run); per_lane == 1: element i belongs to channel
+ * c + i (a channels-last row).  Streaming stores write whole lines from y's
+ * first line boundary on; the rest uses ordinary stores. */
+static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, const BN_T *x,
+                                           BN_T *y, ptrdiff_t n, ptrdiff_t c, const int per_lane,
+                                           int stream)
+{
+    (void)g;
+    ptrdiff_t i = 0;
+#if BN_VECTORS
+    const BN_FN(coefv_) fixed = per_lane ? BN_FN(coefv_zero_)() : BN_FN(coefv_splat_)(k, c);
+#define BN_AVEC(i) \
+    BN_APPLY_EXPR(BN_APPLY_G ? BN_LDA(g + (i)) : BN_SPLATA(0), BN_LDA(x + (i)), \
+                  per_lane ? BN_FN(coefv_load_)(k, c + (i)) : fixed)
+#if BN_CAN_STREAM
+    ptrdiff_t peel;
+    if (stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_T <= n) {
+        const ptrdiff_t end = peel + (n - peel) / BN_LINE_T * BN_LINE_T;
+        for (; i + WA <= peel; i += WA) BN_STA(y + i, BN_AVEC(i));
+        for (; i < peel; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0));
+        for (; i < end; i += WA) BN_STREAMA(y + i, BN_AVEC(i));
+    }
+#else
+    (void)stream;
+#endif
+    for (; i + 2 * WA <= n; i += 2 * WA) {
+        const BN_FN(va_) p = BN_AVEC(i), q = BN_AVEC(i + WA);
+        BN_STA(y + i, p); /* y may alias x or g element for element */
+        BN_STA(y + i + WA, q);
+    }
+    for (; i + WA <= n; i += WA) BN_STA(y + i, BN_AVEC(i));
+#undef BN_AVEC
+#else
+    (void)stream;
+#endif
+    for (; i < n; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0));
+}
+
+/* Planar task t of the channel group [c0, c1): per run, the channel's
+ * constant coefficients over contiguous elements. */
+static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
+{
+    const bn_apply_task u = bn_apply_task_of(&k->geo, c0, c1, t);
+    const bn_array xa = k->BN_APPLY_X;
+    for (ptrdiff_t c = u.c0; c < u.c1; c++) {
+        const BN_T *x = (const BN_T *)xa.data + u.row * xa.outer_stride + c * xa.channel_stride + u.i0;
+        const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + u.row * k->g.outer_stride
+                                         + c * k->g.channel_stride + u.i0
+                                   : NULL;
+        BN_T *y = (BN_T *)k->y.data + u.row * k->y.outer_stride + c * k->y.channel_stride + u.i0;
+        BN_AFN(span_)(k, g, x, y, u.i1 - u.i0, c, 0, k->stream);
+    }
+    BN_FN(stream_fence_)(k->stream);
+}
+
+/* Channels-last task t: each row of the task is one span over its channels. */
+static void BN_AFN(rows_)(const bn_context *k, ptrdiff_t t)
+{
+    const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
+    const bn_array xa = k->BN_APPLY_X;
+    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
+        const BN_T *x = (const BN_T *)xa.data + r * xa.outer_stride + u.c0;
+        const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + r * k->g.outer_stride + u.c0 : NULL;
+        BN_T *y = (BN_T *)k->y.data + r * k->y.outer_stride + u.c0;
+        BN_AFN(span_)(k, g, x, y, u.c1 - u.c0, u.c0, 1, k->stream);
+    }
+    BN_FN(stream_fence_)(k->stream);
+}
+
+#undef BN_AFN
