@@ -373,6 +373,8 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
     k->part.m2[i] = total_gx;
 }
 
+/* Channels-last: row by row in memory order (two streams the prefetchers
+ * follow), summing in double into the task's partial sums (kept in L1). */
 static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
@@ -382,43 +384,22 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
     double *restrict psgx = k->part.m2 + u.prow * k->geo.channels + u.c0;
     const BN_T *x0 = (const BN_T *)k->x.data + u.c0, *g0 = (const BN_T *)k->g.data + u.c0;
     for (ptrdiff_t j = 0; j < nc; j++) psg[j] = psgx[j] = 0.0;
+    for (ptrdiff_t r = u.row0; r < u.row1; r++) {
+        const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
+        ptrdiff_t j = 0;
 #if BN_VECTORS
-    const ptrdiff_t vec = nc - nc % (BN_U * W);
-#else
-    const ptrdiff_t vec = 0;
-#endif
-    for (ptrdiff_t rb = u.row0; rb < u.row1; rb += BN_ROW_BLOCK) {
-        const ptrdiff_t re = bn_min(u.row1, rb + BN_ROW_BLOCK);
-#if BN_VECTORS
-        for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
-            VD sg[BN_U], sgx[BN_U], vmu[BN_U];
-            for (int v = 0; v < BN_U; v++) {
-                sg[v] = BN_LDD(psg + c + v * W);
-                sgx[v] = BN_LDD(psgx + c + v * W);
-                vmu[v] = BN_LDD(mu + c + v * W);
-            }
-            for (ptrdiff_t r = rb; r < re; r++) {
-                const BN_T *x = x0 + r * xs + c, *g = g0 + r * gs + c;
-                for (int v = 0; v < BN_U; v++) {
-                    const VD gv = BN_LD(g + v * W);
-                    sg[v] += gv;
-                    sgx[v] += gv * (BN_LD(x + v * W) - vmu[v]);
-                }
-            }
-            for (int v = 0; v < BN_U; v++) {
-                memcpy(psg + c + v * W, &sg[v], sizeof(VD));
-                memcpy(psgx + c + v * W, &sgx[v], sizeof(VD));
-            }
+        for (; j + W <= nc; j += W) {
+            const VD gv = BN_LD(g + j);
+            const VD sg = BN_LDD(psg + j) + gv;
+            const VD sgx = BN_LDD(psgx + j) + gv * (BN_LD(x + j) - BN_LDD(mu + j));
+            memcpy(psg + j, &sg, sizeof sg);
+            memcpy(psgx + j, &sgx, sizeof sgx);
         }
 #endif
-        if (vec == nc) continue;
-        for (ptrdiff_t r = rb; r < re; r++) {
-            const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
-            for (ptrdiff_t j = vec; j < nc; j++) {
-                const double gv = (double)g[j];
-                psg[j] += gv;
-                psgx[j] += gv * ((double)x[j] - mu[j]);
-            }
+        for (; j < nc; j++) {
+            const double gv = (double)g[j];
+            psg[j] += gv;
+            psgx[j] += gv * ((double)x[j] - mu[j]);
         }
     }
 }
