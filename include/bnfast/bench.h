@@ -64,12 +64,15 @@ static inline void bn_bench_part_(bn_dtype dt, void *out, const void *a, const v
 
 /* out = a (+ b when b is not NULL); elements of type dt, all contiguous.  As
  * the kernels: a team only from BN_PARALLEL_MIN_ELEMS elements, streaming
- * stores only above bn_stream_threshold(). */
+ * stores only above the threshold a kernel call with the same `run` uses. */
 static inline void bn_bench_traffic(bn_dtype dt, void *out, const void *a, const void *b,
-                                    size_t n, int nthreads)
+                                    size_t n, const bn_run *run)
 {
     const size_t size = dt == BN_FLOAT32 ? sizeof(float) : sizeof(double);
-    const int stream = n * size > bn_stream_threshold();
+    const size_t threshold = run->stream_bytes < 0 ? bn_stream_threshold_default()
+                                                   : (size_t)run->stream_bytes;
+    const int stream = n * size > threshold;
+    const int nthreads = run->nthreads;
     const int nt = nthreads > 1 && n >= (size_t)BN_PARALLEL_MIN_ELEMS ? nthreads : 1;
     const size_t per = (n / (size_t)nt + 16) / 16 * 16; /* whole lines per thread */
 #ifdef _OPENMP

@@ -1,57 +1,28 @@
 /* bnfast public C API: batch normalization kernels for float32 and float64.
- * Include this header; see kernels.h for the entry points. */
+ * Include this header (header-only, C and C++).  The operations and their
+ * argument structs are in ops.h, how a call runs (threads, instruction set,
+ * streaming, interruption) in bn_run (parallel.h). */
 #ifndef BNFAST_H
 #define BNFAST_H
 #include "kernels.h"
 
-/* Dtype-generic entry points used by the Python extension (void* operands). */
-typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1 } bn_dtype;
-
-static inline int bn_moments(bn_dtype dt, const bn_geometry *geo, bn_array x, double *count,
-                             double *mean, double *m2, const bn_run *run)
-{
-    return dt == BN_FLOAT32 ? bn_moments_f32(geo, x, count, mean, m2, run)
-                            : bn_moments_f64(geo, x, count, mean, m2, run);
-}
-
-static inline int bn_forward_train(bn_dtype dt, const bn_geometry *geo, bn_array x, bn_array y,
-                                   const void *weight, const void *bias, void *running_mean,
-                                   void *running_var, double momentum, double eps,
-                                   void *save_mean, void *save_invstd, const bn_run *run)
-{
-    if (dt == BN_FLOAT32)
-        return bn_forward_train_f32(geo, x, y, (const float *)weight, (const float *)bias,
-                                    (float *)running_mean, (float *)running_var, momentum, eps,
-                                    (float *)save_mean, (float *)save_invstd, run);
-    return bn_forward_train_f64(geo, x, y, (const double *)weight, (const double *)bias,
-                                (double *)running_mean, (double *)running_var, momentum, eps,
-                                (double *)save_mean, (double *)save_invstd, run);
-}
-
-static inline int bn_inference(bn_dtype dt, const bn_geometry *geo, bn_array x, bn_array y,
-                               const void *running_mean, const void *running_var,
-                               const void *weight, const void *bias, double eps, const bn_run *run)
-{
-    if (dt == BN_FLOAT32)
-        return bn_inference_f32(geo, x, y, (const float *)running_mean, (const float *)running_var,
-                                (const float *)weight, (const float *)bias, eps, run);
-    return bn_inference_f64(geo, x, y, (const double *)running_mean, (const double *)running_var,
-                            (const double *)weight, (const double *)bias, eps, run);
-}
-
-static inline int bn_backward(bn_dtype dt, const bn_geometry *geo, bn_array grad_out, bn_array x,
-                              bn_array grad_in, const void *save_mean, const void *save_invstd,
-                              const void *weight, int training, void *grad_weight,
-                              void *grad_bias, const bn_run *run)
-{
-    if (dt == BN_FLOAT32)
-        return bn_backward_f32(geo, grad_out, x, grad_in, (const float *)save_mean,
-                               (const float *)save_invstd, (const float *)weight, training,
-                               (float *)grad_weight, (float *)grad_bias, run);
-    return bn_backward_f64(geo, grad_out, x, grad_in, (const double *)save_mean,
-                           (const double *)save_invstd, (const double *)weight, training,
-                           (double *)grad_weight, (double *)grad_bias, run);
-}
+/* The entry points: one per operation, taking its argument struct (ops.h)
+ * and how to run (bn_run, parallel.h).  Each returns BN_OK (0),
+ * BN_ERR_NOMEM (scratch memory could not be allocated), BN_ERR_INTERRUPTED
+ * (run->interrupted asked it to stop) or BN_ERR_ISA (run->isa cannot run
+ * here); on an error no running statistics change.  Arguments are trusted:
+ * validation belongs to the caller (bnfast's Python layer). */
+#define BN_ENTRY(op, args_type)                                                \
+    static inline int bn_##op(const args_type *a, const bn_run *run)         \
+    {                                                                        \
+        const bn_kernel_set *kernels = bn_kernels_for(a->dtype, run);       \
+        return kernels ? kernels->op(a, run) : BN_ERR_ISA;                   \
+    }
+BN_ENTRY(moments, bn_moments_args)
+BN_ENTRY(forward_train, bn_forward_args)
+BN_ENTRY(inference, bn_inference_args)
+BN_ENTRY(backward, bn_backward_args)
+#undef BN_ENTRY
 
 /* Threads OpenMP would use by default (1 in a serial build). */
 static inline int bn_default_threads(void)
@@ -104,8 +75,5 @@ static inline const char *bn_simd_compiled(void)
     return BN_SIMD_BASELINE_NAME;
 #endif
 }
-
-/* The variant the kernels run now. */
-static inline const char *bn_simd_in_use(void) { return bn_isa_name(bn_isa()); }
 
 #endif

@@ -164,26 +164,4 @@ static inline size_t bn_stream_threshold_default(void)
     return llc ? BN_STREAM_LLC_FACTOR * llc : BN_STREAM_FALLBACK_BYTES;
 }
 
-/* The threshold in use; (size_t)-1 means "the default, not read yet".  Like
- * the ISA choice, it is state of the translation unit that includes bnfast.h
- * (the Python extension is one). */
-static size_t bn_stream_bytes_ = (size_t)-1;
-
-/* Outputs of more than this many bytes are written with streaming stores. */
-static inline size_t bn_stream_threshold(void)
-{
-    if (bn_stream_bytes_ == (size_t)-1) bn_stream_bytes_ = bn_stream_threshold_default();
-    return bn_stream_bytes_;
-}
-
-/* Set the threshold in bytes (0: stream every output the kernels can; a
- * negative value: back to the default from the cache sizes); returns it. */
-static inline size_t bn_set_stream_threshold(long long bytes)
-{
-    const unsigned long long most = (unsigned long long)((size_t)-1 - 1); /* -1 is the sentinel */
-    bn_stream_bytes_ = bytes < 0 ? bn_stream_threshold_default()
-                       : (unsigned long long)bytes > most ? (size_t)most : (size_t)bytes;
-    return bn_stream_bytes_;
-}
-
 #endif

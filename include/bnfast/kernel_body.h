@@ -599,91 +599,80 @@ static int BN_FN(exec_)(bn_context *k)
         != 0)                                                                        \
         return BN_ERR_NOMEM;
 
-/* ---- the public entry points ------------------------------------------- */
+/* ---- the entry points of this instantiation (ops.h, the table in kernels.h) */
 
-/* Per-channel Welford state of x into count/mean/m2 (length channels). */
-static inline int BN_FN(bn_moments_)(const bn_geometry *geo, bn_array x, double *count,
-                                     double *mean, double *m2, const bn_run *run)
+static int BN_FN(moments_)(const bn_moments_args *a, const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x, run);
+    bn_context k = bn_context_new(&a->geo, a->x, run);
     BN_SCRATCH(k, 1)
     k.op = BN_OP_MOMENTS;
-    k.out_count = count;
-    k.out_mean = mean;
-    k.out_m2 = m2;
+    k.out_count = a->count;
+    k.out_mean = a->mean;
+    k.out_m2 = a->m2;
     const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
     return status;
 }
 
-/* Training forward: batch statistics, running-statistics update, normalize. */
-static inline int BN_FN(bn_forward_train_)(const bn_geometry *geo, bn_array x, bn_array y,
-                                           const BN_T *weight, const BN_T *bias,
-                                           BN_T *running_mean, BN_T *running_var,
-                                           double momentum, double eps, BN_T *save_mean,
-                                           BN_T *save_invstd, const bn_run *run)
+static int BN_FN(forward_train_)(const bn_forward_args *a, const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x, run);
+    bn_context k = bn_context_new(&a->geo, a->x, run);
     BN_SCRATCH(k, 1)
     k.op = BN_OP_FORWARD;
-    k.y = y;
-    k.weight = weight;
-    k.bias = bias;
-    k.running_mean = running_mean;
-    k.running_var = running_var;
-    k.momentum = momentum;
-    k.eps = eps;
-    k.save_mean = save_mean;
-    k.save_invstd = save_invstd;
+    k.y = a->y;
+    k.weight = a->weight;
+    k.bias = a->bias;
+    k.running_mean = a->running_mean;
+    k.running_var = a->running_var;
+    k.momentum = a->momentum;
+    k.eps = a->eps;
+    k.save_mean = a->save_mean;
+    k.save_invstd = a->save_invstd;
     const int status = BN_FN(exec_)(&k);
-    if (status == BN_OK && running_mean)
-        for (ptrdiff_t c = 0; c < geo->channels; c++) {
-            running_mean[c] = (BN_T)k.next_mean[c];
-            running_var[c] = (BN_T)k.next_var[c];
+    if (status == BN_OK && a->running_mean) {
+        BN_T *rm = (BN_T *)a->running_mean, *rv = (BN_T *)a->running_var;
+        for (ptrdiff_t c = 0; c < a->geo.channels; c++) {
+            rm[c] = (BN_T)k.next_mean[c];
+            rv[c] = (BN_T)k.next_var[c];
         }
+    }
     bn_context_free(&k);
     return status;
 }
 
-/* Inference: normalize with the running statistics. */
-static inline int BN_FN(bn_inference_)(const bn_geometry *geo, bn_array x, bn_array y,
-                                       const BN_T *running_mean, const BN_T *running_var,
-                                       const BN_T *weight, const BN_T *bias, double eps,
-                                       const bn_run *run)
+static int BN_FN(inference_)(const bn_inference_args *a, const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x, run);
+    bn_context k = bn_context_new(&a->geo, a->x, run);
     BN_SCRATCH(k, 0)
     k.op = BN_OP_INFERENCE;
-    k.y = y;
-    for (ptrdiff_t c = 0; c < geo->channels; c++)
-        BN_FN(set_coef_)(&k, c, (double)running_mean[c],
-                         (weight ? (double)weight[c] : 1.0) / sqrt((double)running_var[c] + eps),
+    k.y = a->y;
+    const BN_T *rm = (const BN_T *)a->running_mean, *rv = (const BN_T *)a->running_var;
+    const BN_T *weight = (const BN_T *)a->weight, *bias = (const BN_T *)a->bias;
+    for (ptrdiff_t c = 0; c < a->geo.channels; c++)
+        BN_FN(set_coef_)(&k, c, (double)rm[c],
+                         (weight ? (double)weight[c] : 1.0) / sqrt((double)rv[c] + a->eps),
                          bias ? (double)bias[c] : 0.0, 0.0, 0.0, 0.0, 0.0);
     const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
     return status;
 }
 
-/* Backward.  training: the full gradient through the batch statistics;
- * otherwise the statistics are constants.  grad_in may alias grad_out or x. */
-static inline int BN_FN(bn_backward_)(const bn_geometry *geo, bn_array grad_out, bn_array x,
-                                      bn_array grad_in, const BN_T *save_mean,
-                                      const BN_T *save_invstd, const BN_T *weight, int training,
-                                      BN_T *grad_weight, BN_T *grad_bias, const bn_run *run)
+static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 {
-    bn_context k = bn_context_new(geo, x, run);
+    bn_context k = bn_context_new(&a->geo, a->x, run);
     BN_SCRATCH(k, 1)
     k.op = BN_OP_BACKWARD;
-    k.g = grad_out;
-    k.y = grad_in;
-    k.weight = weight;
-    k.save_mean_in = save_mean;
-    k.save_invstd_in = save_invstd;
-    k.training = training;
-    k.grad_weight = grad_weight;
-    k.grad_bias = grad_bias;
-    for (ptrdiff_t c = 0; c < geo->channels; c++) k.mean[c] = (double)save_mean[c];
-    if (!training) k.ax = grad_out; /* the affine phase reads g (with mean 0) */
+    k.g = a->grad_out;
+    k.y = a->grad_in;
+    k.weight = a->weight;
+    k.save_mean_in = a->save_mean;
+    k.save_invstd_in = a->save_invstd;
+    k.training = a->training;
+    k.grad_weight = a->grad_weight;
+    k.grad_bias = a->grad_bias;
+    const BN_T *save_mean = (const BN_T *)a->save_mean;
+    for (ptrdiff_t c = 0; c < a->geo.channels; c++) k.mean[c] = (double)save_mean[c];
+    if (!a->training) k.ax = a->grad_out; /* the affine phase reads g (with mean 0) */
     const int status = BN_FN(exec_)(&k);
     bn_context_free(&k);
     return status;

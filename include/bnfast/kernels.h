@@ -1,15 +1,8 @@
-/* bnfast kernels for float32 and float64, both layout families.
- *
- * Public C API (header-only; usable from C and C++):
- *   bn_moments_f32/_f64       per-channel Welford state
- *   bn_forward_train_f32/_f64 training forward with running-statistics update
- *   bn_inference_f32/_f64     inference with given statistics
- *   bn_backward_f32/_f64      backward, training or frozen statistics
- * Every entry returns BN_OK (0), BN_ERR_NOMEM when scratch memory could not
- * be allocated, or BN_ERR_INTERRUPTED when run->interrupted asked it to stop
- * (see bn_run in parallel.h); on an error no running statistics change.
- * Arguments are trusted: validation belongs to the caller (bnfast's Python
- * layer).  Results are bit-identical for any nthreads. */
+/* bnfast kernels for float32 and float64, both layout families: the kernel
+ * context, the instantiations (element type x instruction set) of
+ * kernel_body.h, and the [dtype][isa] table of their entry points (ops.h),
+ * which bnfast.h dispatches through.  Results are bit-identical for any
+ * thread count. */
 #ifndef BNFAST_KERNELS_H
 #define BNFAST_KERNELS_H
 
@@ -18,6 +11,7 @@
 #include <string.h>
 #include "cache.h"
 #include "moments.h"
+#include "ops.h"
 #include "parallel.h"
 
 #ifdef __cplusplus
@@ -56,7 +50,7 @@ typedef struct {
     bn_geometry geo;
     bn_grid grid;
     int op, stream;
-    size_t stream_bytes; /* stream outputs larger than this (bn_stream_threshold) */
+    size_t stream_bytes; /* stream outputs larger than this (from run->stream_bytes) */
     ptrdiff_t group_channels; /* planar: channels per cache group */
     bn_array x, y, g;
     bn_array ax;  /* input of the affine phase */
@@ -93,7 +87,8 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
     k.last_poll = run->interrupted ? bn_wtime() : 0.0;
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
-    k.stream_bytes = bn_stream_threshold();
+    k.stream_bytes = run->stream_bytes < 0 ? bn_stream_threshold_default()
+                                           : (size_t)run->stream_bytes;
     k.x = x;
     k.y = x;
     k.g = x;
@@ -170,10 +165,11 @@ static inline void bn_context_free(bn_context *k)
  * The portable body (compiled for the build's baseline: SSE2 on x86-64, NEON
  * on aarch64) always exists.  On x86 with GCC or clang further copies are
  * compiled for AVX2+FMA and for AVX-512 and chosen at run time (see
- * bn_select_isa): a portable build still runs the widest vectors the CPU has. */
+ * run->isa, bn_isa_best): a portable build still runs the widest vectors the CPU has. */
 #define BN_ISA_BASELINE 0
 #define BN_ISA_AVX2 1
 #define BN_ISA_AVX512 2
+#define BN_ISAS 3
 
 #if (defined(__x86_64__) || defined(_M_X64) || defined(__i386__)) && \
     (defined(__GNUC__) || defined(__clang__)) && !defined(BN_NO_DISPATCH)
@@ -242,9 +238,7 @@ static inline void bn_context_free(bn_context *k)
 #endif
 #endif
 
-/* ---- run-time choice of the instruction set ----------------------------- */
-
-static int bn_isa_active = -1; /* -1: not chosen yet */
+/* ---- which variants this CPU runs -------------------------------------- */
 
 #if BN_HAVE_AVX512_VARIANT
 #include <cpuid.h>
@@ -263,97 +257,73 @@ static inline int bn_os_saves_zmm(void)
 }
 #endif
 
+/* Bit i set: this CPU and OS run variant i of this build.  Detected on the
+ * first call (CPUID is slow under a hypervisor) and fixed for the process;
+ * call it once before kernels run on several threads (the extension does at
+ * import).  This is a fact about the machine, not a setting: the variant a
+ * call runs is run->isa. */
+static inline unsigned bn_isa_mask(void)
+{
+    static unsigned mask = 0; /* 0: not detected yet; bit 0 is always set */
+    if (!mask) {
+        unsigned m = 1u << BN_ISA_BASELINE;
+#if BN_HAVE_AVX2_VARIANT
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) m |= 1u << BN_ISA_AVX2;
+#endif
+#if BN_HAVE_AVX512_VARIANT
+        if ((m >> BN_ISA_AVX2 & 1u) && __builtin_cpu_supports("avx512f")
+            && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")
+            && __builtin_cpu_supports("avx512vl") && bn_os_saves_zmm())
+            m |= 1u << BN_ISA_AVX512;
+#endif
+        mask = m;
+    }
+    return mask;
+}
+
 /* Whether this CPU (and OS) can run the given variant of this build. */
 static inline int bn_isa_available(int isa)
 {
-    if (isa == BN_ISA_BASELINE) return 1;
-#if BN_HAVE_AVX2_VARIANT
-    if (isa == BN_ISA_AVX2) {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-#endif
-#if BN_HAVE_AVX512_VARIANT
-    if (isa == BN_ISA_AVX512) {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-               && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-               && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-               && bn_os_saves_zmm();
-    }
-#endif
-    return 0;
+    return isa >= 0 && isa < BN_ISAS && (bn_isa_mask() >> isa & 1u);
 }
 
 /* The widest variant this CPU runs. */
 static inline int bn_isa_best(void)
 {
-    if (bn_isa_available(BN_ISA_AVX512)) return BN_ISA_AVX512;
-    return bn_isa_available(BN_ISA_AVX2) ? BN_ISA_AVX2 : BN_ISA_BASELINE;
+    const unsigned m = bn_isa_mask();
+    return m >> BN_ISA_AVX512 & 1u ? BN_ISA_AVX512 : m >> BN_ISA_AVX2 & 1u ? BN_ISA_AVX2 : BN_ISA_BASELINE;
 }
 
-/* Use variant `isa` (-1: the best available); returns the variant in use, or
- * -1 (nothing changed) when this CPU or build cannot run it. */
-static inline int bn_select_isa(int isa)
-{
-    if (isa < 0) isa = bn_isa_best();
-    if (!bn_isa_available(isa)) return -1;
-    bn_isa_active = isa;
-    return isa;
-}
+/* ---- the [dtype][isa] table --------------------------------------------- */
 
-static inline int bn_isa(void)
-{
-    if (bn_isa_active < 0) bn_isa_active = bn_isa_best();
-    return bn_isa_active;
-}
-
-#if BN_HAVE_AVX512_VARIANT
-#define BN_DISPATCH(name, sfx, args)                                  \
-    (bn_isa() == BN_ISA_AVX512 ? name##sfx##_avx512 args              \
-     : bn_isa() == BN_ISA_AVX2 ? name##sfx##_avx2 args : name##sfx##_base args)
-#elif BN_HAVE_AVX2_VARIANT
-#define BN_DISPATCH(name, sfx, args) \
-    (bn_isa() == BN_ISA_AVX2 ? name##sfx##_avx2 args : name##sfx##_base args)
+#define BN_KERNEL_SET(sfx) {moments_##sfx, forward_train_##sfx, inference_##sfx, backward_##sfx}
+#if BN_HAVE_AVX2_VARIANT
+#define BN_KERNEL_SET_AVX2(t) BN_KERNEL_SET(t##_avx2)
 #else
-#define BN_DISPATCH(name, sfx, args) (name##sfx##_base args)
+#define BN_KERNEL_SET_AVX2(t) BN_KERNEL_SET(t##_base) /* never chosen: not available */
+#endif
+#if BN_HAVE_AVX512_VARIANT
+#define BN_KERNEL_SET_AVX512(t) BN_KERNEL_SET(t##_avx512)
+#else
+#define BN_KERNEL_SET_AVX512(t) BN_KERNEL_SET(t##_base)
 #endif
 
-#define BN_DEFINE_ENTRIES(T, sfx)                                                              \
-    static inline int bn_moments_##sfx(const bn_geometry *geo, bn_array x, double *count,     \
-                                       double *mean, double *m2, const bn_run *run)           \
-    {                                                                                          \
-        return BN_DISPATCH(bn_moments_, sfx, (geo, x, count, mean, m2, run));                  \
-    }                                                                                          \
-    static inline int bn_forward_train_##sfx(const bn_geometry *geo, bn_array x, bn_array y,  \
-                                             const T *weight, const T *bias, T *running_mean, \
-                                             T *running_var, double momentum, double eps,     \
-                                             T *save_mean, T *save_invstd, const bn_run *run) \
-    {                                                                                          \
-        return BN_DISPATCH(bn_forward_train_, sfx,                                             \
-                           (geo, x, y, weight, bias, running_mean, running_var, momentum, eps, \
-                            save_mean, save_invstd, run));                                     \
-    }                                                                                          \
-    static inline int bn_inference_##sfx(const bn_geometry *geo, bn_array x, bn_array y,      \
-                                         const T *running_mean, const T *running_var,         \
-                                         const T *weight, const T *bias, double eps,          \
-                                         const bn_run *run)                                   \
-    {                                                                                          \
-        return BN_DISPATCH(bn_inference_, sfx,                                                 \
-                           (geo, x, y, running_mean, running_var, weight, bias, eps, run));    \
-    }                                                                                          \
-    static inline int bn_backward_##sfx(const bn_geometry *geo, bn_array grad_out, bn_array x, \
-                                        bn_array grad_in, const T *save_mean,                  \
-                                        const T *save_invstd, const T *weight, int training,   \
-                                        T *grad_weight, T *grad_bias, const bn_run *run)       \
-    {                                                                                          \
-        return BN_DISPATCH(bn_backward_, sfx,                                                  \
-                           (geo, grad_out, x, grad_in, save_mean, save_invstd, weight,         \
-                            training, grad_weight, grad_bias, run));                           \
-    }
+static const bn_kernel_set bn_kernel_table[BN_DTYPES][BN_ISAS] = {
+    {BN_KERNEL_SET(f32_base), BN_KERNEL_SET_AVX2(f32), BN_KERNEL_SET_AVX512(f32)},
+    {BN_KERNEL_SET(f64_base), BN_KERNEL_SET_AVX2(f64), BN_KERNEL_SET_AVX512(f64)},
+};
 
-BN_DEFINE_ENTRIES(float, f32)
-BN_DEFINE_ENTRIES(double, f64)
-#undef BN_DEFINE_ENTRIES
+#undef BN_KERNEL_SET
+#undef BN_KERNEL_SET_AVX2
+#undef BN_KERNEL_SET_AVX512
+
+/* The kernels a call runs: its dtype's, in variant run->isa (-1: the widest
+ * available); NULL when that variant cannot run here. */
+static inline const bn_kernel_set *bn_kernels_for(bn_dtype dtype, const bn_run *run)
+{
+    const int isa = run->isa < 0 ? bn_isa_best() : run->isa;
+    return bn_isa_available(isa) ? &bn_kernel_table[dtype][isa] : NULL;
+}
 
 #endif

@@ -40,13 +40,20 @@ typedef struct {
     ptrdiff_t outer, channels, inner;
 } bn_geometry;
 
-/* How a call runs: its thread count, and an optional interruption check.
- * `interrupted(arg)` is called now and then (at most every ~50 ms) by the
- * calling thread (OpenMP thread 0) of a long kernel; when it returns nonzero
- * the remaining tasks are skipped and the kernel returns BN_ERR_INTERRUPTED
- * with the running statistics unchanged (outputs are then unspecified). */
+/* How a call runs -- everything that is not data, chosen by the caller for
+ * each call (the library keeps no settings of its own):
+ *   nthreads      threads of the call (1: no parallel region);
+ *   isa           kernel variant, BN_ISA_*, or -1 for the widest this CPU runs;
+ *   stream_bytes  outputs larger than this are written with streaming stores;
+ *                 -1: twice the last-level cache (bn_stream_threshold_default);
+ *   interrupted   optional: called now and then (at most every ~50 ms) by the
+ *                 calling thread (OpenMP thread 0) of a long kernel with `arg`;
+ *                 nonzero stops the kernel, which returns BN_ERR_INTERRUPTED
+ *                 with the running statistics unchanged (outputs unspecified). */
 typedef struct {
     int nthreads;
+    int isa;
+    long long stream_bytes;
     int (*interrupted)(void *arg);
     void *arg;
 } bn_run;
@@ -55,6 +62,7 @@ typedef struct {
 #define BN_OK 0
 #define BN_ERR_NOMEM (-1)
 #define BN_ERR_INTERRUPTED (-2)
+#define BN_ERR_ISA (-3) /* run->isa is not compiled in or this CPU lacks it */
 
 /* Seconds on a monotonic clock, for pacing the interruption checks. */
 static inline double bn_wtime(void)

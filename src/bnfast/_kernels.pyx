@@ -30,33 +30,68 @@ cdef extern from "bnfast/bnfast.h" nogil:
         BN_FLOAT64
     ctypedef struct bn_run:
         int nthreads
+        int isa
+        long long stream_bytes
         int (*interrupted)(void *) noexcept nogil
         void *arg
     int BN_OK
     int BN_ERR_NOMEM
     int BN_ERR_INTERRUPTED
+    int BN_ERR_ISA
     ctypedef struct bn_grid:
         Py_ssize_t ntasks
         Py_ssize_t partial_rows
     bn_grid bn_make_grid(const bn_geometry *)
     int BN_PARALLEL_MIN_ELEMS
-    int bn_moments(bn_dtype, const bn_geometry *, bn_array, double *, double *, double *,
-                   const bn_run *)
-    int bn_forward_train(bn_dtype, const bn_geometry *, bn_array, bn_array, const void *,
-                         const void *, void *, void *, double, double, void *, void *,
-                         const bn_run *)
-    int bn_inference(bn_dtype, const bn_geometry *, bn_array, bn_array, const void *,
-                     const void *, const void *, const void *, double, const bn_run *)
-    int bn_backward(bn_dtype, const bn_geometry *, bn_array, bn_array, bn_array, const void *,
-                    const void *, const void *, int, void *, void *, const bn_run *)
+    # the operations' argument structs (ops.h), field for field
+    ctypedef struct bn_moments_args:
+        bn_dtype dtype
+        bn_geometry geo
+        bn_array x
+        double *count
+        double *mean
+        double *m2
+    ctypedef struct bn_forward_args:
+        bn_dtype dtype
+        bn_geometry geo
+        bn_array x, y
+        const void *weight
+        const void *bias
+        void *running_mean
+        void *running_var
+        double momentum, eps
+        void *save_mean
+        void *save_invstd
+    ctypedef struct bn_inference_args:
+        bn_dtype dtype
+        bn_geometry geo
+        bn_array x, y
+        const void *running_mean
+        const void *running_var
+        const void *weight
+        const void *bias
+        double eps
+    ctypedef struct bn_backward_args:
+        bn_dtype dtype
+        bn_geometry geo
+        bn_array grad_out, x, grad_in
+        const void *save_mean
+        const void *save_invstd
+        const void *weight
+        int training
+        void *grad_weight
+        void *grad_bias
+    int bn_moments(const bn_moments_args *, const bn_run *)
+    int bn_forward_train(const bn_forward_args *, const bn_run *)
+    int bn_inference(const bn_inference_args *, const bn_run *)
+    int bn_backward(const bn_backward_args *, const bn_run *)
     int bn_default_threads()
     int bn_openmp_enabled()
     const char *bn_simd_compiled()
-    const char *bn_simd_in_use()
     const char *bn_isa_name(int)
+    unsigned bn_isa_mask()
     int bn_isa_available(int)
-    int bn_select_isa(int)
-    int bn_isa()
+    int bn_isa_best()
     int BN_ISA_BASELINE
     int BN_ISA_AVX2
     int BN_ISA_AVX512
@@ -65,11 +100,10 @@ cdef extern from "bnfast/bnfast.h" nogil:
         size_t l2
         size_t l3
     const bn_cache_sizes *bn_caches()
-    size_t bn_stream_threshold()
-    size_t bn_set_stream_threshold(long long)
+    size_t bn_stream_threshold_default()
 
 cdef extern from "bnfast/bench.h" nogil:
-    void bn_bench_traffic(bn_dtype, void *, const void *, const void *, size_t, int)
+    void bn_bench_traffic(bn_dtype, void *, const void *, const void *, size_t, const bn_run *)
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals()  # no `except`: a raised KeyboardInterrupt stays pending
@@ -132,9 +166,16 @@ def simd_compiled():
     return bn_simd_compiled().decode()
 
 
+# The settings every call passes to the kernels in its bn_run (the C library
+# keeps none): the kernel variant and the streaming threshold (-1: default).
+cdef int _isa = 0
+cdef long long _stream_bytes = -1
+
+
 def simd_in_use():
-    """Instruction set of the kernel variant in use (chosen once at import)."""
-    return bn_simd_in_use().decode()
+    """Instruction set of the kernel variant in use (the best at import, or
+    BNFAST_FORCE_ISA's, or select_isa's)."""
+    return bn_isa_name(_isa).decode()
 
 
 _ISA_CODES = {"baseline": BN_ISA_BASELINE, "avx2": BN_ISA_AVX2, "avx512": BN_ISA_AVX512}
@@ -148,19 +189,22 @@ def simd_available():
 def select_isa(name):
     """Run the kernels of variant ``name`` ("baseline", "avx2", "avx512" or "auto"
     for the best this CPU runs); raises ValueError when it is unknown or unavailable."""
+    global _isa
     key = str(name).strip().lower()
     if key == "auto":
-        bn_select_isa(-1)
+        _isa = bn_isa_best()
         return simd_in_use()
     if key not in _ISA_CODES:
         raise ValueError(f"unknown instruction set {name!r}; use one of auto, {', '.join(_ISA_CODES)}")
-    if bn_select_isa(_ISA_CODES[key]) < 0:
+    if not bn_isa_available(_ISA_CODES[key]):
         raise ValueError(f"instruction set {name!r} is not available on this CPU or build "
                          f"(available: {', '.join(simd_available())})")
+    _isa = _ISA_CODES[key]
     return simd_in_use()
 
 
 def _select_isa_from_environment():
+    bn_isa_mask()  # detect once, before any kernel runs on another thread
     forced = os.environ.get("BNFAST_FORCE_ISA", "").strip()
     if forced:
         try:
@@ -168,7 +212,7 @@ def _select_isa_from_environment():
             return
         except ValueError as err:
             warnings.warn(f"BNFAST_FORCE_ISA ignored: {err}", RuntimeWarning, stacklevel=2)
-    bn_select_isa(-1)
+    select_isa("auto")
 
 
 _select_isa_from_environment()
@@ -195,7 +239,7 @@ def stream_threshold():
     known); ``BNFAST_STREAM_BYTES`` at import or `set_stream_threshold`
     override it.  Streaming changes speed only, never results.
     """
-    return int(bn_stream_threshold())
+    return int(_stream_bytes) if _stream_bytes >= 0 else int(bn_stream_threshold_default())
 
 
 def set_stream_threshold(nbytes=None):
@@ -212,12 +256,15 @@ def set_stream_threshold(nbytes=None):
     int
         The threshold now in use.
     """
+    global _stream_bytes
     if nbytes is None:
-        return int(bn_set_stream_threshold(-1))
+        _stream_bytes = -1
+        return stream_threshold()
     n = operator.index(nbytes)
     if n < 0:
         raise ValueError(f"nbytes must be >= 0 or None, got {n}")
-    return int(bn_set_stream_threshold(min(n, 2**63 - 1)))
+    _stream_bytes = min(n, 2**63 - 1)
+    return stream_threshold()
 
 
 def _stream_threshold_from_environment():
@@ -273,6 +320,8 @@ cdef inline bn_run _run_config(const bn_geometry *geo) noexcept:
     Python's signal handlers run in), the Ctrl-C check."""
     cdef bn_run run
     run.nthreads = _threads()
+    run.isa = _isa
+    run.stream_bytes = _stream_bytes
     run.interrupted = NULL
     run.arg = NULL
     if (geo.outer * geo.channels * geo.inner >= _INTERRUPTIBLE_ELEMS
@@ -313,9 +362,11 @@ def traffic(cnp.ndarray out, cnp.ndarray a, b=None):
     cdef const void *pb = NULL if b is None else cnp.PyArray_DATA(<cnp.ndarray>b)
     cdef size_t n = out.size
     cdef bn_dtype dt = _dtype_of(out)
-    cdef int nt = _threads()
+    cdef bn_geometry geo
+    geo.outer, geo.channels, geo.inner = n, 1, 1
+    cdef bn_run run = _run_config(&geo)
     with nogil:
-        bn_bench_traffic(dt, po, pa, pb, n, nt)
+        bn_bench_traffic(dt, po, pa, pb, n, &run)
 
 
 cdef inline bn_dtype _dtype_of(cnp.ndarray a):
@@ -345,6 +396,8 @@ cdef inline int _check(int status) except -1:
         if PyErr_Occurred():
             return -1  # the pending KeyboardInterrupt (or a handler's exception)
         raise KeyboardInterrupt
+    if status == BN_ERR_ISA:
+        raise RuntimeError(f"bnfast: kernel variant {simd_in_use()} cannot run on this CPU")
     if status != BN_OK:
         raise MemoryError("bnfast: could not allocate kernel scratch memory")
     return 0
@@ -355,60 +408,59 @@ cdef inline int _check(int status) except -1:
 cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object weight,
                             object bias, object running_mean, object running_var, double momentum,
                             double eps, cnp.ndarray save_mean, cnp.ndarray save_invstd) except -1:
-    cdef void *pw = _data(weight)
-    cdef void *pb = _data(bias)
-    cdef void *prm = _data(running_mean)
-    cdef void *prv = _data(running_var)
-    cdef void *psm = cnp.PyArray_DATA(save_mean)
-    cdef void *psi = cnp.PyArray_DATA(save_invstd)
+    cdef bn_forward_args a
+    a.dtype, a.geo, a.x, a.y = dt, geo, x, y
+    a.weight, a.bias = _data(weight), _data(bias)
+    a.running_mean, a.running_var = _data(running_mean), _data(running_var)
+    a.momentum, a.eps = momentum, eps
+    a.save_mean, a.save_invstd = cnp.PyArray_DATA(save_mean), cnp.PyArray_DATA(save_invstd)
     cdef bn_run run = _run_config(&geo)
     cdef int status
     with nogil:
-        status = bn_forward_train(dt, &geo, x, y, pw, pb, prm, prv, momentum, eps, psm, psi, &run)
+        status = bn_forward_train(&a, &run)
     return _check(status)
 
 
 cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object running_mean,
                         object running_var, object weight, object bias, double eps) except -1:
-    cdef void *prm = _data(running_mean)
-    cdef void *prv = _data(running_var)
-    cdef void *pw = _data(weight)
-    cdef void *pb = _data(bias)
+    cdef bn_inference_args a
+    a.dtype, a.geo, a.x, a.y = dt, geo, x, y
+    a.running_mean, a.running_var = _data(running_mean), _data(running_var)
+    a.weight, a.bias, a.eps = _data(weight), _data(bias), eps
     cdef bn_run run = _run_config(&geo)
     cdef int status
     with nogil:
-        status = bn_inference(dt, &geo, x, y, prm, prv, pw, pb, eps, &run)
+        status = bn_inference(&a, &run)
     return _check(status)
 
 
 cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array x, bn_array grad_in,
                        object save_mean, object save_invstd, object weight, bint training,
                        cnp.ndarray grad_weight, cnp.ndarray grad_bias) except -1:
-    cdef void *psm = _data(save_mean)
-    cdef void *psi = _data(save_invstd)
-    cdef void *pw = _data(weight)
-    cdef void *pgw = cnp.PyArray_DATA(grad_weight)
-    cdef void *pgb = cnp.PyArray_DATA(grad_bias)
+    cdef bn_backward_args a
+    a.dtype, a.geo, a.grad_out, a.x, a.grad_in = dt, geo, grad_out, x, grad_in
+    a.save_mean, a.save_invstd, a.weight = _data(save_mean), _data(save_invstd), _data(weight)
+    a.training = training
+    a.grad_weight, a.grad_bias = cnp.PyArray_DATA(grad_weight), cnp.PyArray_DATA(grad_bias)
     cdef bn_run run = _run_config(&geo)
     cdef int status
     with nogil:
-        status = bn_backward(dt, &geo, grad_out, x, grad_in, psm, psi, pw, training, pgw, pgb, &run)
+        status = bn_backward(&a, &run)
     return _check(status)
 
 
 def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray mean,
             cnp.ndarray m2):
     """Per-channel Welford state of ``x`` into float64 ``count``, ``mean``, ``m2``."""
-    cdef bn_geometry geo = _geometry(shape)
-    cdef bn_array xa = _operand(x, xs)
-    cdef bn_dtype dt = _dtype_of(x)
-    cdef double *pc = <double *>cnp.PyArray_DATA(count)
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
-    cdef double *pm2 = <double *>cnp.PyArray_DATA(m2)
-    cdef bn_run run = _run_config(&geo)
+    cdef bn_moments_args a
+    a.dtype, a.geo, a.x = _dtype_of(x), _geometry(shape), _operand(x, xs)
+    a.count = <double *>cnp.PyArray_DATA(count)
+    a.mean = <double *>cnp.PyArray_DATA(mean)
+    a.m2 = <double *>cnp.PyArray_DATA(m2)
+    cdef bn_run run = _run_config(&a.geo)
     cdef int status
     with nogil:
-        status = bn_moments(dt, &geo, xa, pc, pm, pm2, &run)
+        status = bn_moments(&a, &run)
     _check(status)
 
 
