@@ -522,10 +522,7 @@ static void BN_FN(phase_a_)(const bn_context *k, ptrdiff_t t)
  *      tasks in memory order (rows of runs of consecutive channels),
  *      channels-last tasks as in A.
  * C of one group touches only its own channels, so the next group's A may
- * start without waiting; A and C of a group run while it is in the cache.
- * Tasks are handed out dynamically: a thread that shares its core with
- * another process does less of the work instead of holding up the team (a
- * task's result never depends on which thread runs it). */
+ * start without waiting; A and C of a group run while it is in the cache. */
 static void BN_FN(exec_body_)(bn_context *k)
 {
     const ptrdiff_t C = k->geo.channels;
@@ -537,7 +534,7 @@ static void BN_FN(exec_body_)(bn_context *k)
         const ptrdiff_t t0 = per * c0, t1 = per ? per * c1 : k->grid.ntasks;
         if (reduce) {
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static)
 #endif
             for (ptrdiff_t t = t0; t < t1; t++)
                 if (!bn_stopped(k)) BN_FN(phase_a_)(k, t);
@@ -552,7 +549,7 @@ static void BN_FN(exec_body_)(bn_context *k)
         const ptrdiff_t ntasks = k->grid.channels_last ? k->grid.ntasks
                                                        : bn_apply_tasks(&k->geo, c0, c1);
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1) nowait
+#pragma omp for schedule(static) nowait
 #endif
         for (ptrdiff_t t = 0; t < ntasks; t++) {
             if (bn_stopped(k)) continue;
