@@ -17,7 +17,7 @@
  * loops keep BN_U independent vectors of lanes that share one Welford count,
  * so there is one division per BN_U * W elements and no reassociation. */
 #define W (BN_VEC_BYTES / 8)
-#define BN_U 4
+#define BN_U (BN_VEC_BYTES == 64 ? 2 : 4) /* as many doubles per step as AVX2: short runs keep no scalar tail */
 
 #if BN_VECTORS
 typedef double BN_FN(vd_) __attribute__((vector_size(BN_VEC_BYTES)));
@@ -144,25 +144,22 @@ typedef struct {
 static inline void BN_FN(set_coef_)(const bn_context *k, ptrdiff_t c, double mean, double s,
                                     double b, double a, double inv, double k1, double k0)
 {
-    BN_T *q = (BN_T *)k->coef;
-    const ptrdiff_t C = k->geo.channels;
     const BN_T mh = (BN_T)mean;
-    q[BN_MH * C + c] = mh;
-    q[BN_ML * C + c] = (BN_T)(mean - (double)mh);
-    q[BN_S * C + c] = (BN_T)s;
-    q[BN_B * C + c] = (BN_T)b;
-    q[BN_A * C + c] = (BN_T)a;
-    q[BN_INV * C + c] = (BN_T)inv;
-    q[BN_K1 * C + c] = (BN_T)k1;
-    q[BN_K0 * C + c] = (BN_T)k0;
+    const BN_T v[BN_COEFS] = {mh, (BN_T)(mean - (double)mh), (BN_T)s, (BN_T)b,
+                              (BN_T)a, (BN_T)inv, (BN_T)k1, (BN_T)k0};
+    const ptrdiff_t L = k->coef_len, C = k->geo.channels;
+    for (int f = 0; f < BN_COEFS; f++) {
+        BN_T *q = (BN_T *)k->coef + f * L;
+        for (ptrdiff_t r = c; r < L; r += C) q[r] = v[f]; /* each copy (see coef_rows) */
+    }
 }
 
 static inline BN_FN(coef_) BN_FN(coef_at_)(const bn_context *k, ptrdiff_t c)
 {
     const BN_T *q = (const BN_T *)k->coef;
-    const ptrdiff_t C = k->geo.channels;
-    BN_FN(coef_) K = {q[BN_MH * C + c], q[BN_ML * C + c], q[BN_S * C + c], q[BN_B * C + c],
-                      q[BN_A * C + c], q[BN_INV * C + c], q[BN_K1 * C + c], q[BN_K0 * C + c]};
+    const ptrdiff_t L = k->coef_len;
+    BN_FN(coef_) K = {q[BN_MH * L + c], q[BN_ML * L + c], q[BN_S * L + c], q[BN_B * L + c],
+                      q[BN_A * L + c], q[BN_INV * L + c], q[BN_K1 * L + c], q[BN_K0 * L + c]};
     return K;
 }
 
@@ -184,10 +181,10 @@ static inline BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c
 static inline BN_FN(coefv_) BN_FN(coefv_load_)(const bn_context *k, ptrdiff_t c)
 {
     const BN_T *q = (const BN_T *)k->coef + c;
-    const ptrdiff_t C = k->geo.channels;
-    BN_FN(coefv_) V = {BN_LDA(q + BN_MH * C), BN_LDA(q + BN_ML * C), BN_LDA(q + BN_S * C),
-                       BN_LDA(q + BN_B * C),  BN_LDA(q + BN_A * C),  BN_LDA(q + BN_INV * C),
-                       BN_LDA(q + BN_K1 * C), BN_LDA(q + BN_K0 * C)};
+    const ptrdiff_t L = k->coef_len;
+    BN_FN(coefv_) V = {BN_LDA(q + BN_MH * L), BN_LDA(q + BN_ML * L), BN_LDA(q + BN_S * L),
+                       BN_LDA(q + BN_B * L),  BN_LDA(q + BN_A * L),  BN_LDA(q + BN_INV * L),
+                       BN_LDA(q + BN_K1 * L), BN_LDA(q + BN_K0 * L)};
     return V;
 }
 

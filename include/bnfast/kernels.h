@@ -56,6 +56,10 @@ typedef struct {
     bn_array ax;  /* input of the affine phase */
     double *mean; /* per channel, in double: the mean the statistics are centred on */
     void *coef;   /* per channel, in the element type: the apply phase's coefficients */
+    /* coefficient arrays are coef_len long: coef_rows copies of the C
+     * channels' values, so that coef_rows contiguous channels-last rows are
+     * one span with a coefficient per element (rows of few channels) */
+    ptrdiff_t coef_len, coef_rows;
     bn_partials part;                       /* partial states, row-major */
     double *scratch;
     double *next_mean, *next_var; /* running statistics, written back on success */
@@ -75,9 +79,12 @@ typedef struct {
  * doubles per channel that hold them in any element type. */
 enum { BN_MH, BN_ML, BN_S, BN_B, BN_A, BN_INV, BN_K1, BN_K0, BN_COEFS };
 #define BN_COEF_DOUBLES BN_COEFS
+/* Channels-last rows of fewer channels than this are applied in spans of
+ * about this many elements (several rows; see coef_rows). */
+#define BN_SPAN_ELEMS 256
 
 /* Scratch small enough for the stack: tiny calls never touch malloc. */
-#define BN_STACK_DOUBLES 1024
+#define BN_STACK_DOUBLES 4096
 
 static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, const bn_run *run)
 {
@@ -87,6 +94,8 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
     k.last_poll = run->interrupted ? bn_wtime() : 0.0;
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
+    k.coef_rows = k.grid.channels_last && geo->channels < BN_SPAN_ELEMS ? BN_SPAN_ELEMS / geo->channels : 1;
+    k.coef_len = k.coef_rows * geo->channels;
     k.stream_bytes = run->stream_bytes < 0 ? bn_stream_threshold_default()
                                            : (size_t)run->stream_bytes;
     k.x = x;
@@ -99,7 +108,7 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
 static inline size_t bn_context_doubles(const bn_context *k, int partials)
 {
     const size_t C = (size_t)k->geo.channels, P = (size_t)k->grid.partial_rows;
-    return 3 * C + BN_COEF_DOUBLES * C + (partials ? 2 * P * C + 2 * P : 0);
+    return 3 * C + BN_COEF_DOUBLES * (size_t)k->coef_len + (partials ? 2 * P * C + 2 * P : 0);
 }
 
 /* Carve the per-channel coefficients and partials out of `buf` (of
@@ -117,7 +126,7 @@ static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
     k->next_var = k->next_mean + C;
     k->coef = k->next_var + C; /* doubles are aligned for any element type */
     if (partials) {
-        k->part.mean = k->next_var + C + BN_COEF_DOUBLES * C;
+        k->part.mean = k->next_var + C + BN_COEF_DOUBLES * (size_t)k->coef_len;
         k->part.m2 = k->part.mean + P * C;
         k->part.share = k->part.m2 + P * C;
         k->part.weight = k->part.share + P;
