@@ -42,8 +42,11 @@ static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, c
     BN_APPLY_EXPR(BN_APPLY_G ? BN_LDA(g + (i)) : BN_SPLATA(0), BN_LDA(x + (i)), \
                   per_lane ? BN_FN(coefv_load_)(k, c + (i)) : fixed)
 #if BN_CAN_STREAM
+    /* streaming stores with per-lane coefficients measured 3x slower than
+     * ordinary ones ((64,64,112,112) NHWC inference, AVX-512, not understood
+     * yet): channels-last rows store normally */
     ptrdiff_t peel;
-    if (stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_T <= n) {
+    if (stream && !per_lane && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_T <= n) {
         const ptrdiff_t end = peel + (n - peel) / BN_LINE_T * BN_LINE_T;
         for (; i + WA <= peel; i += WA) BN_STA(y + i, BN_AVEC(i));
         for (; i < peel; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0));
