@@ -3,10 +3,11 @@
  * BN_VEC_BYTES (SIMD register width) and BN_SFX (the name suffix), then
  * include this file.  No include guard on purpose.
  *
- * Every value is accumulated in double whatever BN_T is.  Vector loops and
- * their scalar tails evaluate the same expressions, and which elements a
- * vector loop covers depends on the shape and addresses only, so results are
- * bit-identical for any thread count. */
+ * Statistics and gradient sums accumulate in double whatever BN_T is; the
+ * apply phase (apply_body.h) computes in BN_T on the centred form.  Vector
+ * loops and their scalar tails evaluate the same expressions, and which
+ * elements a vector loop covers depends on the shape and addresses only, so
+ * results are bit-identical for any thread count. */
 
 #define BN_CAT_(a, b) a##b
 #define BN_CAT(a, b) BN_CAT_(a, b)
