@@ -1,10 +1,23 @@
 /* Instantiate kernel_body.h for float and double with one instruction set:
- * define BN_VEC_BYTES (SIMD register width) and BN_ISA_SFX (a name token such
- * as avx2), then include this file; the kernels get the suffixes
- * f32_<BN_ISA_SFX> and f64_<BN_ISA_SFX>.  No include guard on purpose. */
+ * define BN_VEC_BYTES (SIMD register width), BN_ISA_SFX (a name token such
+ * as avx2) and, for a variant beyond the build's baseline, BN_ISA_TARGET (the
+ * compiler's target string, e.g. "avx2,fma"), then include this file; the
+ * kernels get the suffixes f32_<BN_ISA_SFX> and f64_<BN_ISA_SFX>.  No include
+ * guard on purpose. */
 
 #define BN_ISA_CAT_(a, b) a##b
 #define BN_ISA_CAT(a, b) BN_ISA_CAT_(a, b)
+#define BN_PRAGMA_(...) _Pragma(#__VA_ARGS__)
+#define BN_PRAGMA(...) BN_PRAGMA_(__VA_ARGS__)
+
+#ifdef BN_ISA_TARGET
+#if defined(__clang__)
+BN_PRAGMA(clang attribute push(__attribute__((target(BN_ISA_TARGET))), apply_to = function))
+#else
+BN_PRAGMA(GCC push_options)
+BN_PRAGMA(GCC target(BN_ISA_TARGET))
+#endif
+#endif
 
 #define BN_T float
 #define BN_T_IS_FLOAT 1
@@ -22,5 +35,15 @@
 #undef BN_T_IS_FLOAT
 #undef BN_SFX
 
+#ifdef BN_ISA_TARGET
+#if defined(__clang__)
+BN_PRAGMA(clang attribute pop)
+#else
+BN_PRAGMA(GCC pop_options)
+#endif
+#endif
+
+#undef BN_PRAGMA
+#undef BN_PRAGMA_
 #undef BN_ISA_CAT
 #undef BN_ISA_CAT_

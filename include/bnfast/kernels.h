@@ -206,45 +206,26 @@ static inline void bn_context_free(bn_context *k)
 #undef BN_VEC_BYTES
 
 #if BN_HAVE_AVX2_VARIANT
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
 #ifndef BN_AVX2_VEC_BYTES
 #define BN_AVX2_VEC_BYTES 32
 #endif
 #define BN_VEC_BYTES BN_AVX2_VEC_BYTES
 #define BN_ISA_SFX avx2
+#define BN_ISA_TARGET "avx2,fma"
 #include "instantiate.h"
+#undef BN_ISA_TARGET
 #undef BN_ISA_SFX
 #undef BN_VEC_BYTES
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
 #endif
 
 #if BN_HAVE_AVX512_VARIANT
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
-#endif
 #define BN_VEC_BYTES 64
 #define BN_ISA_SFX avx512
+#define BN_ISA_TARGET "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"
 #include "instantiate.h"
+#undef BN_ISA_TARGET
 #undef BN_ISA_SFX
 #undef BN_VEC_BYTES
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
 #endif
 
 /* ---- which variants this CPU runs -------------------------------------- */

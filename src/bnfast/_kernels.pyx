@@ -203,19 +203,23 @@ def select_isa(name):
     return simd_in_use()
 
 
-def _select_isa_from_environment():
-    bn_isa_mask()  # detect once, before any kernel runs on another thread
-    forced = os.environ.get("BNFAST_FORCE_ISA", "").strip()
-    if forced:
-        try:
-            select_isa(forced)
-            return
-        except ValueError as err:
-            warnings.warn(f"BNFAST_FORCE_ISA ignored: {err}", RuntimeWarning, stacklevel=2)
+def _from_environment(name, apply):
+    """Apply the setting in environment variable ``name`` (if set); True if it
+    took, a RuntimeWarning if ``apply`` refuses it."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return False
+    try:
+        apply(text)
+        return True
+    except ValueError as err:
+        warnings.warn(f"{name}={text!r} ignored: {err}", RuntimeWarning, stacklevel=3)
+        return False
+
+
+bn_isa_mask()  # detect once, before any kernel runs on another thread
+if not _from_environment("BNFAST_FORCE_ISA", select_isa):
     select_isa("auto")
-
-
-_select_isa_from_environment()
 
 
 def cache_sizes():
@@ -267,20 +271,17 @@ def set_stream_threshold(nbytes=None):
     return stream_threshold()
 
 
-def _stream_threshold_from_environment():
-    bn_caches()  # detect once, before any kernel runs on another thread
-    text = os.environ.get("BNFAST_STREAM_BYTES", "").strip()
-    if text:
-        try:
-            set_stream_threshold(int(text))
-            return
-        except ValueError as err:
-            warnings.warn(f"BNFAST_STREAM_BYTES={text!r} ignored (want bytes, an integer >= 0): {err}",
-                          RuntimeWarning, stacklevel=2)
+def _stream_bytes_from_text(text):
+    try:
+        nbytes = int(text)
+    except ValueError:
+        raise ValueError("want bytes, an integer >= 0") from None
+    set_stream_threshold(nbytes)
+
+
+bn_caches()  # detect once, before any kernel runs on another thread
+if not _from_environment("BNFAST_STREAM_BYTES", _stream_bytes_from_text):
     set_stream_threshold(None)
-
-
-_stream_threshold_from_environment()
 
 
 def _task_grid(Py_ssize_t outer, Py_ssize_t channels, Py_ssize_t inner):
