@@ -202,9 +202,72 @@ static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
 
 /* ---- statistics: Welford over the runs of one planar task --------------- */
 
+#if BN_T_IS_FLOAT
+/* Float data: the task's state from sums in double of the values shifted by
+ * a pilot (the task's first value), sum(y) and sum(y * y) with y = x - pilot.
+ * Each y is exact in double and the sums of one task (at most BN_TASK_ELEMS
+ * values) carry ~1e-16 relative error, so M2 = sum(y*y) - sum(y)^2 / n keeps
+ * ~1e-14 of relative accuracy even when the pilot is several deviations from
+ * the mean; a constant channel gives exactly M2 = 0.  Independent sums have
+ * no loop-carried Welford chain: about twice the throughput.  (Float squares
+ * cannot overflow a double; double data keeps Welford.) */
+static inline void BN_FN(state_of_sums_)(double pilot, double s1, double s2, double count,
+                                         double *mean, double *m2)
+{
+    const double shift = s1 / count, v = s2 - s1 * shift;
+    *mean = pilot + shift;
+    *m2 = v > 0.0 ? v : v == v ? 0.0 : v; /* rounding never makes it negative; NaN stays */
+}
+
+static void BN_FN(stats_planar_sums_)(const bn_context *k, const bn_planar_task *u)
+{
+    const BN_T *base = (const BN_T *)k->x.data + u->channel * k->x.channel_stride + u->offset;
+    const ptrdiff_t len = u->len;
+    const double pilot = (double)base[u->row0 * k->x.outer_stride];
+    double t1 = 0.0, t2 = 0.0;
+#if BN_VECTORS
+    const ptrdiff_t body = len - len % (BN_U * W);
+    const VD vp = BN_SPLAT(pilot);
+    VD s1[BN_U], s2[BN_U];
+    for (int v = 0; v < BN_U; v++) s1[v] = s2[v] = BN_SPLAT(0.0);
+#else
+    const ptrdiff_t body = 0;
+#endif
+    for (ptrdiff_t n = u->row0; n < u->row1; n++) {
+        const BN_T *x = base + n * k->x.outer_stride;
+#if BN_VECTORS
+        for (ptrdiff_t i = 0; i < body; i += BN_U * W)
+            for (int v = 0; v < BN_U; v++) {
+                const VD y = BN_LD(x + i + v * W) - vp;
+                s1[v] += y;
+                s2[v] += y * y;
+            }
+#endif
+        for (ptrdiff_t i = body; i < len; i++) {
+            const double y = (double)x[i] - pilot;
+            t1 += y;
+            t2 += y * y;
+        }
+    }
+#if BN_VECTORS
+    for (int v = 0; v < BN_U; v++)
+        for (int l = 0; l < W; l++) {
+            t1 += s1[v][l];
+            t2 += s2[v][l];
+        }
+#endif
+    const ptrdiff_t i = u->prow * k->geo.channels + u->channel;
+    BN_FN(state_of_sums_)(pilot, t1, t2, (double)((u->row1 - u->row0) * len), k->part.mean + i,
+                          k->part.m2 + i);
+}
+#endif
+
 static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
+#if BN_T_IS_FLOAT
+    BN_FN(stats_planar_sums_)(k, &u);
+#else
     const BN_T *base = (const BN_T *)k->x.data + u.channel * k->x.channel_stride + u.offset;
     const ptrdiff_t len = u.len;
     bn_welford acc = {0.0, 0.0, 0.0}, tail = {0.0, 0.0, 0.0};
@@ -260,6 +323,7 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
     const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
     k->part.mean[i] = acc.mean;
     k->part.m2[i] = acc.m2;
+#endif
 }
 
 /* Channels-last: the task's rows are read in blocks of BN_ROW_BLOCK
@@ -269,9 +333,67 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
  * over the rows in order, whatever the blocking. */
 #define BN_ROW_BLOCK 16
 
+#if BN_T_IS_FLOAT
+/* Channels-last float data: as stats_planar_sums_, per channel, with each
+ * channel's value in the task's first row as its pilot; strips of BN_U * W
+ * channels keep their sums in registers over blocks of BN_ROW_BLOCK rows. */
+static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
+{
+    const ptrdiff_t os = k->x.outer_stride, nc = u->c1 - u->c0;
+    double *restrict ps1 = k->part.mean + u->prow * k->geo.channels + u->c0;
+    double *restrict ps2 = k->part.m2 + u->prow * k->geo.channels + u->c0;
+    const BN_T *x0 = (const BN_T *)k->x.data + u->c0, *first = x0 + u->row0 * os;
+    for (ptrdiff_t j = 0; j < nc; j++) ps1[j] = ps2[j] = 0.0;
+#if BN_VECTORS
+    const ptrdiff_t vec = nc - nc % (BN_U * W);
+#else
+    const ptrdiff_t vec = 0;
+#endif
+    for (ptrdiff_t rb = u->row0; rb < u->row1; rb += BN_ROW_BLOCK) {
+        const ptrdiff_t re = bn_min(u->row1, rb + BN_ROW_BLOCK);
+#if BN_VECTORS
+        for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
+            VD s1[BN_U], s2[BN_U], vp[BN_U];
+            for (int v = 0; v < BN_U; v++) {
+                s1[v] = BN_LDD(ps1 + c + v * W);
+                s2[v] = BN_LDD(ps2 + c + v * W);
+                vp[v] = BN_LD(first + c + v * W);
+            }
+            for (ptrdiff_t r = rb; r < re; r++) {
+                const BN_T *x = x0 + r * os + c;
+                for (int v = 0; v < BN_U; v++) {
+                    const VD y = BN_LD(x + v * W) - vp[v];
+                    s1[v] += y;
+                    s2[v] += y * y;
+                }
+            }
+            for (int v = 0; v < BN_U; v++) {
+                memcpy(ps1 + c + v * W, &s1[v], sizeof(VD));
+                memcpy(ps2 + c + v * W, &s2[v], sizeof(VD));
+            }
+        }
+#endif
+        for (ptrdiff_t r = rb; vec < nc && r < re; r++) {
+            const BN_T *x = x0 + r * os;
+            for (ptrdiff_t j = vec; j < nc; j++) {
+                const double y = (double)x[j] - (double)first[j];
+                ps1[j] += y;
+                ps2[j] += y * y;
+            }
+        }
+    }
+    const double count = (double)(u->row1 - u->row0);
+    for (ptrdiff_t j = 0; j < nc; j++)
+        BN_FN(state_of_sums_)((double)first[j], ps1[j], ps2[j], count, ps1 + j, ps2 + j);
+}
+#endif
+
 static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
+#if BN_T_IS_FLOAT
+    BN_FN(stats_rows_sums_)(k, &u);
+#else
     const ptrdiff_t os = k->x.outer_stride, nc = u.c1 - u.c0;
     double *restrict pmean = k->part.mean + u.prow * k->geo.channels + u.c0;
     double *restrict pm2 = k->part.m2 + u.prow * k->geo.channels + u.c0;
@@ -321,6 +443,7 @@ static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
             }
         }
     }
+#endif
 }
 
 /* ---- backward: per-channel sum(g) and sum(g * (x - mean)) --------------- */

@@ -1,7 +1,10 @@
 /* Per-channel Welford state (count, mean, M2) and Chan's merge: the statistics
  * object shared by every kernel, the public `moments` API and dataset-wide
  * merges.  All accumulation is in double whatever the data type, so float32
- * statistics keep full accuracy when the mean is large against the spread. */
+ * statistics keep full accuracy when the mean is large against the spread:
+ * double data by Welford's update, float data (whose squares a double holds
+ * exactly enough) by sums of values shifted by a pilot value within each task
+ * (kernel_body.h), turned into a state and merged from there on like any. */
 #ifndef BNFAST_MOMENTS_H
 #define BNFAST_MOMENTS_H
 
