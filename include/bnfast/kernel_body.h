@@ -497,13 +497,71 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
     k->part.m2[i] = total_gx;
 }
 
+/* Channels-last, tasks of few rows: strips of BN_U * W channels keep their
+ * sums in registers over blocks of BN_ROW_BLOCK rows. */
+static void BN_FN(grad_sums_strips_)(const bn_context *k, const bn_rows_task *up)
+{
+    const bn_rows_task u = *up;
+    const ptrdiff_t nc = u.c1 - u.c0, xs = k->x.outer_stride, gs = k->g.outer_stride;
+    const double *mu = k->mean + u.c0;
+    double *restrict psg = k->part.mean + u.prow * k->geo.channels + u.c0;
+    double *restrict psgx = k->part.m2 + u.prow * k->geo.channels + u.c0;
+    const BN_T *x0 = (const BN_T *)k->x.data + u.c0, *g0 = (const BN_T *)k->g.data + u.c0;
+    for (ptrdiff_t j = 0; j < nc; j++) psg[j] = psgx[j] = 0.0;
+#if BN_VECTORS
+    const ptrdiff_t vec = nc - nc % (BN_U * W);
+#else
+    const ptrdiff_t vec = 0;
+#endif
+    for (ptrdiff_t rb = u.row0; rb < u.row1; rb += BN_ROW_BLOCK) {
+        const ptrdiff_t re = bn_min(u.row1, rb + BN_ROW_BLOCK);
+#if BN_VECTORS
+        for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
+            VD sg[BN_U], sgx[BN_U], vmu[BN_U];
+            for (int v = 0; v < BN_U; v++) {
+                sg[v] = BN_LDD(psg + c + v * W);
+                sgx[v] = BN_LDD(psgx + c + v * W);
+                vmu[v] = BN_LDD(mu + c + v * W);
+            }
+            for (ptrdiff_t r = rb; r < re; r++) {
+                const BN_T *x = x0 + r * xs + c, *g = g0 + r * gs + c;
+                for (int v = 0; v < BN_U; v++) {
+                    const VD gv = BN_LD(g + v * W);
+                    sg[v] += gv;
+                    sgx[v] += gv * (BN_LD(x + v * W) - vmu[v]);
+                }
+            }
+            for (int v = 0; v < BN_U; v++) {
+                memcpy(psg + c + v * W, &sg[v], sizeof(VD));
+                memcpy(psgx + c + v * W, &sgx[v], sizeof(VD));
+            }
+        }
+#endif
+        if (vec == nc) continue;
+        for (ptrdiff_t r = rb; r < re; r++) {
+            const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
+            for (ptrdiff_t j = vec; j < nc; j++) {
+                const double gv = (double)g[j];
+                psg[j] += gv;
+                psgx[j] += gv * ((double)x[j] - mu[j]);
+            }
+        }
+    }
+}
+
 /* Channels-last: rows in memory order (a few streams the prefetchers
- * follow), summing in double into the task's partial sums (kept in L1). */
+ * follow), summing in double into the task's partial sums (kept in L1);
+ * tasks of few rows of many channels go by strips (measured 1.8x faster for
+ * (256, 1024), while row order is 1.6x faster for 98 rows of 256 channels). */
 #define BN_SUM_ROWS 4
 static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
     const ptrdiff_t nc = u.c1 - u.c0, xs = k->x.outer_stride, gs = k->g.outer_stride;
+    if (nc > 64 && u.row1 - u.row0 <= 2 * BN_ROW_BLOCK) {
+        BN_FN(grad_sums_strips_)(k, &u);
+        return;
+    }
     const double *mu = k->mean + u.c0;
     double *restrict psg = k->part.mean + u.prow * k->geo.channels + u.c0;
     double *restrict psgx = k->part.m2 + u.prow * k->geo.channels + u.c0;
