@@ -84,7 +84,7 @@ enum { BN_MH, BN_ML, BN_S, BN_B, BN_A, BN_INV, BN_K1, BN_K0, BN_COEFS };
 #define BN_SPAN_ELEMS 256
 
 /* Scratch small enough for the stack: tiny calls never touch malloc. */
-#define BN_STACK_DOUBLES 4096
+#define BN_STACK_DOUBLES 1024
 
 static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, const bn_run *run)
 {
@@ -94,7 +94,12 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
     k.last_poll = run->interrupted ? bn_wtime() : 0.0;
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
-    k.coef_rows = k.grid.channels_last && geo->channels < BN_SPAN_ELEMS ? BN_SPAN_ELEMS / geo->channels : 1;
+    /* repeated coefficients pay off from a few spans of work on; a small
+     * call would spend more time writing them than it saves */
+    k.coef_rows = k.grid.channels_last && geo->channels < BN_SPAN_ELEMS
+                          && geo->outer * geo->channels >= BN_PARALLEL_MIN_ELEMS
+                      ? BN_SPAN_ELEMS / geo->channels
+                      : 1;
     k.coef_len = k.coef_rows * geo->channels;
     k.stream_bytes = run->stream_bytes < 0 ? bn_stream_threshold_default()
                                            : (size_t)run->stream_bytes;
