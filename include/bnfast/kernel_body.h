@@ -200,7 +200,58 @@ static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
 }
 #endif
 
-/* ---- statistics: Welford over the runs of one planar task --------------- */
+/* ---- statistics and gradient sums over planar tasks ---------------------- */
+
+/* sum(a) and sum(b) over planar task u, in double, with y = x - shift and,
+ * for the statistics (with_g = 0), a = y, b = y * y; for the gradient sums
+ * (with_g = 1), a = g, b = g * y.  Lanes are summed in a fixed order, then
+ * the scalar tail. */
+static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_planar_task *u,
+                                                 double shift, const int with_g, double *sum_a,
+                                                 double *sum_b)
+{
+    const ptrdiff_t c = u->channel, len = u->len;
+    double ta = 0.0, tb = 0.0, la = 0.0, lb = 0.0;
+#if BN_VECTORS
+    const ptrdiff_t body = len - len % (BN_U * W);
+    const VD vs = BN_SPLAT(shift);
+    VD sa[BN_U], sb[BN_U];
+    for (int v = 0; v < BN_U; v++) sa[v] = sb[v] = BN_SPLAT(0.0);
+#else
+    const ptrdiff_t body = 0;
+#endif
+    for (ptrdiff_t n = u->row0; n < u->row1; n++) {
+        const BN_T *x = (const BN_T *)k->x.data + n * k->x.outer_stride + c * k->x.channel_stride
+                        + u->offset;
+        const BN_T *g = with_g ? (const BN_T *)k->g.data + n * k->g.outer_stride
+                                     + c * k->g.channel_stride + u->offset
+                               : x;
+#if BN_VECTORS
+        for (ptrdiff_t i = 0; i < body; i += BN_U * W)
+            for (int v = 0; v < BN_U; v++) {
+                const VD y = BN_LD(x + i + v * W) - vs;
+                const VD a = with_g ? BN_LD(g + i + v * W) : y;
+                sa[v] += a;
+                sb[v] += a * y;
+            }
+#endif
+        for (ptrdiff_t i = body; i < len; i++) {
+            const double y = (double)x[i] - shift;
+            const double a = with_g ? (double)g[i] : y;
+            ta += a;
+            tb += a * y;
+        }
+    }
+#if BN_VECTORS
+    for (int v = 0; v < BN_U; v++)
+        for (int l = 0; l < W; l++) {
+            la += sa[v][l];
+            lb += sb[v][l];
+        }
+#endif
+    *sum_a = la + ta;
+    *sum_b = lb + tb;
+}
 
 #if BN_T_IS_FLOAT
 /* Float data: the task's state from sums in double of the values shifted by
@@ -222,42 +273,11 @@ static inline void BN_FN(state_of_sums_)(double pilot, double s1, double s2, dou
 static void BN_FN(stats_planar_sums_)(const bn_context *k, const bn_planar_task *u)
 {
     const BN_T *base = (const BN_T *)k->x.data + u->channel * k->x.channel_stride + u->offset;
-    const ptrdiff_t len = u->len;
     const double pilot = (double)base[u->row0 * k->x.outer_stride];
-    double t1 = 0.0, t2 = 0.0;
-#if BN_VECTORS
-    const ptrdiff_t body = len - len % (BN_U * W);
-    const VD vp = BN_SPLAT(pilot);
-    VD s1[BN_U], s2[BN_U];
-    for (int v = 0; v < BN_U; v++) s1[v] = s2[v] = BN_SPLAT(0.0);
-#else
-    const ptrdiff_t body = 0;
-#endif
-    for (ptrdiff_t n = u->row0; n < u->row1; n++) {
-        const BN_T *x = base + n * k->x.outer_stride;
-#if BN_VECTORS
-        for (ptrdiff_t i = 0; i < body; i += BN_U * W)
-            for (int v = 0; v < BN_U; v++) {
-                const VD y = BN_LD(x + i + v * W) - vp;
-                s1[v] += y;
-                s2[v] += y * y;
-            }
-#endif
-        for (ptrdiff_t i = body; i < len; i++) {
-            const double y = (double)x[i] - pilot;
-            t1 += y;
-            t2 += y * y;
-        }
-    }
-#if BN_VECTORS
-    for (int v = 0; v < BN_U; v++)
-        for (int l = 0; l < W; l++) {
-            t1 += s1[v][l];
-            t2 += s2[v][l];
-        }
-#endif
+    double s1, s2;
+    BN_FN(planar_sums_)(k, u, pilot, 0, &s1, &s2);
     const ptrdiff_t i = u->prow * k->geo.channels + u->channel;
-    BN_FN(state_of_sums_)(pilot, t1, t2, (double)((u->row1 - u->row0) * len), k->part.mean + i,
+    BN_FN(state_of_sums_)(pilot, s1, s2, (double)((u->row1 - u->row0) * u->len), k->part.mean + i,
                           k->part.m2 + i);
 }
 #endif
@@ -451,50 +471,8 @@ static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
 static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
-    const ptrdiff_t c = u.channel, len = u.len;
-    const double mu = k->mean[c];
-    double tg = 0.0, tgx = 0.0;
-#if BN_VECTORS
-    const ptrdiff_t body = len - len % (BN_U * W);
-    const VD vmu = BN_SPLAT(mu);
-    VD sg[BN_U], sgx[BN_U];
-    for (int v = 0; v < BN_U; v++) sg[v] = sgx[v] = BN_SPLAT(0.0);
-#else
-    const ptrdiff_t body = 0;
-#endif
-    for (ptrdiff_t n = u.row0; n < u.row1; n++) {
-        const BN_T *x = (const BN_T *)k->x.data + n * k->x.outer_stride + c * k->x.channel_stride
-                        + u.offset;
-        const BN_T *g = (const BN_T *)k->g.data + n * k->g.outer_stride + c * k->g.channel_stride
-                        + u.offset;
-#if BN_VECTORS
-        for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
-            for (int v = 0; v < BN_U; v++) {
-                const VD gv = BN_LD(g + i + v * W);
-                sg[v] += gv;
-                sgx[v] += gv * (BN_LD(x + i + v * W) - vmu);
-            }
-        }
-#endif
-        for (ptrdiff_t i = body; i < len; i++) {
-            const double gv = (double)g[i];
-            tg += gv;
-            tgx += gv * ((double)x[i] - mu);
-        }
-    }
-    double total_g = 0.0, total_gx = 0.0;
-#if BN_VECTORS
-    for (int v = 0; v < BN_U; v++)
-        for (int l = 0; l < W; l++) {
-            total_g += sg[v][l];
-            total_gx += sgx[v][l];
-        }
-#endif
-    total_g += tg;
-    total_gx += tgx;
-    const ptrdiff_t i = u.prow * k->geo.channels + c;
-    k->part.mean[i] = total_g;
-    k->part.m2[i] = total_gx;
+    const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
+    BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, k->part.mean + i, k->part.m2 + i);
 }
 
 /* Channels-last, tasks of few rows: strips of BN_U * W channels keep their
