@@ -31,8 +31,7 @@ static inline BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *
  * c + i (a channels-last row).  Streaming stores write whole lines from y's
  * first line boundary on; the rest uses ordinary stores. */
 static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, const BN_T *x,
-                                           BN_T *y, ptrdiff_t n, ptrdiff_t c, const int per_lane,
-                                           int stream)
+                                           BN_T *y, ptrdiff_t n, ptrdiff_t c, const int per_lane)
 {
     (void)g;
     ptrdiff_t i = 0;
@@ -42,18 +41,13 @@ static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, c
     BN_APPLY_EXPR(BN_APPLY_G ? BN_LDA(g + (i)) : BN_SPLATA(0), BN_LDA(x + (i)), \
                   per_lane ? BN_FN(coefv_load_)(k, c + (i)) : fixed)
 #if BN_CAN_STREAM
-    /* streaming stores with per-lane coefficients measured 3x slower than
-     * ordinary ones ((64,64,112,112) NHWC inference, AVX-512, not understood
-     * yet): channels-last rows store normally */
     ptrdiff_t peel;
-    if (stream && !per_lane && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_T <= n) {
+    if (k->stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_T <= n) {
         const ptrdiff_t end = peel + (n - peel) / BN_LINE_T * BN_LINE_T;
         for (; i + WA <= peel; i += WA) BN_STA(y + i, BN_AVEC(i));
         for (; i < peel; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0));
         for (; i < end; i += WA) BN_STREAMA(y + i, BN_AVEC(i));
     }
-#else
-    (void)stream;
 #endif
     for (; i + 2 * WA <= n; i += 2 * WA) {
         const BN_FN(va_) p = BN_AVEC(i), q = BN_AVEC(i + WA);
@@ -62,8 +56,6 @@ static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, c
     }
     for (; i + WA <= n; i += WA) BN_STA(y + i, BN_AVEC(i));
 #undef BN_AVEC
-#else
-    (void)stream;
 #endif
     for (; i < n; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0));
 }
@@ -80,7 +72,7 @@ static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptr
                                          + c * k->g.channel_stride + u.i0
                                    : NULL;
         BN_T *y = (BN_T *)k->y.data + u.row * k->y.outer_stride + c * k->y.channel_stride + u.i0;
-        BN_AFN(span_)(k, g, x, y, u.i1 - u.i0, c, 0, k->stream);
+        BN_AFN(span_)(k, g, x, y, u.i1 - u.i0, c, 0);
     }
     BN_FN(stream_fence_)(k->stream);
 }
@@ -101,16 +93,15 @@ static void BN_AFN(rows_)(const bn_context *k, ptrdiff_t t)
             const ptrdiff_t rows = bn_min(R, u.row1 - r);
             const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + r * C : NULL;
             BN_AFN(span_)(k, g, (const BN_T *)xa.data + r * C, (BN_T *)k->y.data + r * C, rows * C,
-                          0, 1, k->stream);
+                          0, 1);
         }
     }
     for (; r < u.row1; r++) {
         const BN_T *x = (const BN_T *)xa.data + r * xa.outer_stride + u.c0;
         const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + r * k->g.outer_stride + u.c0 : NULL;
         BN_T *y = (BN_T *)k->y.data + r * k->y.outer_stride + u.c0;
-        BN_AFN(span_)(k, g, x, y, u.c1 - u.c0, u.c0, 1, k->stream);
+        BN_AFN(span_)(k, g, x, y, u.c1 - u.c0, u.c0, 1);
     }
-    BN_FN(stream_fence_)(k->stream);
 }
 
 #undef BN_AFN

@@ -69,9 +69,7 @@ static inline void bn_bench_traffic(bn_dtype dt, void *out, const void *a, const
                                     size_t n, const bn_run *run)
 {
     const size_t size = dt == BN_FLOAT32 ? sizeof(float) : sizeof(double);
-    const size_t threshold = run->stream_bytes < 0 ? bn_stream_threshold_default()
-                                                   : (size_t)run->stream_bytes;
-    const int stream = n * size > threshold;
+    const int stream = n * size > bn_stream_bytes(run);
     const int nthreads = run->nthreads;
     const int nt = nthreads > 1 && n >= (size_t)BN_PARALLEL_MIN_ELEMS ? nthreads : 1;
     const size_t per = (n / (size_t)nt + 16) / 16 * 16; /* whole lines per thread */

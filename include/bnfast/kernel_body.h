@@ -353,17 +353,18 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
  * over the rows in order, whatever the blocking. */
 #define BN_ROW_BLOCK 16
 
-#if BN_T_IS_FLOAT
-/* Channels-last float data: as stats_planar_sums_, per channel, with each
- * channel's value in the task's first row as its pilot; strips of BN_U * W
- * channels keep their sums in registers over blocks of BN_ROW_BLOCK rows. */
-static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
+/* Channels-last: sum(a) and sum(b) per channel of rows task u into
+ * sum_a/sum_b (channels of the task), in double, with y = x - shift[c] and,
+ * as planar_sums_, a = y, b = y * y (with_g = 0) or a = g, b = g * y
+ * (with_g = 1).  Strips of BN_U * W channels keep their sums in registers
+ * over blocks of BN_ROW_BLOCK rows; per channel the rows are summed in order. */
+static BN_ALWAYS_INLINE void BN_FN(rows_sums_)(const bn_context *k, const bn_rows_task *u,
+                                               const double *shift, const int with_g,
+                                               double *restrict sum_a, double *restrict sum_b)
 {
-    const ptrdiff_t os = k->x.outer_stride, nc = u->c1 - u->c0;
-    double *restrict ps1 = k->part.mean + u->prow * k->geo.channels + u->c0;
-    double *restrict ps2 = k->part.m2 + u->prow * k->geo.channels + u->c0;
-    const BN_T *x0 = (const BN_T *)k->x.data + u->c0, *first = x0 + u->row0 * os;
-    for (ptrdiff_t j = 0; j < nc; j++) ps1[j] = ps2[j] = 0.0;
+    const ptrdiff_t nc = u->c1 - u->c0, xs = k->x.outer_stride, gs = k->g.outer_stride;
+    const BN_T *x0 = (const BN_T *)k->x.data + u->c0, *g0 = (const BN_T *)k->g.data + u->c0;
+    for (ptrdiff_t j = 0; j < nc; j++) sum_a[j] = sum_b[j] = 0.0;
 #if BN_VECTORS
     const ptrdiff_t vec = nc - nc % (BN_U * W);
 #else
@@ -373,38 +374,54 @@ static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
         const ptrdiff_t re = bn_min(u->row1, rb + BN_ROW_BLOCK);
 #if BN_VECTORS
         for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
-            VD s1[BN_U], s2[BN_U], vp[BN_U];
+            VD sa[BN_U], sb[BN_U], vs[BN_U];
             for (int v = 0; v < BN_U; v++) {
-                s1[v] = BN_LDD(ps1 + c + v * W);
-                s2[v] = BN_LDD(ps2 + c + v * W);
-                vp[v] = BN_LD(first + c + v * W);
+                sa[v] = BN_LDD(sum_a + c + v * W);
+                sb[v] = BN_LDD(sum_b + c + v * W);
+                vs[v] = BN_LDD(shift + c + v * W);
             }
             for (ptrdiff_t r = rb; r < re; r++) {
-                const BN_T *x = x0 + r * os + c;
+                const BN_T *x = x0 + r * xs + c, *g = with_g ? g0 + r * gs + c : x;
                 for (int v = 0; v < BN_U; v++) {
-                    const VD y = BN_LD(x + v * W) - vp[v];
-                    s1[v] += y;
-                    s2[v] += y * y;
+                    const VD y = BN_LD(x + v * W) - vs[v];
+                    const VD a = with_g ? BN_LD(g + v * W) : y;
+                    sa[v] += a;
+                    sb[v] += a * y;
                 }
             }
             for (int v = 0; v < BN_U; v++) {
-                memcpy(ps1 + c + v * W, &s1[v], sizeof(VD));
-                memcpy(ps2 + c + v * W, &s2[v], sizeof(VD));
+                memcpy(sum_a + c + v * W, &sa[v], sizeof(VD));
+                memcpy(sum_b + c + v * W, &sb[v], sizeof(VD));
             }
         }
 #endif
         for (ptrdiff_t r = rb; vec < nc && r < re; r++) {
-            const BN_T *x = x0 + r * os;
+            const BN_T *x = x0 + r * xs, *g = with_g ? g0 + r * gs : x;
             for (ptrdiff_t j = vec; j < nc; j++) {
-                const double y = (double)x[j] - (double)first[j];
-                ps1[j] += y;
-                ps2[j] += y * y;
+                const double y = (double)x[j] - shift[j];
+                const double a = with_g ? (double)g[j] : y;
+                sum_a[j] += a;
+                sum_b[j] += a * y;
             }
         }
     }
+}
+
+#if BN_T_IS_FLOAT
+/* Channels-last float data: as stats_planar_sums_, per channel, with each
+ * channel's value in the task's first row as its pilot. */
+static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
+{
+    const ptrdiff_t nc = u->c1 - u->c0;
+    double *ps1 = k->part.mean + u->prow * k->geo.channels + u->c0;
+    double *ps2 = k->part.m2 + u->prow * k->geo.channels + u->c0;
+    const BN_T *first = (const BN_T *)k->x.data + u->row0 * k->x.outer_stride + u->c0;
+    double pilot[BN_CHANNEL_TILE];
+    for (ptrdiff_t j = 0; j < nc; j++) pilot[j] = (double)first[j];
+    BN_FN(rows_sums_)(k, u, pilot, 0, ps1, ps2);
     const double count = (double)(u->row1 - u->row0);
     for (ptrdiff_t j = 0; j < nc; j++)
-        BN_FN(state_of_sums_)((double)first[j], ps1[j], ps2[j], count, ps1 + j, ps2 + j);
+        BN_FN(state_of_sums_)(pilot[j], ps1[j], ps2[j], count, ps1 + j, ps2 + j);
 }
 #endif
 
@@ -475,58 +492,6 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
     BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, k->part.mean + i, k->part.m2 + i);
 }
 
-/* Channels-last, tasks of few rows: strips of BN_U * W channels keep their
- * sums in registers over blocks of BN_ROW_BLOCK rows. */
-static void BN_FN(grad_sums_strips_)(const bn_context *k, const bn_rows_task *up)
-{
-    const bn_rows_task u = *up;
-    const ptrdiff_t nc = u.c1 - u.c0, xs = k->x.outer_stride, gs = k->g.outer_stride;
-    const double *mu = k->mean + u.c0;
-    double *restrict psg = k->part.mean + u.prow * k->geo.channels + u.c0;
-    double *restrict psgx = k->part.m2 + u.prow * k->geo.channels + u.c0;
-    const BN_T *x0 = (const BN_T *)k->x.data + u.c0, *g0 = (const BN_T *)k->g.data + u.c0;
-    for (ptrdiff_t j = 0; j < nc; j++) psg[j] = psgx[j] = 0.0;
-#if BN_VECTORS
-    const ptrdiff_t vec = nc - nc % (BN_U * W);
-#else
-    const ptrdiff_t vec = 0;
-#endif
-    for (ptrdiff_t rb = u.row0; rb < u.row1; rb += BN_ROW_BLOCK) {
-        const ptrdiff_t re = bn_min(u.row1, rb + BN_ROW_BLOCK);
-#if BN_VECTORS
-        for (ptrdiff_t c = 0; c < vec; c += BN_U * W) {
-            VD sg[BN_U], sgx[BN_U], vmu[BN_U];
-            for (int v = 0; v < BN_U; v++) {
-                sg[v] = BN_LDD(psg + c + v * W);
-                sgx[v] = BN_LDD(psgx + c + v * W);
-                vmu[v] = BN_LDD(mu + c + v * W);
-            }
-            for (ptrdiff_t r = rb; r < re; r++) {
-                const BN_T *x = x0 + r * xs + c, *g = g0 + r * gs + c;
-                for (int v = 0; v < BN_U; v++) {
-                    const VD gv = BN_LD(g + v * W);
-                    sg[v] += gv;
-                    sgx[v] += gv * (BN_LD(x + v * W) - vmu[v]);
-                }
-            }
-            for (int v = 0; v < BN_U; v++) {
-                memcpy(psg + c + v * W, &sg[v], sizeof(VD));
-                memcpy(psgx + c + v * W, &sgx[v], sizeof(VD));
-            }
-        }
-#endif
-        if (vec == nc) continue;
-        for (ptrdiff_t r = rb; r < re; r++) {
-            const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
-            for (ptrdiff_t j = vec; j < nc; j++) {
-                const double gv = (double)g[j];
-                psg[j] += gv;
-                psgx[j] += gv * ((double)x[j] - mu[j]);
-            }
-        }
-    }
-}
-
 /* Channels-last: rows in memory order (a few streams the prefetchers
  * follow), summing in double into the task's partial sums (kept in L1);
  * tasks of few rows of many channels go by strips (measured 1.8x faster for
@@ -536,13 +501,13 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
     const ptrdiff_t nc = u.c1 - u.c0, xs = k->x.outer_stride, gs = k->g.outer_stride;
-    if (nc > 64 && u.row1 - u.row0 <= 2 * BN_ROW_BLOCK) {
-        BN_FN(grad_sums_strips_)(k, &u);
-        return;
-    }
     const double *mu = k->mean + u.c0;
     double *restrict psg = k->part.mean + u.prow * k->geo.channels + u.c0;
     double *restrict psgx = k->part.m2 + u.prow * k->geo.channels + u.c0;
+    if (nc > 64 && u.row1 - u.row0 <= 2 * BN_ROW_BLOCK) {
+        BN_FN(rows_sums_)(k, &u, mu, 1, psg, psgx);
+        return;
+    }
     const BN_T *x0 = (const BN_T *)k->x.data + u.c0, *g0 = (const BN_T *)k->g.data + u.c0;
     for (ptrdiff_t j = 0; j < nc; j++) psg[j] = psgx[j] = 0.0;
     ptrdiff_t r = u.row0;
@@ -748,7 +713,10 @@ static int BN_FN(exec_)(bn_context *k)
     const int nthreads = k->run->nthreads;
     const ptrdiff_t elements = k->geo.outer * k->geo.channels * k->geo.inner;
     const size_t bytes = (size_t)elements * sizeof(BN_T);
-    k->stream = bytes > k->stream_bytes;
+    /* streaming stores for planar outputs only: in channels-last rows, with a
+     * coefficient per element, they measured 3x slower than ordinary stores
+     * ((64,64,112,112) NHWC inference, AVX-512; not understood yet) */
+    k->stream = !k->grid.channels_last && bytes > bn_stream_bytes(k->run);
     k->group_channels = k->geo.channels;
     if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)

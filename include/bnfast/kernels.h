@@ -34,6 +34,12 @@
 #define BN_VECTORS 0
 #endif
 
+/* Outputs larger than this many bytes may be written with streaming stores. */
+static inline size_t bn_stream_bytes(const bn_run *run)
+{
+    return run->stream_bytes < 0 ? bn_stream_threshold_default() : (size_t)run->stream_bytes;
+}
+
 /* For helpers with compile-time-constant arguments that must specialize. */
 #if defined(__GNUC__) || defined(__clang__)
 #define BN_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -50,7 +56,6 @@ typedef struct {
     bn_geometry geo;
     bn_grid grid;
     int op, stream;
-    size_t stream_bytes; /* stream outputs larger than this (from run->stream_bytes) */
     ptrdiff_t group_channels; /* planar: channels per cache group */
     bn_array x, y, g;
     bn_array ax;  /* input of the affine phase */
@@ -101,8 +106,6 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
                       ? BN_SPAN_ELEMS / geo->channels
                       : 1;
     k.coef_len = k.coef_rows * geo->channels;
-    k.stream_bytes = run->stream_bytes < 0 ? bn_stream_threshold_default()
-                                           : (size_t)run->stream_bytes;
     k.x = x;
     k.y = x;
     k.g = x;

@@ -126,12 +126,12 @@ def _real(value, name: str) -> float:
     return float(value)
 
 
-def _eps(eps) -> float:
+def _eps(eps, name: str = "eps") -> float:
     if type(eps) is float and 0.0 <= eps < math.inf:
         return eps
-    value = _real(eps, "eps")
+    value = _real(eps, name)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {eps!r}")
     return value
 
 

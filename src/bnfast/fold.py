@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import numpy as np
 
+from ._functional import _eps
 from .layers import BatchNorm
 
 __all__ = ["fold_batch_norm"]
@@ -94,10 +93,7 @@ def fold_batch_norm(
             "cannot fold a BatchNorm in training mode: it normalizes with batch statistics; "
             "call bn.eval() first"
         )
-    if isinstance(bn.eps, (bool, np.bool_)) or not isinstance(bn.eps, numbers.Real):
-        raise TypeError(f"bn.eps must be a real number (got {bn.eps!r})")
-    if not (math.isfinite(bn.eps) and bn.eps >= 0):
-        raise ValueError(f"bn.eps must be a finite number >= 0 (got {bn.eps!r})")
+    eps = _eps(bn.eps, "bn.eps")
     w = np.asarray(weight)
     if w.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"weight must be a floating-point array (got dtype {w.dtype})")
@@ -125,7 +121,7 @@ def fold_batch_norm(
     var = bn.running_var.astype(np.float64)
     gamma = np.ones(C) if bn.weight is None else bn.weight.astype(np.float64)
     beta = np.zeros(C) if bn.bias is None else bn.bias.astype(np.float64)
-    scale = gamma / np.sqrt(var + float(bn.eps))
+    scale = gamma / np.sqrt(var + eps)
     shape = [1] * w.ndim
     shape[axis] = C
     new_w = (w.astype(np.float64) * scale.reshape(shape)).astype(w.dtype)
