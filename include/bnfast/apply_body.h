@@ -1,11 +1,14 @@
 /* The apply phase of every op, written once: y = f(g, x; coefficients of the
  * channel), element by element, in BN_T arithmetic.  kernel_body.h includes it
  * once per operation, after defining
- *   BN_APPLY       the name token of the operation (affine, grad),
+ *   BN_APPLY       the name token of the operation (affine, grad, ...),
  *   BN_APPLY_X     the bn_array field of the context read as x,
  *   BN_APPLY_G     1 if the op reads a second input k->g, else 0,
- *   BN_APPLY_EXPR(g, x, K)  the per-element expression, with K a coefficient
- *                  set (scalar or vector: the same expression serves both).
+ *   BN_APPLY_INNER 1 if the op also reads weight and bias per inner element
+ *                  (layer norm; planar only), else 0,
+ *   BN_APPLY_EXPR(g, x, K, wi, bi)  the per-element expression, with K a
+ *                  coefficient set and wi, bi the inner weight and bias
+ *                  (scalars or vectors: the same expression serves both).
  * No include guard on purpose.
  *
  * Coefficients are per channel (see BN_FN(coef_) in kernel_body.h): the mean
@@ -19,11 +22,12 @@
 
 /* One element, scalar: the tails of the vector loops. */
 static inline BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *x, ptrdiff_t i,
-                                ptrdiff_t c)
+                                ptrdiff_t c, const BN_T *w, const BN_T *b)
 {
     const BN_FN(coef_) K = BN_FN(coef_at_)(k, c);
-    (void)g;
-    return BN_APPLY_EXPR(BN_APPLY_G ? g[i] : (BN_T)0, x[i], K);
+    (void)g, (void)w, (void)b;
+    return BN_APPLY_EXPR(BN_APPLY_G ? g[i] : (BN_T)0, x[i], K, BN_APPLY_INNER ? w[i] : (BN_T)0,
+                         BN_APPLY_INNER ? b[i] : (BN_T)0);
 }
 
 /* Elements [0, n) of a span of g/x/y.  per_lane == 0: every element belongs
@@ -31,21 +35,24 @@ static inline BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *
  * c + i (a channels-last row).  Streaming stores write whole lines from y's
  * first line boundary on; the rest uses ordinary stores. */
 static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, const BN_T *x,
-                                           BN_T *y, ptrdiff_t n, ptrdiff_t c, const int per_lane)
+                                           BN_T *y, ptrdiff_t n, ptrdiff_t c, const int per_lane,
+                                           const BN_T *w, const BN_T *b)
 {
-    (void)g;
+    (void)g, (void)w, (void)b;
     ptrdiff_t i = 0;
 #if BN_VECTORS
     const BN_FN(coefv_) fixed = per_lane ? BN_FN(coefv_zero_)() : BN_FN(coefv_splat_)(k, c);
 #define BN_AVEC(i) \
     BN_APPLY_EXPR(BN_APPLY_G ? BN_LDA(g + (i)) : BN_SPLATA(0), BN_LDA(x + (i)), \
-                  per_lane ? BN_FN(coefv_load_)(k, c + (i)) : fixed)
+                  per_lane ? BN_FN(coefv_load_)(k, c + (i)) : fixed, \
+                  BN_APPLY_INNER ? BN_LDA(w + (i)) : BN_SPLATA(0), \
+                  BN_APPLY_INNER ? BN_LDA(b + (i)) : BN_SPLATA(0))
 #if BN_CAN_STREAM
     ptrdiff_t peel;
     if (k->stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_T <= n) {
         const ptrdiff_t end = peel + (n - peel) / BN_LINE_T * BN_LINE_T;
         for (; i + WA <= peel; i += WA) BN_STA(y + i, BN_AVEC(i));
-        for (; i < peel; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0));
+        for (; i < peel; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0), w, b);
         for (; i < end; i += WA) BN_STREAMA(y + i, BN_AVEC(i));
     }
 #endif
@@ -57,7 +64,7 @@ static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, c
     for (; i + WA <= n; i += WA) BN_STA(y + i, BN_AVEC(i));
 #undef BN_AVEC
 #endif
-    for (; i < n; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0));
+    for (; i < n; i++) y[i] = BN_AFN(one_)(k, g, x, i, c + (per_lane ? i : 0), w, b);
 }
 
 /* Planar task t of the channel group [c0, c1): per run, the channel's
@@ -72,10 +79,14 @@ static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptr
                                          + c * k->g.channel_stride + u.i0
                                    : NULL;
         BN_T *y = (BN_T *)k->y.data + u.row * k->y.outer_stride + c * k->y.channel_stride + u.i0;
-        BN_AFN(span_)(k, g, x, y, u.i1 - u.i0, c, 0);
+        BN_AFN(span_)(k, g, x, y, u.i1 - u.i0, c, 0,
+                      BN_APPLY_INNER ? (const BN_T *)k->weight + u.i0 : NULL,
+                      BN_APPLY_INNER ? (const BN_T *)k->bias + u.i0 : NULL);
     }
     BN_FN(stream_fence_)(k->stream);
 }
+
+#if !BN_APPLY_INNER
 
 /* Channels-last task t: each row of the task is one span over its channels.
  * For the affine op, rows of few channels that follow each other in memory
@@ -93,15 +104,16 @@ static void BN_AFN(rows_)(const bn_context *k, ptrdiff_t t)
             const ptrdiff_t rows = bn_min(R, u.row1 - r);
             const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + r * C : NULL;
             BN_AFN(span_)(k, g, (const BN_T *)xa.data + r * C, (BN_T *)k->y.data + r * C, rows * C,
-                          0, 1);
+                          0, 1, NULL, NULL);
         }
     }
     for (; r < u.row1; r++) {
         const BN_T *x = (const BN_T *)xa.data + r * xa.outer_stride + u.c0;
         const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + r * k->g.outer_stride + u.c0 : NULL;
         BN_T *y = (BN_T *)k->y.data + r * k->y.outer_stride + u.c0;
-        BN_AFN(span_)(k, g, x, y, u.c1 - u.c0, u.c0, 1);
+        BN_AFN(span_)(k, g, x, y, u.c1 - u.c0, u.c0, 1, NULL, NULL);
     }
 }
+#endif
 
 #undef BN_AFN

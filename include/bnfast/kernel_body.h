@@ -204,12 +204,14 @@ static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
 
 /* sum(a) and sum(b) over planar task u, in double, with y = x - shift and,
  * for the statistics (with_g = 0), a = y, b = y * y; for the gradient sums
- * (with_g = 1), a = g, b = g * y.  Lanes are summed in a fixed order, then
- * the scalar tail. */
+ * (with_g = 1), a = g, b = g * y, or with inner weights w (layer norm's
+ * weight per inner element; with_g = 2) a = g * w.  Lanes are summed in a
+ * fixed order, then the scalar tail. */
 static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_planar_task *u,
                                                  double shift, const int with_g, double *sum_a,
                                                  double *sum_b)
 {
+    const BN_T *w = with_g == 2 ? (const BN_T *)k->weight + u->offset : NULL;
     const ptrdiff_t c = u->channel, len = u->len;
     double ta = 0.0, tb = 0.0, la = 0.0, lb = 0.0;
 #if BN_VECTORS
@@ -230,14 +232,16 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
         for (ptrdiff_t i = 0; i < body; i += BN_U * W)
             for (int v = 0; v < BN_U; v++) {
                 const VD y = BN_LD(x + i + v * W) - vs;
-                const VD a = with_g ? BN_LD(g + i + v * W) : y;
+                const VD a = with_g == 2 ? BN_LD(g + i + v * W) * BN_LD(w + i + v * W)
+                             : with_g    ? BN_LD(g + i + v * W)
+                                         : y;
                 sa[v] += a;
                 sb[v] += a * y;
             }
 #endif
         for (ptrdiff_t i = body; i < len; i++) {
             const double y = (double)x[i] - shift;
-            const double a = with_g ? (double)g[i] : y;
+            const double a = with_g == 2 ? (double)g[i] * (double)w[i] : with_g ? (double)g[i] : y;
             ta += a;
             tb += a * y;
         }
@@ -489,7 +493,10 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
     const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
-    BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, k->part.mean + i, k->part.m2 + i);
+    if (k->affine_inner)
+        BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 2, k->part.mean + i, k->part.m2 + i);
+    else
+        BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, k->part.mean + i, k->part.m2 + i);
 }
 
 /* Channels-last: rows in memory order (a few streams the prefetchers
@@ -547,41 +554,172 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
     }
 }
 
-/* ---- apply phase: one template, two operations ---------------------------
+/* ---- apply phase: one template, four operations --------------------------
  * affine: y = (x - mean) * s + b (training forward, inference, and backward
  *         with constant statistics, which reads g as x with mean 0, b = 0);
- * grad:   grad_in = g * a + xhat * k1 + k0 (training backward). */
+ * grad:   grad_in = g * a + xhat * k1 + k0 (training backward);
+ * and the same two with weight and bias per inner element (layer norm):
+ * affine_inner: y = ((x - mean) * s) * w + b,  grad_inner: g * w in place of g. */
 #define BN_APPLY affine
 #define BN_APPLY_X ax
 #define BN_APPLY_G 0
-#define BN_APPLY_EXPR(g, x, K) ((((x) - (K).mh) - (K).ml) * (K).s + (K).b)
+#define BN_APPLY_INNER 0
+#define BN_APPLY_EXPR(g, x, K, wi, bi) ((((x) - (K).mh) - (K).ml) * (K).s + (K).b)
 #include "apply_body.h"
 #undef BN_APPLY
-#undef BN_APPLY_X
-#undef BN_APPLY_G
 #undef BN_APPLY_EXPR
 
 #define BN_APPLY grad
+#undef BN_APPLY_X
 #define BN_APPLY_X x
+#undef BN_APPLY_G
 #define BN_APPLY_G 1
-#define BN_APPLY_EXPR(g, x, K) ((g) * (K).a + ((((x) - (K).mh) - (K).ml) * (K).inv * (K).k1 + (K).k0))
+#define BN_GRAD_EXPR(g, x, K) ((g) * (K).a + ((((x) - (K).mh) - (K).ml) * (K).inv * (K).k1 + (K).k0))
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_GRAD_EXPR(g, x, K)
 #include "apply_body.h"
 #undef BN_APPLY
-#undef BN_APPLY_X
-#undef BN_APPLY_G
 #undef BN_APPLY_EXPR
 
-/* ---- per-channel finishing steps between the phases ---------------------
- * Channels [c0, c1): merge the partials of every channel in partial order
- * (the weights are shared, so the loop runs across channels), then derive
- * the op's outputs and coefficients. */
+#undef BN_APPLY_INNER
+#define BN_APPLY_INNER 1
+#define BN_APPLY grad_inner
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_GRAD_EXPR((g) * (wi), x, K)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+
+#undef BN_APPLY_X
+#define BN_APPLY_X ax
+#undef BN_APPLY_G
+#define BN_APPLY_G 0
+#define BN_APPLY affine_inner
+#define BN_APPLY_EXPR(g, x, K, wi, bi) (((((x) - (K).mh) - (K).ml) * (K).s) * (wi) + (bi))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#undef BN_APPLY_INNER
+#undef BN_APPLY_X
+#undef BN_APPLY_G
+#undef BN_GRAD_EXPR
+
+/* Layer norm's grad_weight and grad_bias, per inner element: sum over the
+ * keys of g * xhat and of g.  Unit `unit` (col_unit consecutive apply tasks
+ * of the planar group [c0, c1)) adds its tasks' elements in order into its
+ * own partial sums, number `slot`; exec merges the slots in order. */
+static void BN_FN(col_sums_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t unit,
+                            ptrdiff_t slot)
+{
+    const ptrdiff_t D = k->geo.inner;
+    const ptrdiff_t t0 = unit * k->col_unit, t1 = bn_min(bn_apply_tasks(&k->geo, c0, c1), t0 + k->col_unit);
+    double *restrict sg = k->colpart + slot * 2 * D, *restrict sgx = sg + D;
+    for (ptrdiff_t i = 0; i < D; i++) sg[i] = sgx[i] = 0.0;
+    const BN_T *invstd = (const BN_T *)k->save_invstd_in;
+    for (ptrdiff_t t = t0; t < t1; t++) {
+        const bn_apply_task u = bn_apply_task_of(&k->geo, c0, c1, t);
+        for (ptrdiff_t c = u.c0; c < u.c1; c++) {
+            const BN_T *x = (const BN_T *)k->x.data + u.row * k->x.outer_stride + c * k->x.channel_stride;
+            const BN_T *g = (const BN_T *)k->g.data + u.row * k->g.outer_stride + c * k->g.channel_stride;
+            const double m = k->mean[c], inv = (double)invstd[c / k->group];
+            ptrdiff_t i = u.i0;
+#if BN_VECTORS
+            const VD vm = BN_SPLAT(m), vinv = BN_SPLAT(inv);
+            for (; i + W <= u.i1; i += W) {
+                const VD gv = BN_LD(g + i);
+                VD a = BN_LDD(sg + i), b = BN_LDD(sgx + i);
+                a += gv;
+                b += gv * ((BN_LD(x + i) - vm) * vinv);
+                memcpy(sg + i, &a, sizeof a);
+                memcpy(sgx + i, &b, sizeof b);
+            }
+#endif
+            for (; i < u.i1; i++) {
+                sg[i] += (double)g[i];
+                sgx[i] += (double)g[i] * (((double)x[i] - m) * inv);
+            }
+        }
+    }
+}
+
+/* ---- per-key finishing steps between the phases --------------------------
+ * Keys [c0, c1), whole groups: merge the partials of every key in partial
+ * order (the weights are shared, so the loop runs across keys), pool each
+ * group's keys in key order, then derive the op's outputs and coefficients. */
 #define BN_FINISH_BLOCK 64
+
+/* Forward and moments: the pooled state of keys [c0, c1) (one group). */
+static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
+{
+    const double nk = (double)(k->geo.outer * k->geo.inner);
+    double mean = k->kmean[c0], m2 = k->km2[c0];
+    for (ptrdiff_t c = c0 + 1; c < c1; c++) { /* Chan's merge of equal counts, in order */
+        const double j = (double)(c - c0), delta = k->kmean[c] - mean;
+        mean += delta / (j + 1.0);
+        m2 += k->km2[c] + delta * delta * (nk * j / (j + 1.0));
+    }
+    const double n = nk * (double)(c1 - c0);
+    if (k->op == BN_OP_MOMENTS) {
+        for (ptrdiff_t c = c0; c < c1; c++) {
+            k->out_count[c] = nk;
+            k->out_mean[c] = k->kmean[c];
+            k->out_m2[c] = k->km2[c];
+        }
+        return;
+    }
+    /* uncentered: the mean square, m2 / n + mean^2, from the same state */
+    const double var = k->uncentered ? m2 / n + mean * mean : m2 / n;
+    const double center = k->uncentered ? 0.0 : mean;
+    const double invstd = 1.0 / sqrt(var + k->eps);
+    const ptrdiff_t q = c0 / k->group;
+    ((BN_T *)k->save_mean)[q] = (BN_T)center;
+    ((BN_T *)k->save_invstd)[q] = (BN_T)invstd;
+    const BN_T *weight = (const BN_T *)k->weight, *bias = (const BN_T *)k->bias;
+    const BN_T *rm = (const BN_T *)k->running_mean, *rv = (const BN_T *)k->running_var;
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const ptrdiff_t p = c % k->affine_period;
+        if (rm) { /* written back by the entry point once nothing can fail */
+            const double mo = k->momentum;
+            k->next_mean[c] = (1.0 - mo) * (double)rm[p] + mo * mean;
+            k->next_var[c] = (1.0 - mo) * (double)rv[p] + mo * (m2 / (n - 1.0));
+        }
+        if (k->affine_inner) BN_FN(set_coef_)(k, c, center, invstd, 0.0, 0.0, 0.0, 0.0, 0.0);
+        else
+            BN_FN(set_coef_)(k, c, center, (weight ? (double)weight[p] : 1.0) * invstd,
+                             bias ? (double)bias[p] : 0.0, 0.0, 0.0, 0.0, 0.0);
+    }
+}
+
+/* Backward: keys [c0, c1) (one group) from their sums of g and g * (x - mean). */
+static void BN_FN(finish_grads_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
+{
+    const BN_T *weight = (const BN_T *)k->weight;
+    const double invstd = (double)((const BN_T *)k->save_invstd_in)[c0 / k->group];
+    const double n = (double)(k->geo.outer * k->geo.inner * (c1 - c0));
+    double sum_g = 0.0, sum_gx = 0.0; /* of weight * g over the group, in key order */
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const double w = weight && !k->affine_inner ? (double)weight[c % k->affine_period] : 1.0;
+        sum_g += w * k->kmean[c];
+        sum_gx += w * k->km2[c];
+        k->next_mean[c] = k->km2[c] * invstd; /* grad_weight's share */
+        k->next_var[c] = k->kmean[c];         /* grad_bias's share */
+    }
+    for (ptrdiff_t c = c0; c < c1; c++) {
+        const double w = weight && !k->affine_inner ? (double)weight[c % k->affine_period] : 1.0;
+        const double s = w * invstd;
+        if (k->training) /* s * (g - mean(g) - xhat * mean(g * xhat)), means over the group */
+            BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, -invstd * sum_gx * invstd / n,
+                             k->uncentered ? 0.0 : -invstd * sum_g / n);
+        else
+            /* constants: grad_in = g * weight * invstd through the affine
+             * phase on g with mean 0 (x is not read: an inf in x must
+             * not turn into 0 * inf) */
+            BN_FN(set_coef_)(k, c, 0.0, s, 0.0, 0.0, 0.0, 0.0, 0.0);
+    }
+}
 
 static void BN_FN(finish_block_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
 {
     const ptrdiff_t P = k->grid.partial_rows, C = k->geo.channels, nc = c1 - c0;
-    double a_[BN_FINISH_BLOCK], b_[BN_FINISH_BLOCK];
-    double *restrict a = a_, *restrict b = b_;
+    double *restrict a = k->kmean + c0, *restrict b = k->km2 + c0;
     const double *pm = k->part.mean + c0, *pv = k->part.m2 + c0;
     for (ptrdiff_t j = 0; j < nc; j++) {
         a[j] = pm[j];
@@ -606,43 +744,9 @@ static void BN_FN(finish_block_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
          * (inf - inf), whichever form of the update met it first */
         for (ptrdiff_t j = 0; j < nc; j++) b[j] += a[j] - a[j];
     }
-    const double n = (double)(k->geo.outer * k->geo.inner);
-    for (ptrdiff_t j = 0; j < nc; j++) {
-        const ptrdiff_t c = c0 + j;
-        if (k->op == BN_OP_MOMENTS) {
-            k->out_count[c] = n;
-            k->out_mean[c] = a[j];
-            k->out_m2[c] = b[j];
-        } else if (k->op == BN_OP_FORWARD) {
-            const BN_T *weight = (const BN_T *)k->weight, *bias = (const BN_T *)k->bias;
-            BN_T *rm = (BN_T *)k->running_mean, *rv = (BN_T *)k->running_var;
-            const double mean = a[j], m2 = b[j];
-            const double invstd = 1.0 / sqrt(m2 / n + k->eps);
-            ((BN_T *)k->save_mean)[c] = (BN_T)mean;
-            ((BN_T *)k->save_invstd)[c] = (BN_T)invstd;
-            if (rm) { /* written back by the entry point once nothing can fail */
-                const double m = k->momentum;
-                k->next_mean[c] = (1.0 - m) * (double)rm[c] + m * mean;
-                k->next_var[c] = (1.0 - m) * (double)rv[c] + m * (m2 / (n - 1.0));
-            }
-            BN_FN(set_coef_)(k, c, mean, (weight ? (double)weight[c] : 1.0) * invstd,
-                             bias ? (double)bias[c] : 0.0, 0.0, 0.0, 0.0, 0.0);
-        } else {
-            const double sum_g = a[j], sum_gx = b[j];
-            const BN_T *weight = (const BN_T *)k->weight;
-            const double invstd = (double)((const BN_T *)k->save_invstd_in)[c];
-            const double s = (weight ? (double)weight[c] : 1.0) * invstd;
-            ((BN_T *)k->grad_bias)[c] = (BN_T)sum_g;
-            ((BN_T *)k->grad_weight)[c] = (BN_T)(sum_gx * invstd);
-            if (k->training) /* s * (g - mean(g) - xhat * mean(g * xhat)) */
-                BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, -s * sum_gx * invstd / n,
-                                 -s * sum_g / n);
-            else
-                /* constants: grad_in = g * weight * invstd through the affine
-                 * phase on g with mean 0 (x is not read: an inf in x must
-                 * not turn into 0 * inf) */
-                BN_FN(set_coef_)(k, c, 0.0, s, 0.0, 0.0, 0.0, 0.0, 0.0);
-        }
+    for (ptrdiff_t c = c0; c < c1; c += k->group) {
+        if (k->op == BN_OP_BACKWARD) BN_FN(finish_grads_)(k, c, c + k->group);
+        else BN_FN(finish_stats_)(k, c, c + k->group);
     }
 }
 
@@ -672,6 +776,9 @@ static void BN_FN(exec_body_)(bn_context *k)
     const int reduce = k->op != BN_OP_INFERENCE, apply = k->op != BN_OP_MOMENTS;
     const ptrdiff_t per = k->grid.channels_last ? 0 : k->grid.partial_rows;
     const ptrdiff_t gch = k->grid.channels_last ? C : k->group_channels;
+    const ptrdiff_t fblock = k->group * bn_max(1, BN_FINISH_BLOCK / k->group); /* whole groups */
+    const int grad = k->op == BN_OP_BACKWARD && k->training;
+    ptrdiff_t unit_base = 0; /* col_sums_ units of the groups before this one */
     for (ptrdiff_t c0 = 0; c0 < C; c0 += gch) {
         const ptrdiff_t c1 = bn_min(C, c0 + gch);
         const ptrdiff_t t0 = per * c0, t1 = per ? per * c1 : k->grid.ntasks;
@@ -684,13 +791,26 @@ static void BN_FN(exec_body_)(bn_context *k)
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-            for (ptrdiff_t b = c0; b < c1; b += BN_FINISH_BLOCK)
-                if (!bn_flag_load(&k->stop)) BN_FN(finish_block_)(k, b, bn_min(c1, b + BN_FINISH_BLOCK));
+            for (ptrdiff_t b = c0; b < c1; b += fblock)
+                if (!bn_flag_load(&k->stop)) BN_FN(finish_block_)(k, b, bn_min(c1, b + fblock));
         }
         if (!apply) continue;
-        const int grad = k->op == BN_OP_BACKWARD && k->training;
         const ptrdiff_t ntasks = k->grid.channels_last ? k->grid.ntasks
                                                        : bn_apply_tasks(&k->geo, c0, c1);
+        if (k->colpart) { /* layer norm backward: column sums, then the apply, per unit */
+            const ptrdiff_t units = bn_ceil_div(ntasks, k->col_unit);
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+            for (ptrdiff_t q = 0; q < units; q++) {
+                if (bn_stopped(k)) continue;
+                BN_FN(col_sums_)(k, c0, c1, q, unit_base + q); /* before grad_in may overwrite g or x */
+                const ptrdiff_t te = bn_min(ntasks, (q + 1) * k->col_unit);
+                for (ptrdiff_t t = q * k->col_unit; t < te; t++) BN_FN(apply_grad_inner_planar_)(k, c0, c1, t);
+            }
+            unit_base += units;
+            continue;
+        }
 #ifdef _OPENMP
 #pragma omp for schedule(static) nowait
 #endif
@@ -699,15 +819,46 @@ static void BN_FN(exec_body_)(bn_context *k)
             if (k->grid.channels_last) {
                 if (grad) BN_FN(apply_grad_rows_)(k, t);
                 else BN_FN(apply_affine_rows_)(k, t);
+            } else if (k->affine_inner) {
+                BN_FN(apply_affine_inner_planar_)(k, c0, c1, t);
             } else {
                 if (grad) BN_FN(apply_grad_planar_)(k, c0, c1, t);
                 else BN_FN(apply_affine_planar_)(k, c0, c1, t);
             }
         }
     }
+    if (k->colpart) { /* merge the units' column sums in unit order */
+        const ptrdiff_t D = k->geo.inner;
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+        for (ptrdiff_t i0 = 0; i0 < D; i0 += 256)
+            for (ptrdiff_t i = i0; i < bn_min(D, i0 + 256); i++) {
+                double sg = 0.0, sgx = 0.0;
+                for (ptrdiff_t q = 0; q < unit_base; q++) {
+                    sg += k->colpart[q * 2 * D + i];
+                    sgx += k->colpart[q * 2 * D + D + i];
+                }
+                ((BN_T *)k->grad_bias)[i] = (BN_T)sg;
+                ((BN_T *)k->grad_weight)[i] = (BN_T)sgx;
+            }
+    }
 }
 
-/* Runs the op; returns BN_OK or BN_ERR_INTERRUPTED. */
+/* Units of layer norm's column sums: about BN_COL_UNIT_ELEMS elements each. */
+#define BN_COL_UNIT_ELEMS 65536
+static ptrdiff_t BN_FN(col_units_)(bn_context *k)
+{
+    const ptrdiff_t C = k->geo.channels, gch = k->group_channels;
+    k->col_unit = bn_max(1, BN_COL_UNIT_ELEMS / (bn_apply_chunk_(&k->geo) * bn_min(k->geo.inner, BN_TASK_ELEMS)));
+    ptrdiff_t units = 0;
+    for (ptrdiff_t c0 = 0; c0 < C; c0 += gch)
+        units += bn_ceil_div(bn_apply_tasks(&k->geo, c0, bn_min(C, c0 + gch)), k->col_unit);
+    return units;
+}
+
+/* Runs the op; returns BN_OK, BN_ERR_NOMEM or BN_ERR_INTERRUPTED. */
 static int BN_FN(exec_)(bn_context *k)
 {
     const int nthreads = k->run->nthreads;
@@ -722,6 +873,11 @@ static int BN_FN(exec_)(bn_context *k)
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)
                                    * (k->op == BN_OP_BACKWARD ? 2 : 1);
         k->group_channels = bn_max(1, (ptrdiff_t)(BN_GROUP_BYTES / per_channel));
+        k->group_channels = bn_ceil_div(k->group_channels, k->group) * k->group; /* whole groups */
+    }
+    if (k->op == BN_OP_BACKWARD && k->affine_inner) {
+        k->colpart = (double *)malloc(sizeof(double) * 2 * (size_t)k->geo.inner * (size_t)BN_FN(col_units_)(k));
+        if (!k->colpart) return BN_ERR_NOMEM;
     }
 #ifdef _OPENMP
     if (nthreads > 1 && k->grid.ntasks > 1 && elements >= BN_PARALLEL_MIN_ELEMS) {
@@ -745,44 +901,113 @@ static int BN_FN(exec_)(bn_context *k)
         != 0)                                                                        \
         return BN_ERR_NOMEM;
 
-/* ---- the entry points of this instantiation (ops.h, the table in kernels.h) */
+/* ---- the entry points of this instantiation (ops.h, the table in kernels.h)
+ * A keyed call (bn_keys) of B samples runs as one context over B x C keys
+ * when its operands allow (bn_keys_flat), else as one context per sample;
+ * per-key outputs of the contexts are then reduced per channel, in key
+ * order, so both plans give the same bits. */
+
+/* The samples' operands: base + b * batch_stride, or the whole when flat. */
+static inline bn_array BN_FN(sample_)(bn_array a, ptrdiff_t b)
+{
+    a.data = (BN_T *)a.data + b * a.batch_stride;
+    return a;
+}
+
+/* Per-channel sums (in key order) of the contexts' per-key doubles. */
+typedef struct {
+    double *a, *b;
+    double stack[2 * BN_FINISH_BLOCK];
+    ptrdiff_t channels;
+} BN_FN(acc_);
+
+static int BN_FN(acc_init_)(BN_FN(acc_) *acc, ptrdiff_t channels)
+{
+    acc->channels = channels;
+    acc->a = channels <= BN_FINISH_BLOCK ? acc->stack : (double *)malloc(sizeof(double) * 2 * (size_t)channels);
+    if (!acc->a) return BN_ERR_NOMEM;
+    acc->b = acc->a + channels;
+    for (ptrdiff_t c = 0; c < 2 * channels; c++) acc->a[c] = 0.0;
+    return BN_OK;
+}
+
+static void BN_FN(acc_add_)(BN_FN(acc_) *acc, const bn_context *k)
+{
+    for (ptrdiff_t j = 0; j < k->geo.channels; j++) {
+        acc->a[j % acc->channels] += k->next_mean[j];
+        acc->b[j % acc->channels] += k->next_var[j];
+    }
+}
+
+static void BN_FN(acc_free_)(BN_FN(acc_) *acc)
+{
+    if (acc->a != acc->stack) free(acc->a);
+}
 
 static int BN_FN(moments_)(const bn_moments_args *a, const bn_run *run)
 {
-    bn_context k = bn_context_new(&a->geo, a->x, run);
-    BN_SCRATCH(k, 1)
-    k.op = BN_OP_MOMENTS;
-    k.out_count = a->count;
-    k.out_mean = a->mean;
-    k.out_m2 = a->m2;
-    const int status = BN_FN(exec_)(&k);
-    bn_context_free(&k);
+    const ptrdiff_t B = bn_keys_batch(&a->keys), C = a->geo.channels;
+    const int flat = B == 1 || bn_keys_flat(&a->x, C);
+    bn_geometry geo = a->geo;
+    if (flat) geo.channels = B * C;
+    int status = BN_OK;
+    for (ptrdiff_t b = 0; status == BN_OK && b < (flat ? 1 : B); b++) {
+        bn_context k = bn_context_new(&geo, BN_FN(sample_)(a->x, b), run);
+        BN_SCRATCH(k, 1)
+        k.op = BN_OP_MOMENTS;
+        k.out_count = a->count + b * C;
+        k.out_mean = a->mean + b * C;
+        k.out_m2 = a->m2 + b * C;
+        status = BN_FN(exec_)(&k);
+        bn_context_free(&k);
+    }
     return status;
 }
 
 static int BN_FN(forward_train_)(const bn_forward_args *a, const bn_run *run)
 {
-    bn_context k = bn_context_new(&a->geo, a->x, run);
-    BN_SCRATCH(k, 1)
-    k.op = BN_OP_FORWARD;
-    k.y = a->y;
-    k.weight = a->weight;
-    k.bias = a->bias;
-    k.running_mean = a->running_mean;
-    k.running_var = a->running_var;
-    k.momentum = a->momentum;
-    k.eps = a->eps;
-    k.save_mean = a->save_mean;
-    k.save_invstd = a->save_invstd;
-    const int status = BN_FN(exec_)(&k);
-    if (status == BN_OK && a->running_mean) {
-        BN_T *rm = (BN_T *)a->running_mean, *rv = (BN_T *)a->running_var;
-        for (ptrdiff_t c = 0; c < a->geo.channels; c++) {
-            rm[c] = (BN_T)k.next_mean[c];
-            rv[c] = (BN_T)k.next_var[c];
+    const ptrdiff_t B = bn_keys_batch(&a->keys), G = bn_keys_group(&a->keys), C = a->geo.channels;
+    const int flat = B == 1 || (bn_keys_flat(&a->x, C) && bn_keys_flat(&a->y, C));
+    bn_geometry geo = a->geo;
+    if (flat) geo.channels = B * C;
+    BN_FN(acc_) acc;
+    if (a->running_mean && BN_FN(acc_init_)(&acc, C) != BN_OK) return BN_ERR_NOMEM;
+    int status = BN_OK;
+    for (ptrdiff_t b = 0; status == BN_OK && b < (flat ? 1 : B); b++) {
+        bn_context k = bn_context_new(&geo, BN_FN(sample_)(a->x, b), run);
+        double stack_[BN_STACK_DOUBLES];
+        if (bn_context_alloc(&k, 1, bn_context_doubles(&k, 1) <= BN_STACK_DOUBLES ? stack_ : NULL) != 0) {
+            status = BN_ERR_NOMEM;
+            break;
         }
+        k.op = BN_OP_FORWARD;
+        k.y = BN_FN(sample_)(a->y, b);
+        k.group = G;
+        k.affine_period = C;
+        k.uncentered = a->keys.uncentered;
+        k.affine_inner = a->keys.affine_inner;
+        k.weight = a->weight;
+        k.bias = a->bias;
+        k.running_mean = a->running_mean;
+        k.running_var = a->running_var;
+        k.momentum = a->momentum;
+        k.eps = a->eps;
+        k.save_mean = (BN_T *)a->save_mean + b * C / G;
+        k.save_invstd = (BN_T *)a->save_invstd + b * C / G;
+        status = BN_FN(exec_)(&k);
+        if (status == BN_OK && a->running_mean) BN_FN(acc_add_)(&acc, &k);
+        bn_context_free(&k);
     }
-    bn_context_free(&k);
+    if (a->running_mean) {
+        if (status == BN_OK) { /* the mean of the samples' updates (one sample: itself) */
+            BN_T *rm = (BN_T *)a->running_mean, *rv = (BN_T *)a->running_var;
+            for (ptrdiff_t c = 0; c < C; c++) {
+                rm[c] = (BN_T)(acc.a[c] / (double)B);
+                rv[c] = (BN_T)(acc.b[c] / (double)B);
+            }
+        }
+        BN_FN(acc_free_)(&acc);
+    }
     return status;
 }
 
@@ -805,26 +1030,55 @@ static int BN_FN(inference_)(const bn_inference_args *a, const bn_run *run)
 
 static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 {
-    bn_context k = bn_context_new(&a->geo, a->x, run);
-    BN_SCRATCH(k, 1)
-    k.op = BN_OP_BACKWARD;
-    k.g = a->grad_out;
-    k.y = a->grad_in;
-    k.weight = a->weight;
-    k.save_mean_in = a->save_mean;
-    k.save_invstd_in = a->save_invstd;
-    k.training = a->training;
-    k.grad_weight = a->grad_weight;
-    k.grad_bias = a->grad_bias;
-    const BN_T *save_mean = (const BN_T *)a->save_mean;
-    for (ptrdiff_t c = 0; c < a->geo.channels; c++) k.mean[c] = (double)save_mean[c];
-    if (!a->training) k.ax = a->grad_out; /* the affine phase reads g (with mean 0) */
-    const int status = BN_FN(exec_)(&k);
-    bn_context_free(&k);
+    const ptrdiff_t B = bn_keys_batch(&a->keys), G = bn_keys_group(&a->keys), C = a->geo.channels;
+    const int flat = B == 1 || (bn_keys_flat(&a->x, C) && bn_keys_flat(&a->grad_out, C)
+                                && bn_keys_flat(&a->grad_in, C));
+    bn_geometry geo = a->geo;
+    if (flat) geo.channels = B * C;
+    const int per_channel = !a->keys.affine_inner; /* else the column sums write them */
+    BN_FN(acc_) acc;
+    if (per_channel && BN_FN(acc_init_)(&acc, C) != BN_OK) return BN_ERR_NOMEM;
+    int status = BN_OK;
+    for (ptrdiff_t b = 0; status == BN_OK && b < (flat ? 1 : B); b++) {
+        bn_context k = bn_context_new(&geo, BN_FN(sample_)(a->x, b), run);
+        double stack_[BN_STACK_DOUBLES];
+        if (bn_context_alloc(&k, 1, bn_context_doubles(&k, 1) <= BN_STACK_DOUBLES ? stack_ : NULL) != 0) {
+            status = BN_ERR_NOMEM;
+            break;
+        }
+        k.op = BN_OP_BACKWARD;
+        k.g = BN_FN(sample_)(a->grad_out, b);
+        k.y = BN_FN(sample_)(a->grad_in, b);
+        k.group = G;
+        k.affine_period = C;
+        k.uncentered = a->keys.uncentered;
+        k.affine_inner = a->keys.affine_inner;
+        k.weight = a->weight;
+        k.save_invstd_in = (const BN_T *)a->save_invstd + b * C / G;
+        k.training = a->training;
+        k.grad_weight = a->grad_weight;
+        k.grad_bias = a->grad_bias;
+        const BN_T *save_mean = (const BN_T *)a->save_mean + b * C / G;
+        for (ptrdiff_t c = 0; c < geo.channels; c++)
+            k.mean[c] = k.uncentered ? 0.0 : (double)save_mean[c / G];
+        if (!a->training) k.ax = k.g; /* the affine phase reads g (with mean 0) */
+        status = BN_FN(exec_)(&k);
+        if (status == BN_OK && per_channel) BN_FN(acc_add_)(&acc, &k);
+        bn_context_free(&k);
+    }
+    if (per_channel) {
+        if (status == BN_OK)
+            for (ptrdiff_t c = 0; c < C; c++) {
+                ((BN_T *)a->grad_weight)[c] = (BN_T)acc.a[c];
+                ((BN_T *)a->grad_bias)[c] = (BN_T)acc.b[c];
+            }
+        BN_FN(acc_free_)(&acc);
+    }
     return status;
 }
 
 #undef BN_SCRATCH
+#undef BN_COL_UNIT_ELEMS
 #undef BN_ROW_BLOCK
 #undef BN_SUM_ROWS
 #undef BN_LINE_T

@@ -59,7 +59,17 @@ typedef struct {
     ptrdiff_t group_channels; /* planar: channels per cache group */
     bn_array x, y, g;
     bn_array ax;  /* input of the affine phase */
+    /* the keyed view (bn_keys): channels here are keys; statistics pool
+     * `group` consecutive keys; weight/bias are indexed by key % affine_period,
+     * or by inner element (affine_inner) */
+    ptrdiff_t group, affine_period;
+    int uncentered, affine_inner;
     double *mean; /* per channel, in double: the mean the statistics are centred on */
+    double *kmean, *km2; /* per key: merged state (or gradient sums) before pooling */
+    /* affine_inner backward: per unit of col_unit apply tasks, the column sums
+     * sum(g) and sum(g * xhat), inner each, merged in unit order */
+    double *colpart;
+    ptrdiff_t col_unit;
     void *coef;   /* per channel, in the element type: the apply phase's coefficients */
     /* coefficient arrays are coef_len long: coef_rows copies of the C
      * channels' values, so that coef_rows contiguous channels-last rows are
@@ -67,7 +77,10 @@ typedef struct {
     ptrdiff_t coef_len, coef_rows;
     bn_partials part;                       /* partial states, row-major */
     double *scratch;
-    double *next_mean, *next_var; /* running statistics, written back on success */
+    /* per key, in double: forward, the running statistics' next values;
+     * backward, the contributions to grad_weight and grad_bias; written back
+     * (averaged or summed per channel) by the entry point on success */
+    double *next_mean, *next_var;
     const bn_run *run;
     int stop;          /* raised when run->interrupted asked to stop */
     unsigned polls;    /* tasks seen by the calling thread since the last poll */
@@ -106,6 +119,8 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
                       ? BN_SPAN_ELEMS / geo->channels
                       : 1;
     k.coef_len = k.coef_rows * geo->channels;
+    k.group = 1;
+    k.affine_period = geo->channels;
     k.x = x;
     k.y = x;
     k.g = x;
@@ -116,7 +131,7 @@ static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, cons
 static inline size_t bn_context_doubles(const bn_context *k, int partials)
 {
     const size_t C = (size_t)k->geo.channels, P = (size_t)k->grid.partial_rows;
-    return 3 * C + BN_COEF_DOUBLES * (size_t)k->coef_len + (partials ? 2 * P * C + 2 * P : 0);
+    return 5 * C + BN_COEF_DOUBLES * (size_t)k->coef_len + (partials ? 2 * P * C + 2 * P : 0);
 }
 
 /* Carve the per-channel coefficients and partials out of `buf` (of
@@ -132,9 +147,11 @@ static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
     k->mean = buf;
     k->next_mean = k->mean + C;
     k->next_var = k->next_mean + C;
-    k->coef = k->next_var + C; /* doubles are aligned for any element type */
+    k->kmean = k->next_var + C;
+    k->km2 = k->kmean + C;
+    k->coef = k->km2 + C; /* doubles are aligned for any element type */
     if (partials) {
-        k->part.mean = k->next_var + C + BN_COEF_DOUBLES * (size_t)k->coef_len;
+        k->part.mean = k->km2 + C + BN_COEF_DOUBLES * (size_t)k->coef_len;
         k->part.m2 = k->part.mean + P * C;
         k->part.share = k->part.m2 + P * C;
         k->part.weight = k->part.share + P;
@@ -175,8 +192,22 @@ static inline int bn_stopped(bn_context *k)
 static inline void bn_context_free(bn_context *k)
 {
     free(k->scratch);
+    free(k->colpart);
     k->scratch = NULL;
+    k->colpart = NULL;
 }
+
+/* A keyed call (bn_keys) runs as one grid over every sample's channels when
+ * each operand's samples follow each other channel-wise (batch stride =
+ * channels x channel stride, e.g. NCHW instance norm), else sample by
+ * sample; both give the same results. */
+static inline int bn_keys_flat(const bn_array *a, ptrdiff_t channels)
+{
+    return a->batch_stride == channels * a->channel_stride;
+}
+
+static inline ptrdiff_t bn_keys_batch(const bn_keys *q) { return q->batch > 1 ? q->batch : 1; }
+static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? q->group : 1; }
 
 /* ---- instantiations: element type x instruction set ------------------
  * The portable body (compiled for the build's baseline: SSE2 on x86-64, NEON

@@ -10,12 +10,34 @@
 typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1 } bn_dtype;
 #define BN_DTYPES 2
 
-/* Per-channel Welford state of x into count/mean/m2 (float64, C each). */
+/* The normalization family on one view.  An operand is `batch` samples of
+ * (outer, channels, inner); statistics are kept per key = (sample, group of
+ * `group` consecutive channels), reduced over outer x inner x the group's
+ * channels; the affine step is indexed by channel, or by inner element.
+ *   batch norm       batch 1, group 1            (the zero-initialized struct)
+ *   instance norm    batch N, group 1
+ *   group norm       batch N, group C / G
+ *   layer/RMS norm   one key per row: channels = rows, inner = normalized
+ *                    size, affine_inner = 1 (RMS: uncentered = 1)
+ *   filter response  as instance norm, uncentered = 1
+ * uncentered: normalize by the root mean square instead of the standard
+ * deviation (no mean subtracted).  Arrays per key (save_mean, save_invstd)
+ * hold batch * channels / group values, sample-major; arrays per channel
+ * (weight, bias, running statistics, their gradients) hold `channels`, or
+ * `inner` values when affine_inner; running statistics are averaged over
+ * the samples' statistics (PyTorch's instance norm), with group 1 only. */
+typedef struct {
+    ptrdiff_t batch, group; /* 0 means 1 */
+    int uncentered, affine_inner;
+} bn_keys;
+
+/* Per-channel (or per-key) Welford state of x into count/mean/m2 (float64). */
 typedef struct {
     bn_dtype dtype;
     bn_geometry geo;
     bn_array x;
     double *count, *mean, *m2;
+    bn_keys keys; /* per key (group 1 only); zero: per channel */
 } bn_moments_args;
 
 /* Training forward: batch statistics, running-statistics update (when
@@ -29,6 +51,7 @@ typedef struct {
     void *running_mean, *running_var;
     double momentum, eps;
     void *save_mean, *save_invstd;
+    bn_keys keys; /* zero: batch norm */
 } bn_forward_args;
 
 /* Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. */
@@ -49,6 +72,7 @@ typedef struct {
     const void *save_mean, *save_invstd, *weight;
     int training;
     void *grad_weight, *grad_bias;
+    bn_keys keys; /* as in the forward call; training = 1 unless batch norm */
 } bn_backward_args;
 
 /* The kernels of one instantiation; the [dtype][isa] table holds one each. */

@@ -93,10 +93,12 @@ static inline int bn_thread_num(void)
 #endif
 
 /* A strided operand: element strides of the outer and channel axes; the inner
- * stride is 1 (planar) or unused (channels-last). */
+ * stride is 1 (planar) or unused (channels-last).  batch_stride: between the
+ * samples of a keyed call (bn_keys, ops.h); unused by batch norm. */
 typedef struct {
     void *data;
     ptrdiff_t outer_stride, channel_stride;
+    ptrdiff_t batch_stride;
 } bn_array;
 
 typedef struct {

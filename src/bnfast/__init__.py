@@ -15,6 +15,23 @@ from ._functional import (
     moments,
     set_num_threads,
 )
+from ._normalization import (
+    filter_response_norm,
+    filter_response_norm_backward,
+    filter_response_norm_forward,
+    group_norm,
+    group_norm_backward,
+    group_norm_forward,
+    instance_norm,
+    instance_norm_backward,
+    instance_norm_forward,
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 from ._moments import Moments
 from ._parameter import Parameter
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, recalibrate
@@ -41,5 +58,20 @@ __all__ = [
     "get_num_threads",
     "moments",
     "set_num_threads",
+    "layer_norm",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "rms_norm",
+    "rms_norm_forward",
+    "rms_norm_backward",
+    "group_norm",
+    "group_norm_forward",
+    "group_norm_backward",
+    "instance_norm",
+    "instance_norm_forward",
+    "instance_norm_backward",
+    "filter_response_norm",
+    "filter_response_norm_forward",
+    "filter_response_norm_backward",
     "show_config",
 ]

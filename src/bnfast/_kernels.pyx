@@ -12,6 +12,7 @@ import warnings
 
 cimport numpy as cnp
 from libc.math cimport isfinite
+from libc.string cimport memset
 from cpython.exc cimport PyErr_Occurred
 
 cnp.import_array()
@@ -25,6 +26,12 @@ cdef extern from "bnfast/bnfast.h" nogil:
         void *data
         Py_ssize_t outer_stride
         Py_ssize_t channel_stride
+        Py_ssize_t batch_stride
+    ctypedef struct bn_keys:
+        Py_ssize_t batch
+        Py_ssize_t group
+        int uncentered
+        int affine_inner
     ctypedef enum bn_dtype:
         BN_FLOAT32
         BN_FLOAT64
@@ -51,6 +58,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         double *count
         double *mean
         double *m2
+        bn_keys keys
     ctypedef struct bn_forward_args:
         bn_dtype dtype
         bn_geometry geo
@@ -62,6 +70,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         double momentum, eps
         void *save_mean
         void *save_invstd
+        bn_keys keys
     ctypedef struct bn_inference_args:
         bn_dtype dtype
         bn_geometry geo
@@ -81,6 +90,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         int training
         void *grad_weight
         void *grad_bias
+        bn_keys keys
     int bn_moments(const bn_moments_args *, const bn_run *)
     int bn_forward_train(const bn_forward_args *, const bn_run *)
     int bn_inference(const bn_inference_args *, const bn_run *)
@@ -379,11 +389,22 @@ cdef inline void *_data(object a):
 
 
 cdef inline bn_array _operand(cnp.ndarray a, tuple strides):
+    """``strides``: element strides (outer, channel) or (outer, channel, sample)."""
     cdef bn_array op
     op.data = cnp.PyArray_DATA(a)
     op.outer_stride = strides[0]
     op.channel_stride = strides[1]
+    op.batch_stride = strides[2] if len(strides) > 2 else 0
     return op
+
+
+cdef inline bn_keys _keys(tuple keys):
+    """``keys``: () for batch norm, or (batch, group, uncentered, affine_inner)."""
+    cdef bn_keys q
+    memset(&q, 0, sizeof(q))
+    if keys:
+        q.batch, q.group, q.uncentered, q.affine_inner = keys
+    return q
 
 
 cdef inline bn_geometry _geometry(tuple shape):
@@ -408,8 +429,11 @@ cdef inline int _check(int status) except -1:
 
 cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object weight,
                             object bias, object running_mean, object running_var, double momentum,
-                            double eps, cnp.ndarray save_mean, cnp.ndarray save_invstd) except -1:
+                            double eps, cnp.ndarray save_mean, cnp.ndarray save_invstd,
+                            bn_keys keys) except -1:
     cdef bn_forward_args a
+    memset(&a, 0, sizeof(a))
+    a.keys = keys
     a.dtype, a.geo, a.x, a.y = dt, geo, x, y
     a.weight, a.bias = _data(weight), _data(bias)
     a.running_mean, a.running_var = _data(running_mean), _data(running_var)
@@ -425,6 +449,7 @@ cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y
 cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object running_mean,
                         object running_var, object weight, object bias, double eps) except -1:
     cdef bn_inference_args a
+    memset(&a, 0, sizeof(a))
     a.dtype, a.geo, a.x, a.y = dt, geo, x, y
     a.running_mean, a.running_var = _data(running_mean), _data(running_var)
     a.weight, a.bias, a.eps = _data(weight), _data(bias), eps
@@ -437,8 +462,10 @@ cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, ob
 
 cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array x, bn_array grad_in,
                        object save_mean, object save_invstd, object weight, bint training,
-                       cnp.ndarray grad_weight, cnp.ndarray grad_bias) except -1:
+                       cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys) except -1:
     cdef bn_backward_args a
+    memset(&a, 0, sizeof(a))
+    a.keys = keys
     a.dtype, a.geo, a.grad_out, a.x, a.grad_in = dt, geo, grad_out, x, grad_in
     a.save_mean, a.save_invstd, a.weight = _data(save_mean), _data(save_invstd), _data(weight)
     a.training = training
@@ -451,9 +478,11 @@ cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array
 
 
 def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray mean,
-            cnp.ndarray m2):
-    """Per-channel Welford state of ``x`` into float64 ``count``, ``mean``, ``m2``."""
+            cnp.ndarray m2, tuple keys=()):
+    """Per-channel (or per-key) Welford state of ``x`` into float64 ``count``, ``mean``, ``m2``."""
     cdef bn_moments_args a
+    memset(&a, 0, sizeof(a))
+    a.keys = _keys(keys)
     a.dtype, a.geo, a.x = _dtype_of(x), _geometry(shape), _operand(x, xs)
     a.count = <double *>cnp.PyArray_DATA(count)
     a.mean = <double *>cnp.PyArray_DATA(mean)
@@ -467,10 +496,10 @@ def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray
 
 def forward_train(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
                   weight, bias, running_mean, running_var, double momentum, double eps,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd):
+                  cnp.ndarray save_mean, cnp.ndarray save_invstd, tuple keys=()):
     """Training forward: statistics, running update, normalize into ``y``."""
     _run_forward_train(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), weight, bias,
-                       running_mean, running_var, momentum, eps, save_mean, save_invstd)
+                       running_mean, running_var, momentum, eps, save_mean, save_invstd, _keys(keys))
 
 def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
               cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
@@ -480,11 +509,12 @@ def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
 
 def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple xs,
              cnp.ndarray grad_in, tuple gis, cnp.ndarray save_mean, cnp.ndarray save_invstd,
-             weight, bint training, cnp.ndarray grad_weight, cnp.ndarray grad_bias):
+             weight, bint training, cnp.ndarray grad_weight, cnp.ndarray grad_bias,
+             tuple keys=()):
     """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``."""
     _run_backward(_geometry(shape), _dtype_of(x), _operand(grad_out, gs), _operand(x, xs),
                   _operand(grad_in, gis), save_mean, save_invstd, weight, training, grad_weight,
-                  grad_bias)
+                  grad_bias, _keys(keys))
 
 # ---- fast path: calls whose arguments are already canonical -------------
 #
@@ -548,6 +578,7 @@ cdef inline bint _contiguous_geometry(cnp.ndarray x, object axis, bn_geometry *g
 
 cdef inline bn_array _contiguous_operand(cnp.ndarray a, const bn_geometry *geo):
     cdef bn_array op
+    op.batch_stride = 0
     op.data = cnp.PyArray_DATA(a)
     op.outer_stride = geo.channels * geo.inner
     op.channel_stride = geo.inner
@@ -627,7 +658,8 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     cdef cnp.ndarray save_mean = cnp.PyArray_EMPTY(1, &channels, t, 0)
     cdef cnp.ndarray save_invstd = cnp.PyArray_EMPTY(1, &channels, t, 0)
     _run_forward_train(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
-                       weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd)
+                       weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd,
+                       _keys(()))
     return y, save_mean, save_invstd
 
 
@@ -678,5 +710,5 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
     cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, t, 0)
     _run_backward(geo, _dtype_of(xa), _contiguous_operand(ga, &geo), _contiguous_operand(xa, &geo),
                   _contiguous_operand(grad_in, &geo), save_mean, save_invstd, weight, training,
-                  grad_weight, grad_bias)
+                  grad_weight, grad_bias, _keys(()))
     return grad_in, grad_weight, grad_bias

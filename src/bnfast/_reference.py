@@ -1,4 +1,4 @@
-"""Plain float64 NumPy batch normalization: the oracle for tests and benchmarks.
+"""Plain float64 NumPy normalization: the oracle for tests and benchmarks.
 
 Every function here is written for clarity, not speed.  Inputs are upcast to
 float64, the channel axis is moved last and the array is flattened to
@@ -20,6 +20,16 @@ __all__ = [
     "batch_norm_inference",
     "batch_norm_backward",
     "moments",
+    "layer_norm_forward",
+    "layer_norm_backward",
+    "rms_norm_forward",
+    "rms_norm_backward",
+    "group_norm_forward",
+    "group_norm_backward",
+    "instance_norm_forward",
+    "instance_norm_backward",
+    "filter_response_norm_forward",
+    "filter_response_norm_backward",
 ]
 
 
@@ -249,3 +259,191 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *,
     else:
         grad_input = g_rows * (w * invstd)
     return _from_rows(grad_input, shape_moved, ax), grad_weight, grad_bias
+
+
+# ----------------------------------------------------- the normalization family
+#
+# Every member normalizes groups of values ("keys") with their own statistics:
+# the helpers below view x (float64) as (keys, values per key), normalize per
+# key and apply an affine step whose weight is given per value of x.
+
+
+def _normalize_keys(xk, eps, centered):
+    """(x_hat, mean, invstd) per row of ``xk`` (keys, n), two-pass, float64."""
+    mean = xk.mean(axis=1, keepdims=True) if centered else np.zeros((xk.shape[0], 1))
+    var = ((xk - mean) ** 2).mean(axis=1, keepdims=True)
+    invstd = 1.0 / np.sqrt(var + eps)
+    return (xk - mean) * invstd, mean[:, 0], invstd[:, 0]
+
+
+def _backward_keys(gk, x_hat, invstd, centered):
+    """grad of x from ``gk`` = weight * grad_out per key, float64."""
+    n = gk.shape[1]
+    dx = gk - x_hat * (gk * x_hat).sum(axis=1, keepdims=True) / n
+    if centered:
+        dx = dx - gk.sum(axis=1, keepdims=True) / n
+    return dx * invstd[:, None]
+
+
+def _trailing(x, normalized_shape):
+    shape = (normalized_shape,) if np.ndim(normalized_shape) == 0 else tuple(normalized_shape)
+    k = len(shape)
+    if tuple(x.shape[x.ndim - k:]) != shape:
+        raise ValueError(f"normalized_shape {shape} does not match the trailing dims of {x.shape}")
+    return shape, x.shape[: x.ndim - k]
+
+
+def _per_value(v, shape, default):
+    return np.full(shape, default) if v is None else np.asarray(v, np.float64)
+
+
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, rms=False):
+    """Layer (or, with ``rms``, RMS) normalization over the trailing dims.
+
+    Returns
+    -------
+    y : ndarray of float64
+    mean, invstd : ndarray of float64, shape x.shape[:-k] (mean 0 for rms)
+    """
+    x = np.asarray(x, np.float64)
+    shape, lead = _trailing(x, normalized_shape)
+    xk = x.reshape(-1, int(np.prod(shape, dtype=np.int64)))
+    x_hat, mean, invstd = _normalize_keys(xk, eps, not rms)
+    y = x_hat.reshape(x.shape) * _per_value(weight, shape, 1.0) + _per_value(bias, shape, 0.0)
+    return y, mean.reshape(lead), invstd.reshape(lead)
+
+
+def layer_norm_backward(grad_out, x, normalized_shape, weight=None, eps=1e-5, *, rms=False):
+    """(grad_input, grad_weight, grad_bias) of `layer_norm_forward`, float64."""
+    x = np.asarray(x, np.float64)
+    g = np.asarray(grad_out, np.float64)
+    shape, _ = _trailing(x, normalized_shape)
+    d = int(np.prod(shape, dtype=np.int64))
+    xk, gk = x.reshape(-1, d), g.reshape(-1, d)
+    x_hat, _, invstd = _normalize_keys(xk, eps, not rms)
+    w = _per_value(weight, shape, 1.0).reshape(1, d)
+    dx = _backward_keys(gk * w, x_hat, invstd, not rms)
+    return dx.reshape(x.shape), (gk * x_hat).sum(axis=0).reshape(shape), gk.sum(axis=0).reshape(shape)
+
+
+def rms_norm_forward(x, normalized_shape, weight=None, eps=None):
+    """RMS normalization: ``x / sqrt(mean(x**2) + eps) * weight`` over the
+    trailing dims; eps None is the machine epsilon of x's dtype.
+
+    Returns
+    -------
+    y, invstd : ndarray of float64
+    """
+    eps = np.finfo(np.asarray(x).dtype).eps if eps is None else eps
+    y, _, invstd = layer_norm_forward(x, normalized_shape, weight, None, eps, rms=True)
+    return y, invstd
+
+
+def rms_norm_backward(grad_out, x, normalized_shape, weight=None, eps=None):
+    """(grad_input, grad_weight) of `rms_norm_forward`, float64."""
+    eps = np.finfo(np.asarray(x).dtype).eps if eps is None else eps
+    dx, dw, _ = layer_norm_backward(grad_out, x, normalized_shape, weight, eps, rms=True)
+    return dx, dw
+
+
+def _grouped(x, num_groups, axis):
+    """x (float64) with the channel axis moved to 1, viewed as (N * G, n)."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, 1)
+    n, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"num_groups {num_groups} does not divide the {c} channels")
+    return x, x.reshape(n * num_groups, -1)
+
+
+def _per_channel(v, x_moved, default):
+    c = x_moved.shape[1]
+    v = np.full(c, default) if v is None else np.asarray(v, np.float64)
+    return v.reshape((1, c) + (1,) * (x_moved.ndim - 2))
+
+
+def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, axis=1,
+                       centered=True):
+    """Group normalization (channel axis ``axis``, batch axis 0), float64.
+
+    Returns
+    -------
+    y : ndarray of float64
+    mean, invstd : ndarray of float64, shape (N, num_groups)
+    """
+    xm, xk = _grouped(x, num_groups, axis)
+    x_hat, mean, invstd = _normalize_keys(xk, eps, centered)
+    y = x_hat.reshape(xm.shape) * _per_channel(weight, xm, 1.0) + _per_channel(bias, xm, 0.0)
+    n = xm.shape[0]
+    return np.moveaxis(y, 1, axis), mean.reshape(n, num_groups), invstd.reshape(n, num_groups)
+
+
+def group_norm_backward(grad_out, x, num_groups, weight=None, eps=1e-5, *, axis=1,
+                        centered=True):
+    """(grad_input, grad_weight, grad_bias) of `group_norm_forward`, float64."""
+    xm, xk = _grouped(x, num_groups, axis)
+    gm = np.moveaxis(np.asarray(grad_out, np.float64), axis, 1)
+    x_hat, _, invstd = _normalize_keys(xk, eps, centered)
+    w = _per_channel(weight, xm, 1.0)
+    dx = _backward_keys((gm * w).reshape(xk.shape), x_hat, invstd, centered)
+    reduce = (0,) + tuple(range(2, xm.ndim))
+    x_hat = x_hat.reshape(xm.shape)
+    return (np.moveaxis(dx.reshape(xm.shape), 1, axis), (gm * x_hat).sum(axis=reduce),
+            gm.sum(axis=reduce))
+
+
+def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+                          momentum=0.1, eps=1e-5, axis=1):
+    """Instance normalization with batch statistics, float64.
+
+    Returns
+    -------
+    y : ndarray of float64
+    mean, invstd : ndarray of float64, shape (N, C)
+    running_mean, running_var : the updated copies (None when not given)
+    """
+    c = np.shape(x)[axis]
+    y, mean, invstd = group_norm_forward(x, c, weight, bias, eps, axis=axis)
+    if running_mean is not None:
+        n = np.asarray(x)[0].size // c
+        var = _grouped(x, c, axis)[1].var(axis=1).reshape(mean.shape)
+        running_mean = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean.mean(0)
+        running_var = ((1 - momentum) * np.asarray(running_var, np.float64)
+                       + momentum * (var * n / (n - 1)).mean(0))
+    return y, mean, invstd, running_mean, running_var
+
+
+def instance_norm_backward(grad_out, x, weight=None, eps=1e-5, *, axis=1):
+    """(grad_input, grad_weight, grad_bias) of `instance_norm_forward`, float64."""
+    return group_norm_backward(grad_out, x, np.shape(x)[axis], weight, eps, axis=axis)
+
+
+def filter_response_norm_forward(x, weight, bias, tau, eps=1e-6, *, axis=1):
+    """Filter response normalization with its TLU (Singh & Krishnan 2020):
+    ``max(weight * x / sqrt(mean(x**2) + |eps|) + bias, tau)``, the mean over
+    the spatial axes of each sample and channel; float64.
+
+    Returns
+    -------
+    y : ndarray of float64
+    invstd : ndarray of float64, shape (N, C)
+    """
+    c = np.shape(x)[axis]
+    z, _, invstd = group_norm_forward(x, c, weight, bias, abs(eps), axis=axis, centered=False)
+    xm = np.moveaxis(z, axis, 1)
+    y = np.maximum(xm, _per_channel(tau, xm, -np.inf))
+    return np.moveaxis(y, 1, axis), invstd
+
+
+def filter_response_norm_backward(grad_out, x, weight, bias, tau, eps=1e-6, *, axis=1):
+    """(grad_input, grad_weight, grad_bias, grad_tau) of
+    `filter_response_norm_forward`, float64 (the gradient at z == tau goes to tau)."""
+    c = np.shape(x)[axis]
+    z, _, _ = group_norm_forward(x, c, weight, bias, abs(eps), axis=axis, centered=False)
+    zm = np.moveaxis(z, axis, 1)
+    gm = np.moveaxis(np.asarray(grad_out, np.float64), axis, 1)
+    above = zm > _per_channel(tau, zm, -np.inf)
+    reduce = (0,) + tuple(range(2, zm.ndim))
+    grad_tau = np.where(above, 0.0, gm).sum(axis=reduce)
+    gz = np.moveaxis(np.where(above, gm, 0.0), 1, axis)
+    dx, dw, db = group_norm_backward(gz, x, c, weight, abs(eps), axis=axis, centered=False)
+    return dx, dw, db, grad_tau
