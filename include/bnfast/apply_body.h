@@ -81,7 +81,7 @@ static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptr
         BN_T *y = (BN_T *)k->y.data + u.row * k->y.outer_stride + c * k->y.channel_stride + u.i0;
         BN_AFN(span_)(k, g, x, y, u.i1 - u.i0, c, 0,
                       BN_APPLY_INNER ? (const BN_T *)k->weight + u.i0 : NULL,
-                      BN_APPLY_INNER ? (const BN_T *)k->bias + u.i0 : NULL);
+                      BN_APPLY_INNER && k->bias ? (const BN_T *)k->bias + u.i0 : NULL);
     }
     BN_FN(stream_fence_)(k->stream);
 }

@@ -204,19 +204,22 @@ static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
 
 /* sum(a) and sum(b) over planar task u, in double, with y = x - shift and,
  * for the statistics (with_g = 0), a = y, b = y * y; for the gradient sums
- * (with_g = 1), a = g, b = g * y, or with inner weights w (layer norm's
- * weight per inner element; with_g = 2) a = g * w.  Lanes are summed in a
- * fixed order, then the scalar tail. */
+ * (with_g = 1), a = g, b = g * y; for layer norm's (with_g = 2, weight w per
+ * inner element) a = g * w, and also the column sums of its grad_bias and
+ * grad_weight, col[i] += g and col[D + i] += g * y * inv (D = inner).
+ * Lanes are summed in a fixed order, then the scalar tail. */
 static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_planar_task *u,
                                                  double shift, const int with_g, double *sum_a,
-                                                 double *sum_b)
+                                                 double *sum_b, double *col, double inv)
 {
     const BN_T *w = with_g == 2 ? (const BN_T *)k->weight + u->offset : NULL;
+    double *cg = with_g == 2 ? col + u->offset : NULL, *cgx = with_g == 2 ? cg + k->geo.inner : NULL;
     const ptrdiff_t c = u->channel, len = u->len;
     double ta = 0.0, tb = 0.0, la = 0.0, lb = 0.0;
+    (void)inv;
 #if BN_VECTORS
     const ptrdiff_t body = len - len % (BN_U * W);
-    const VD vs = BN_SPLAT(shift);
+    const VD vs = BN_SPLAT(shift), vinv = BN_SPLAT(inv);
     VD sa[BN_U], sb[BN_U];
     for (int v = 0; v < BN_U; v++) sa[v] = sb[v] = BN_SPLAT(0.0);
 #else
@@ -232,18 +235,27 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
         for (ptrdiff_t i = 0; i < body; i += BN_U * W)
             for (int v = 0; v < BN_U; v++) {
                 const VD y = BN_LD(x + i + v * W) - vs;
-                const VD a = with_g == 2 ? BN_LD(g + i + v * W) * BN_LD(w + i + v * W)
-                             : with_g    ? BN_LD(g + i + v * W)
-                                         : y;
+                const VD gv = with_g ? BN_LD(g + i + v * W) : y;
+                const VD a = with_g == 2 ? gv * BN_LD(w + i + v * W) : gv;
                 sa[v] += a;
                 sb[v] += a * y;
+                if (with_g == 2) {
+                    const VD pg = BN_LDD(cg + i + v * W) + gv, pgx = BN_LDD(cgx + i + v * W) + gv * (y * vinv);
+                    memcpy(cg + i + v * W, &pg, sizeof pg);
+                    memcpy(cgx + i + v * W, &pgx, sizeof pgx);
+                }
             }
 #endif
         for (ptrdiff_t i = body; i < len; i++) {
             const double y = (double)x[i] - shift;
-            const double a = with_g == 2 ? (double)g[i] * (double)w[i] : with_g ? (double)g[i] : y;
+            const double gv = with_g ? (double)g[i] : y;
+            const double a = with_g == 2 ? gv * (double)w[i] : gv;
             ta += a;
             tb += a * y;
+            if (with_g == 2) {
+                cg[i] += gv;
+                cgx[i] += gv * (y * inv);
+            }
         }
     }
 #if BN_VECTORS
@@ -279,7 +291,7 @@ static void BN_FN(stats_planar_sums_)(const bn_context *k, const bn_planar_task 
     const BN_T *base = (const BN_T *)k->x.data + u->channel * k->x.channel_stride + u->offset;
     const double pilot = (double)base[u->row0 * k->x.outer_stride];
     double s1, s2;
-    BN_FN(planar_sums_)(k, u, pilot, 0, &s1, &s2);
+    BN_FN(planar_sums_)(k, u, pilot, 0, &s1, &s2, NULL, 0.0);
     const ptrdiff_t i = u->prow * k->geo.channels + u->channel;
     BN_FN(state_of_sums_)(pilot, s1, s2, (double)((u->row1 - u->row0) * u->len), k->part.mean + i,
                           k->part.m2 + i);
@@ -493,10 +505,25 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
     const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
-    if (k->affine_inner)
-        BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 2, k->part.mean + i, k->part.m2 + i);
-    else
-        BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, k->part.mean + i, k->part.m2 + i);
+    BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, k->part.mean + i, k->part.m2 + i, NULL, 0.0);
+}
+
+/* Layer norm's backward: the gradient sums of keys (rows) [r0, r1), whose
+ * weighted sums go to the partials and whose column sums (grad_bias and
+ * grad_weight per inner element) to partial slot `slot`, in row order; exec
+ * merges the slots in order. */
+static void BN_FN(grad_sums_inner_)(const bn_context *k, ptrdiff_t r0, ptrdiff_t r1, ptrdiff_t slot)
+{
+    const ptrdiff_t D = k->geo.inner, P = k->grid.partial_rows;
+    double *col = k->colpart + slot * 2 * D;
+    for (ptrdiff_t i = 0; i < 2 * D; i++) col[i] = 0.0;
+    const BN_T *invstd = (const BN_T *)k->save_invstd_in;
+    for (ptrdiff_t t = r0 * P; t < r1 * P; t++) {
+        const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
+        const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
+        BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 2, k->part.mean + i, k->part.m2 + i, col,
+                            (double)invstd[u.channel]);
+    }
 }
 
 /* Channels-last: rows in memory order (a few streams the prefetchers
@@ -601,44 +628,6 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 #undef BN_APPLY_X
 #undef BN_APPLY_G
 #undef BN_GRAD_EXPR
-
-/* Layer norm's grad_weight and grad_bias, per inner element: sum over the
- * keys of g * xhat and of g.  Unit `unit` (col_unit consecutive apply tasks
- * of the planar group [c0, c1)) adds its tasks' elements in order into its
- * own partial sums, number `slot`; exec merges the slots in order. */
-static void BN_FN(col_sums_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t unit,
-                            ptrdiff_t slot)
-{
-    const ptrdiff_t D = k->geo.inner;
-    const ptrdiff_t t0 = unit * k->col_unit, t1 = bn_min(bn_apply_tasks(&k->geo, c0, c1), t0 + k->col_unit);
-    double *restrict sg = k->colpart + slot * 2 * D, *restrict sgx = sg + D;
-    for (ptrdiff_t i = 0; i < D; i++) sg[i] = sgx[i] = 0.0;
-    const BN_T *invstd = (const BN_T *)k->save_invstd_in;
-    for (ptrdiff_t t = t0; t < t1; t++) {
-        const bn_apply_task u = bn_apply_task_of(&k->geo, c0, c1, t);
-        for (ptrdiff_t c = u.c0; c < u.c1; c++) {
-            const BN_T *x = (const BN_T *)k->x.data + u.row * k->x.outer_stride + c * k->x.channel_stride;
-            const BN_T *g = (const BN_T *)k->g.data + u.row * k->g.outer_stride + c * k->g.channel_stride;
-            const double m = k->mean[c], inv = (double)invstd[c / k->group];
-            ptrdiff_t i = u.i0;
-#if BN_VECTORS
-            const VD vm = BN_SPLAT(m), vinv = BN_SPLAT(inv);
-            for (; i + W <= u.i1; i += W) {
-                const VD gv = BN_LD(g + i);
-                VD a = BN_LDD(sg + i), b = BN_LDD(sgx + i);
-                a += gv;
-                b += gv * ((BN_LD(x + i) - vm) * vinv);
-                memcpy(sg + i, &a, sizeof a);
-                memcpy(sgx + i, &b, sizeof b);
-            }
-#endif
-            for (; i < u.i1; i++) {
-                sg[i] += (double)g[i];
-                sgx[i] += (double)g[i] * (((double)x[i] - m) * inv);
-            }
-        }
-    }
-}
 
 /* ---- per-key finishing steps between the phases --------------------------
  * Keys [c0, c1), whole groups: merge the partials of every key in partial
@@ -761,6 +750,65 @@ static void BN_FN(phase_a_)(const bn_context *k, ptrdiff_t t)
     }
 }
 
+/* Layer norm's grad_bias and grad_weight: the column-sum slots merged in
+ * slot order (after a barrier: every slot is complete). */
+static void BN_FN(merge_columns_)(const bn_context *k, ptrdiff_t slots)
+{
+    const ptrdiff_t D = k->geo.inner;
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(static)
+#endif
+    for (ptrdiff_t i0 = 0; i0 < D; i0 += 256)
+        for (ptrdiff_t i = i0; i < bn_min(D, i0 + 256); i++) {
+            double sg = 0.0, sgx = 0.0;
+            for (ptrdiff_t q = 0; q < slots; q++) {
+                sg += k->colpart[q * 2 * D + i];
+                sgx += k->colpart[q * 2 * D + D + i];
+            }
+            ((BN_T *)k->grad_bias)[i] = (BN_T)sg;
+            ((BN_T *)k->grad_weight)[i] = (BN_T)sgx;
+        }
+}
+
+/* The apply phase of planar task t of the key range [c0, c1). */
+static void BN_FN(apply_planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t, int grad)
+{
+    if (k->affine_inner) {
+        if (grad) BN_FN(apply_grad_inner_planar_)(k, c0, c1, t);
+        else BN_FN(apply_affine_inner_planar_)(k, c0, c1, t);
+    } else {
+        if (grad) BN_FN(apply_grad_planar_)(k, c0, c1, t);
+        else BN_FN(apply_affine_planar_)(k, c0, c1, t);
+    }
+}
+
+/* Planar calls whose keys each take one task (partial_rows == 1: layer norm
+ * rows, instance and group norm planes, small batch norm) go block by block
+ * of whole groups of keys: statistics, finish and apply of a block back to
+ * back on one thread while the block is in its cache, no barrier.  The same
+ * tasks and coefficients as exec_body_: the same bits. */
+static void BN_FN(exec_blocks_)(bn_context *k)
+{
+    const ptrdiff_t C = k->geo.channels, kb = k->key_block, nblocks = bn_ceil_div(C, kb);
+    const int apply = k->op != BN_OP_MOMENTS, grad = k->op == BN_OP_BACKWARD && k->training;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (ptrdiff_t q = 0; q < nblocks; q++) {
+        if (bn_stopped(k)) continue;
+        const ptrdiff_t b0 = q * kb, b1 = bn_min(C, b0 + kb);
+        if (k->colpart) BN_FN(grad_sums_inner_)(k, b0, b1, q);
+        else
+            for (ptrdiff_t c = b0; c < b1; c++) BN_FN(phase_a_)(k, c);
+        BN_FN(finish_block_)(k, b0, b1);
+        if (!apply) continue;
+        const ptrdiff_t ntasks = bn_apply_tasks(&k->geo, b0, b1);
+        for (ptrdiff_t t = 0; t < ntasks; t++) BN_FN(apply_planar_)(k, b0, b1, t, grad);
+    }
+    if (k->colpart) BN_FN(merge_columns_)(k, nblocks);
+}
+
 /* The op's phases, run by every thread of a team (or by one, outside any
  * parallel region, where the worksharing loops below run serially):
  *   A  statistics / gradient sums of a group of channels (partials per task),
@@ -772,22 +820,38 @@ static void BN_FN(phase_a_)(const bn_context *k, ptrdiff_t t)
  * start without waiting; A and C of a group run while it is in the cache. */
 static void BN_FN(exec_body_)(bn_context *k)
 {
+    if (k->key_block) {
+        BN_FN(exec_blocks_)(k);
+        return;
+    }
     const ptrdiff_t C = k->geo.channels;
     const int reduce = k->op != BN_OP_INFERENCE, apply = k->op != BN_OP_MOMENTS;
     const ptrdiff_t per = k->grid.channels_last ? 0 : k->grid.partial_rows;
     const ptrdiff_t gch = k->grid.channels_last ? C : k->group_channels;
     const ptrdiff_t fblock = k->group * bn_max(1, BN_FINISH_BLOCK / k->group); /* whole groups */
     const int grad = k->op == BN_OP_BACKWARD && k->training;
-    ptrdiff_t unit_base = 0; /* col_sums_ units of the groups before this one */
+    ptrdiff_t unit_base = 0; /* layer norm backward: column-sum slots of the groups so far */
     for (ptrdiff_t c0 = 0; c0 < C; c0 += gch) {
         const ptrdiff_t c1 = bn_min(C, c0 + gch);
         const ptrdiff_t t0 = per * c0, t1 = per ? per * c1 : k->grid.ntasks;
-        if (reduce) {
+        if (reduce && k->colpart) { /* layer norm backward: units of whole rows */
+            const ptrdiff_t units = bn_ceil_div(c1 - c0, k->col_unit);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (ptrdiff_t q = 0; q < units; q++)
+                if (!bn_stopped(k))
+                    BN_FN(grad_sums_inner_)(k, c0 + q * k->col_unit, bn_min(c1, c0 + (q + 1) * k->col_unit),
+                                            unit_base + q);
+            unit_base += units;
+        } else if (reduce) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
             for (ptrdiff_t t = t0; t < t1; t++)
                 if (!bn_stopped(k)) BN_FN(phase_a_)(k, t);
+        }
+        if (reduce) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -797,20 +861,6 @@ static void BN_FN(exec_body_)(bn_context *k)
         if (!apply) continue;
         const ptrdiff_t ntasks = k->grid.channels_last ? k->grid.ntasks
                                                        : bn_apply_tasks(&k->geo, c0, c1);
-        if (k->colpart) { /* layer norm backward: column sums, then the apply, per unit */
-            const ptrdiff_t units = bn_ceil_div(ntasks, k->col_unit);
-#ifdef _OPENMP
-#pragma omp for schedule(static) nowait
-#endif
-            for (ptrdiff_t q = 0; q < units; q++) {
-                if (bn_stopped(k)) continue;
-                BN_FN(col_sums_)(k, c0, c1, q, unit_base + q); /* before grad_in may overwrite g or x */
-                const ptrdiff_t te = bn_min(ntasks, (q + 1) * k->col_unit);
-                for (ptrdiff_t t = q * k->col_unit; t < te; t++) BN_FN(apply_grad_inner_planar_)(k, c0, c1, t);
-            }
-            unit_base += units;
-            continue;
-        }
 #ifdef _OPENMP
 #pragma omp for schedule(static) nowait
 #endif
@@ -819,42 +869,26 @@ static void BN_FN(exec_body_)(bn_context *k)
             if (k->grid.channels_last) {
                 if (grad) BN_FN(apply_grad_rows_)(k, t);
                 else BN_FN(apply_affine_rows_)(k, t);
-            } else if (k->affine_inner) {
-                BN_FN(apply_affine_inner_planar_)(k, c0, c1, t);
             } else {
-                if (grad) BN_FN(apply_grad_planar_)(k, c0, c1, t);
-                else BN_FN(apply_affine_planar_)(k, c0, c1, t);
+                BN_FN(apply_planar_)(k, c0, c1, t, grad);
             }
         }
     }
-    if (k->colpart) { /* merge the units' column sums in unit order */
-        const ptrdiff_t D = k->geo.inner;
-#ifdef _OPENMP
-#pragma omp barrier
-#pragma omp for schedule(static)
-#endif
-        for (ptrdiff_t i0 = 0; i0 < D; i0 += 256)
-            for (ptrdiff_t i = i0; i < bn_min(D, i0 + 256); i++) {
-                double sg = 0.0, sgx = 0.0;
-                for (ptrdiff_t q = 0; q < unit_base; q++) {
-                    sg += k->colpart[q * 2 * D + i];
-                    sgx += k->colpart[q * 2 * D + D + i];
-                }
-                ((BN_T *)k->grad_bias)[i] = (BN_T)sg;
-                ((BN_T *)k->grad_weight)[i] = (BN_T)sgx;
-            }
-    }
+    if (k->colpart) BN_FN(merge_columns_)(k, unit_base);
 }
 
-/* Units of layer norm's column sums: about BN_COL_UNIT_ELEMS elements each. */
+/* Keys per block of exec_blocks_: whole groups, about this many elements. */
+#define BN_BLOCK_ELEMS 65536
+/* Units of layer norm's column sums: whole rows, about BN_COL_UNIT_ELEMS
+ * elements each; the number of units of the call. */
 #define BN_COL_UNIT_ELEMS 65536
 static ptrdiff_t BN_FN(col_units_)(bn_context *k)
 {
     const ptrdiff_t C = k->geo.channels, gch = k->group_channels;
-    k->col_unit = bn_max(1, BN_COL_UNIT_ELEMS / (bn_apply_chunk_(&k->geo) * bn_min(k->geo.inner, BN_TASK_ELEMS)));
+    if (k->key_block) return bn_ceil_div(C, k->key_block);
+    k->col_unit = bn_max(1, BN_COL_UNIT_ELEMS / k->geo.inner);
     ptrdiff_t units = 0;
-    for (ptrdiff_t c0 = 0; c0 < C; c0 += gch)
-        units += bn_ceil_div(bn_apply_tasks(&k->geo, c0, bn_min(C, c0 + gch)), k->col_unit);
+    for (ptrdiff_t c0 = 0; c0 < C; c0 += gch) units += bn_ceil_div(bn_min(C, c0 + gch) - c0, k->col_unit);
     return units;
 }
 
@@ -874,6 +908,10 @@ static int BN_FN(exec_)(bn_context *k)
                                    * (k->op == BN_OP_BACKWARD ? 2 : 1);
         k->group_channels = bn_max(1, (ptrdiff_t)(BN_GROUP_BYTES / per_channel));
         k->group_channels = bn_ceil_div(k->group_channels, k->group) * k->group; /* whole groups */
+    }
+    if (!k->grid.channels_last && k->grid.partial_rows == 1 && k->op != BN_OP_INFERENCE) {
+        const ptrdiff_t per_group = k->geo.outer * k->geo.inner * k->group;
+        k->key_block = k->group * bn_max(1, BN_BLOCK_ELEMS / per_group);
     }
     if (k->op == BN_OP_BACKWARD && k->affine_inner) {
         k->colpart = (double *)malloc(sizeof(double) * 2 * (size_t)k->geo.inner * (size_t)BN_FN(col_units_)(k));
@@ -1079,6 +1117,7 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 
 #undef BN_SCRATCH
 #undef BN_COL_UNIT_ELEMS
+#undef BN_BLOCK_ELEMS
 #undef BN_ROW_BLOCK
 #undef BN_SUM_ROWS
 #undef BN_LINE_T

@@ -57,6 +57,7 @@ typedef struct {
     bn_grid grid;
     int op, stream;
     ptrdiff_t group_channels; /* planar: channels per cache group */
+    ptrdiff_t key_block;      /* planar keys of one task each: keys per block (exec_blocks_), else 0 */
     bn_array x, y, g;
     bn_array ax;  /* input of the affine phase */
     /* the keyed view (bn_keys): channels here are keys; statistics pool

@@ -25,7 +25,10 @@ typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1 } bn_dtype;
  * hold batch * channels / group values, sample-major; arrays per channel
  * (weight, bias, running statistics, their gradients) hold `channels`, or
  * `inner` values when affine_inner; running statistics are averaged over
- * the samples' statistics (PyTorch's instance norm), with group 1 only. */
+ * the samples' statistics (PyTorch's instance norm), with group 1 only.
+ * affine_inner needs a planar view with outer = 1 and batch 1, weight and
+ * bias (forward) or weight (backward, training = 1) given, and writes
+ * grad_weight and grad_bias per inner element. */
 typedef struct {
     ptrdiff_t batch, group; /* 0 means 1 */
     int uncentered, affine_inner;

@@ -139,7 +139,7 @@ def _row_strides(a: np.ndarray, k: int):
     strides = [s // item for s in a.strides]
     inner = _merge_dims(a.shape[a.ndim - k :], strides[a.ndim - k :])
     rows = _merge_dims(a.shape[: a.ndim - k], strides[: a.ndim - k])
-    if inner is None or rows is None or inner[1] != 1:
+    if inner is None or rows is None or (inner[0] > 1 and inner[1] != 1):
         return None
     return rows[0], inner[0], (0, rows[1], 0)
 
@@ -887,7 +887,9 @@ def instance_norm(
         )[0]
     if running_mean is None or running_var is None:
         raise ValueError("Expected running_mean and running_var to be defined when use_input_stats is False")
-    return batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps, axis=axis, out=out)
+    x = _float_array(x, "x")
+    return batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps,
+                                axis=_sample_axis(x, axis), out=out)
 
 
 def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, axis: int = 1,
