@@ -17,7 +17,9 @@ from ._functional import (
 )
 from ._moments import Moments
 from ._parameter import Parameter
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, recalibrate
+from .nn.module import Module
+from .nn.normalization import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
 
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "nn",
     "testing",
+    "Module",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ._functional import _eps
-from .layers import BatchNorm
+from .nn.normalization import BatchNorm
 
 __all__ = ["fold_batch_norm"]
 
