@@ -25,8 +25,8 @@ Design choices
   ``p.data -= lr * g`` updates in place and references stay valid.
   Assigning ``p.data = value`` copies ``value`` into the existing memory
   (PyTorch rebinds the storage; NumPy arrays cannot be rebound).
-* ``copy.deepcopy`` and pickling keep ``grad`` (and ``name``); pickling uses
-  no code beyond this module's rebuild function.
+* ``copy.deepcopy`` and pickling keep ``grad``, ``name`` and any attribute
+  set on the Parameter; unpickling calls only this module's rebuild function.
 * Parameters hash by identity (like tensors), so they can key dicts and
   sets; ``==`` stays element-wise.
 """
@@ -43,10 +43,10 @@ __all__ = ["Parameter"]
 _NUMERIC_KINDS = frozenset("biufc")
 
 
-def _rebuild_parameter(data: np.ndarray, grad: np.ndarray | None, name: str) -> "Parameter":
+def _rebuild_parameter(data: np.ndarray, state: dict[str, Any]) -> "Parameter":
     """Unpickle a :class:`Parameter` (the target of ``Parameter.__reduce_ex__``)."""
-    p = Parameter(data, name)
-    p.grad = grad
+    p = Parameter(data, state.get("name", ""))
+    p.__dict__.update(state)
     return p
 
 
@@ -114,6 +114,7 @@ class Parameter(np.ndarray):
 
     grad: np.ndarray | None
     name: str
+    _plain: np.ndarray | None
 
     def __new__(cls, data: Any, name: str = "") -> "Parameter":
         plain = np.asarray(data)  # the ndarray itself, or a plain view of a subclass (a Parameter)
@@ -143,9 +144,10 @@ class Parameter(np.ndarray):
             return arr[()]
         return arr if type(arr) is np.ndarray else arr.view(np.ndarray)
 
-    __hash__ = object.__hash__  # identity, like torch tensors; ``==`` stays element-wise
+    # Identity, like torch tensors (``==`` stays element-wise): Parameters can key dicts and sets.
+    __hash__ = object.__hash__  # type: ignore[assignment]
 
-    @property
+    @property  # type: ignore[override]
     def data(self) -> np.ndarray:
         """A plain ``ndarray`` view of the Parameter's memory (the same object on every call).
 
@@ -167,14 +169,19 @@ class Parameter(np.ndarray):
         """Forget the stored gradient (set ``grad`` to None)."""
         self.grad = None
 
+    def _state(self) -> dict[str, Any]:
+        """``grad``, ``name`` and any attributes a user set (everything but the cached view)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_plain"}
+
     def __reduce_ex__(self, protocol: Any) -> tuple:
-        return (_rebuild_parameter, (self.view(np.ndarray), self.grad, self.name))
+        return (_rebuild_parameter, (self.view(np.ndarray), self._state()))
 
     def __reduce__(self) -> tuple:
         return self.__reduce_ex__(2)
 
-    def __deepcopy__(self, memo: dict) -> "Parameter":
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> "Parameter":
+        memo = {} if memo is None else memo
         new = Parameter(np.array(self.view(np.ndarray), copy=True, order="K"), self.name)
         memo[id(self)] = new
-        new.grad = copy.deepcopy(self.grad, memo)
+        new.__dict__.update(copy.deepcopy(self._state(), memo))
         return new

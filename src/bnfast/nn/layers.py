@@ -136,7 +136,13 @@ class _WeightBiasLayer(Module):
     @property
     def grad_weight(self) -> np.ndarray | None:
         """``weight.grad``: gradient of ``weight`` from the last backward, or None."""
-        return self._parameters["weight"].grad
+        return self._weight_parameter().grad
+
+    def _weight_parameter(self) -> Parameter:
+        w = self._parameters["weight"]
+        if w is None:
+            raise AttributeError(f"{type(self).__name__}.weight was set to None")
+        return w
 
     @property
     def grad_bias(self) -> np.ndarray | None:
@@ -146,7 +152,7 @@ class _WeightBiasLayer(Module):
 
     def _weight_matrix(self, dtype: np.dtype) -> np.ndarray:
         """The weight as an ``(out, fan_in)`` matrix in ``dtype`` (a view when the dtype matches)."""
-        w = self._parameters["weight"].data
+        w = self._weight_parameter().data
         return w.reshape(w.shape[0], -1).astype(dtype, copy=False)
 
     def _matmul_forward(self, cols: np.ndarray) -> np.ndarray:
@@ -163,7 +169,7 @@ class _WeightBiasLayer(Module):
         ``g2`` is ``(M, out)`` and ``cols`` the ``(M, fan_in)`` matrix of the
         forward pass; the gradients are cast to the parameters' dtype.
         """
-        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        weight, bias = self._weight_parameter(), self._parameters["bias"]
         weight.grad = (g2.T @ cols).reshape(weight.shape).astype(weight.dtype, copy=False)
         if bias is not None:
             bias.grad = g2.sum(axis=0).astype(bias.dtype, copy=False)
@@ -846,9 +852,12 @@ class Sequential(Module):
         if isinstance(index, slice):
             return Sequential(OrderedDict(items[index]))
         try:
-            return items[index][1]
+            layer = items[index][1]
         except IndexError:
             raise IndexError(f"Sequential index {index} is out of range for {len(items)} layers") from None
+        if layer is None:
+            raise IndexError(f"Sequential layer {index} was set to None")
+        return layer
 
     def __len__(self) -> int:
         return len(self._modules)

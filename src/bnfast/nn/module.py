@@ -801,7 +801,7 @@ class Module:
         TypeError
             A value cannot be converted to an array of the target's kind.
         """
-        local = [(n, p) for n, p in self._parameters.items() if p is not None]
+        local: list[tuple[str, np.ndarray]] = [(n, p) for n, p in self._parameters.items() if p is not None]
         local += [(n, b) for n, b in self._buffers.items()
                   if b is not None and n not in self._non_persistent_buffers_set]
         for name, target in local:

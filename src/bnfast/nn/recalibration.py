@@ -161,9 +161,10 @@ def recalibrate(layer_or_layers: Any, batches: Iterable[Any]) -> Any:
             _pooled_update(bn, sink.moments, sink.calls, f"BatchNorm layer #{i} ({bn!r})")
             for i, (bn, sink) in enumerate(zip(bns, sinks))
         ]
-    for layer, mean, var, n in updates:
-        buffers = layer._buffers
-        buffers["running_mean"][...] = mean
-        buffers["running_var"][...] = var
-        buffers["num_batches_tracked"][...] = n
+    for layer, mean, var, n in updates:  # cannot fail: shapes and dtypes are the layers' own
+        rm, rv, nbt = (layer._buffers[k] for k in ("running_mean", "running_var", "num_batches_tracked"))
+        assert rm is not None and rv is not None and nbt is not None  # checked by _tracking
+        rm[...] = mean
+        rv[...] = var
+        nbt[...] = n
     return layer_or_layers
