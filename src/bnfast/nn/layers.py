@@ -775,6 +775,7 @@ class Sequential(Module):
         Parameters
         ----------
         layer : Module
+            The layer to run last.
 
         Returns
         -------

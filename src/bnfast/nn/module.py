@@ -60,7 +60,14 @@ class StateDictError(ValueError, RuntimeError):
 
 
 class IncompatibleKeys(namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])):
-    """Keys that did not match in :meth:`Module.load_state_dict`.
+    """Keys that did not match in :meth:`Module.load_state_dict` (a named tuple).
+
+    Parameters
+    ----------
+    missing_keys : list of str
+        Keys the module expects that the state dict did not contain.
+    unexpected_keys : list of str
+        Keys of the state dict that the module does not have.
 
     Attributes
     ----------
@@ -276,6 +283,7 @@ class Module:
         name : str
             Attribute name and the prefix of the child's state-dict keys.
         module : Module or None
+            The child; None declares an absent child.
 
         Raises
         ------
@@ -298,7 +306,9 @@ class Module:
         Parameters
         ----------
         name : str
+            Attribute name and the prefix of the child's state-dict keys.
         module : Module or None
+            The child; None declares an absent child.
 
         Raises
         ------
@@ -313,7 +323,9 @@ class Module:
         Parameters
         ----------
         name : str
+            Attribute name and the prefix of the child's state-dict keys.
         module : Module
+            The child.
 
         Returns
         -------
@@ -567,8 +579,11 @@ class Module:
         Parameters
         ----------
         prefix : str, default ""
+            Prepended (with a ``"."``) to every name.
         recurse : bool, default True
+            Include the buffers of all descendants, not only this module's own.
         remove_duplicate : bool, default True
+            A buffer shared by several modules is listed once.
 
         Returns
         -------
@@ -582,6 +597,7 @@ class Module:
         Parameters
         ----------
         recurse : bool, default True
+            Include those of all descendants.
 
         Returns
         -------
@@ -614,6 +630,7 @@ class Module:
         Parameters
         ----------
         mode : bool, default True
+            True for training mode, False for eval mode.
 
         Returns
         -------
@@ -918,6 +935,7 @@ class Module:
         Parameters
         ----------
         path : str or os.PathLike
+            Where to write; ``.npz`` is appended to a path without it.
 
         Raises
         ------
@@ -941,6 +959,7 @@ class Module:
         Parameters
         ----------
         path : str or os.PathLike
+            The ``.npz`` file.
         strict : bool, default True
             As in :meth:`load_state_dict`.
 
