@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import bnfast
 from bnfast import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, Parameter
+from bnfast.nn import StateDictError
 
 
 # ----------------------------------------------------------------- reference (float64)
@@ -72,7 +73,8 @@ def test_defaults(dtype):
     ps = bn.parameters()
     assert [type(p) for p in ps] == [Parameter, Parameter]
     assert [p.name for p in ps] == ["weight", "bias"]
-    assert ps[0].data is bn.weight and ps[1].data is bn.bias
+    assert ps[0] is bn.weight and ps[1] is bn.bias  # the attributes are the Parameters themselves
+    assert np.shares_memory(ps[0].data, bn.weight) and type(ps[0].data) is np.ndarray
 
 
 def test_affine_false_and_no_tracking():
@@ -430,7 +432,7 @@ def test_strict_missing_key_names_it_and_changes_nothing(drop):
     before = bn.state_dict()
     sd = _trained().state_dict()
     del sd[drop]
-    with pytest.raises(KeyError) as e:
+    with pytest.raises(StateDictError) as e:
         bn.load_state_dict(sd)
     assert f'"{drop}"' in str(e.value) and "Missing" in str(e.value)
     _assert_unchanged(bn, before)
@@ -447,7 +449,7 @@ def test_strict_unexpected_key_names_it_and_changes_nothing():
     before = bn.state_dict()
     sd = _trained().state_dict()  # has weight and bias
     sd["extra"] = np.zeros(1)
-    with pytest.raises(KeyError) as e:
+    with pytest.raises(StateDictError) as e:
         bn.load_state_dict(sd)
     for k in ("weight", "bias", "extra"):
         assert f'"{k}"' in str(e.value)
@@ -511,7 +513,7 @@ def test_npz_load_strict_failure_leaves_layer(tmp_path):
     _trained(affine=False).save(tmp_path / "bn.npz")
     bn = BatchNorm2d(3)
     before = bn.state_dict()
-    with pytest.raises(KeyError, match="weight"):
+    with pytest.raises(StateDictError, match="weight"):
         bn.load(tmp_path / "bn.npz")
     _assert_unchanged(bn, before)
     bn.load(tmp_path / "bn.npz", strict=False)

@@ -252,7 +252,7 @@ def test_sequential_modes_parameters_state():
     bad["0.weight"] = np.zeros((3, 3))
     with pytest.raises(ValueError, match="0.weight|weight"):
         other.load_state_dict(bad)
-    with pytest.raises(KeyError):
+    with pytest.raises(nn.StateDictError, match='Missing key.*"4.bias"'):
         other.load_state_dict({k: v for k, v in sd.items() if k != "4.bias"})
     assert "Linear(in_features=4, out_features=6, bias=True)" in repr(model)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bnfast
-from bnfast import BatchNorm, BatchNorm1d, BatchNorm2d, recalibrate
+from bnfast import BatchNorm, BatchNorm1d, BatchNorm2d, nn, recalibrate
 
 
 def pooled(xs, axis):
@@ -154,25 +154,34 @@ def test_list_of_callables(dtype, axis):
     np.testing.assert_allclose(y, expected, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
 
 
-def test_callable_model_with_attributes_and_closure():
+def test_module_model_found_through_modules():
     bn1, bn2, scale = _two_bn_model()
 
-    class Model:
+    class Model(nn.Module):
         def __init__(self):
-            self.stem = bn1
-            self.blocks = {"b": [scale, bn2]}
+            super().__init__()
+            self.stem = bn1  # registered children
+            self.scale = scale  # a plain callable: an ordinary attribute
+            self.head = nn.Sequential(bn2)  # nested
 
-        def __call__(self, x):
-            return self.blocks["b"][1](self.blocks["b"][0](relu(self.stem(x))))
+        def forward(self, x):
+            return self.head(self.scale(relu(self.stem(x))))
 
     xs = batches(lambda k: (4 + k, 3), 4, np.float64)
-    recalibrate(Model(), xs)
+    model = Model()
+    assert recalibrate(model, xs) is model
     in1, in2 = _expected_chain(xs, bn1, bn2, scale)
     np.testing.assert_allclose(bn1.running_var, pooled(in1, 1)[1], rtol=1e-10)
     np.testing.assert_allclose(bn2.running_var, pooled(in2, 1)[1], rtol=1e-10)
+    assert "forward" not in vars(bn1) and "forward" not in vars(bn2)
 
+    # a plain function is not searched (no object-graph walking): TypeError pointing to Module
     bn1b, bn2b, scaleb = _two_bn_model()
-    recalibrate(lambda x: bn2b(scaleb(relu(bn1b(x)))), xs)  # found through the closure
+    snaps = _snapshot(bn1b, bn2b)
+    with pytest.raises(TypeError, match="Module"):
+        recalibrate(lambda x: bn2b(scaleb(relu(bn1b(x)))), xs)
+    _assert_same([bn1b, bn2b], snaps)
+    recalibrate([bn1b, relu, scaleb, bn2b], xs)  # the same network as a chain
     np.testing.assert_allclose(bn1b.running_mean, bn1.running_mean, rtol=1e-12)
     np.testing.assert_allclose(bn2b.running_var, bn2.running_var, rtol=1e-12)
 
@@ -259,11 +268,12 @@ def test_layer_never_called_raises_and_nothing_changes():
     bn1, bn2, _ = _two_bn_model()
     snaps = _snapshot(bn1, bn2)
 
-    class Model:
+    class Model(nn.Module):
         def __init__(self):
+            super().__init__()
             self.a, self.b = bn1, bn2
 
-        def __call__(self, x):
+        def forward(self, x):
             return self.a(x)  # bn2 unused
 
     with pytest.raises(ValueError, match="received no batch"):

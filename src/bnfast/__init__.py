@@ -34,7 +34,9 @@ from ._normalization import (
 )
 from ._moments import Moments
 from ._parameter import Parameter
-from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, recalibrate
+from .nn.module import Module
+from .nn.normalization import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
 
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "nn",
     "testing",
+    "Module",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",

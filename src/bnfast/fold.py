@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ._functional import _eps
-from .layers import BatchNorm
+from .nn.normalization import BatchNorm
 
 __all__ = ["fold_batch_norm"]
 
@@ -117,10 +117,10 @@ def fold_batch_norm(
             raise TypeError(f"bias must be a real numeric array (got dtype {b.dtype})")
         b = b.astype(np.float64)
     assert bn.running_mean is not None and bn.running_var is not None
-    mean = bn.running_mean.astype(np.float64)
-    var = bn.running_var.astype(np.float64)
-    gamma = np.ones(C) if bn.weight is None else bn.weight.astype(np.float64)
-    beta = np.zeros(C) if bn.bias is None else bn.bias.astype(np.float64)
+    mean = np.asarray(bn.running_mean, dtype=np.float64)
+    var = np.asarray(bn.running_var, dtype=np.float64)
+    gamma = np.ones(C) if bn.weight is None else np.asarray(bn.weight, dtype=np.float64)
+    beta = np.zeros(C) if bn.bias is None else np.asarray(bn.bias, dtype=np.float64)
     scale = gamma / np.sqrt(var + eps)
     shape = [1] * w.ndim
     shape[axis] = C

@@ -14,9 +14,13 @@ def _params(layer: Any) -> list:
     return list(layer.parameters()) if hasattr(layer, "parameters") else []
 
 
-def _param_label(p: Any, k: int) -> str:
-    name = getattr(p, "name", "") or ""
-    return f"parameter {k} ({name})" if name else f"parameter {k}"
+def _labels(layer: Any) -> list[str]:
+    """``"parameter k (name)"`` for each of ``_params(layer)``, by registered (dotted) name."""
+    if hasattr(layer, "named_parameters"):
+        names = [name for name, _ in layer.named_parameters()]
+    else:
+        names = [getattr(p, "name", "") or "" for p in _params(layer)]
+    return [f"parameter {k} ({name})" if name else f"parameter {k}" for k, name in enumerate(names)]
 
 
 def gradcheck(layer: Any, x: Any, *, eps: float = 1e-6, atol: float = 1e-5, rtol: float = 1e-3,
@@ -75,11 +79,12 @@ def gradcheck(layer: Any, x: Any, *, eps: float = 1e-6, atol: float = 1e-5, rtol
     True
     """
     x = np.array(x, dtype=np.float64, copy=True)
+    labels = _labels(layer)
     for k, p in enumerate(_params(layer)):
-        dtype = np.asarray(p.data).dtype
+        dtype = np.asarray(p).dtype
         if dtype != np.float64:
             raise TypeError(
-                f"gradcheck: {_param_label(p, k)} has dtype {dtype}; finite differences "
+                f"gradcheck: {labels[k]} has dtype {dtype}; finite differences "
                 "need float64 parameters (build the layer with dtype=np.float64)"
             )
 
@@ -105,13 +110,13 @@ def gradcheck(layer: Any, x: Any, *, eps: float = 1e-6, atol: float = 1e-5, rtol
     analytic: list[tuple[str, int, np.ndarray]] = [("input", -1, gx)]
     for k, p in enumerate(_params(lay)):
         if p.grad is None:
-            raise AssertionError(f"gradcheck: backward left the gradient of {_param_label(p, k)} unset")
+            raise AssertionError(f"gradcheck: backward left the gradient of {labels[k]} unset")
         g = np.asarray(p.grad)
         if g.shape != p.data.shape:
             raise AssertionError(
-                f"gradcheck: gradient of {_param_label(p, k)} has shape {g.shape}, parameter {p.data.shape}"
+                f"gradcheck: gradient of {labels[k]} has shape {g.shape}, parameter {p.data.shape}"
             )
-        analytic.append((_param_label(p, k), k, g))
+        analytic.append((labels[k], k, g))
 
     def loss(perturb: Any) -> float:
         _, yy = run(perturb)

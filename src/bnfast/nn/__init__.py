@@ -1,10 +1,12 @@
 """Autograd-free training helper: layers, losses, optimizers, schedules and a fit loop.
 
 Names, argument orders and parameter shapes follow ``torch.nn`` /
-``torch.optim`` so models and weights port both ways.  Every layer has an
+``torch.optim`` so models and weights port both ways.  Every layer is a
+:class:`Module` (``nn/module.py``, the contract of ``torch.nn.Module``: registered
+parameters, buffers and children, ``train``/``eval``, ``state_dict``...) with an
 explicit ``backward(grad_out) -> grad_input`` that stores parameter gradients
-in :class:`~bnfast._parameter.Parameter` ``.grad``; normalization runs on
-bnfast's kernels through the BatchNorm layers re-exported here.
+in :class:`Parameter` ``.grad``; normalization layers (``nn/normalization.py``)
+run on bnfast's kernels.
 
 Examples
 --------
@@ -17,9 +19,11 @@ Examples
 >>> opt.zero_grad(); _ = model.backward(loss.backward()); opt.step()
 """
 
-from ..layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .._parameter import Parameter
-from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
+from .module import IncompatibleKeys, Module, StateDictError
+from .normalization import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .recalibration import recalibrate
 from .losses import CrossEntropyLoss, MSELoss
 from .optim import SGD, Adam, Optimizer, clip_grad_norm_
 from .schedulers import CosineAnnealingLR, LRScheduler, StepLR
@@ -28,6 +32,8 @@ from .training import evaluate, fit, predict
 __all__ = [
     "Module",
     "Parameter",
+    "IncompatibleKeys",
+    "StateDictError",
     "Linear",
     "Conv2d",
     "ReLU",
@@ -39,6 +45,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "recalibrate",
     "CrossEntropyLoss",
     "MSELoss",
     "Optimizer",

@@ -1,6 +1,6 @@
 """Layers with explicit ``forward`` / ``backward`` for training without autograd.
 
-Every layer follows bnfast's layer contract:
+Every layer is a :class:`~bnfast.nn.Module` and follows its contract:
 
 * ``layer(x)`` is ``layer.forward(x)``; in training mode it keeps what
   ``backward`` needs.
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator, Union, overload
 
 import numpy as np
 
 from .._parameter import Parameter
+from .module import Module
 
 __all__ = [
-    "Module",
     "Linear",
     "Conv2d",
     "ReLU",
@@ -76,21 +76,6 @@ def _check_grad(grad_out: Any, expected_shape: tuple[int, ...] | None, who: str)
     return grad_out
 
 
-def _unique_by_id(items: Iterable[Any], key: Callable[[Any], Any] = lambda item: item) -> list[Any]:
-    """Keep the first item of every distinct ``key(item)`` object, in order.
-
-    Identity rather than equality: a parameter shared by two layers is one
-    parameter, while two equal arrays are two.
-    """
-    seen: set[int] = set()
-    out: list[Any] = []
-    for item in items:
-        if id(key(item)) not in seen:
-            seen.add(id(key(item)))
-            out.append(item)
-    return out
-
-
 _LAYOUTS = {1: "(N, C, H, W)", -1: "(N, H, W, C)"}
 
 
@@ -121,278 +106,6 @@ def _from_nhwc(a: np.ndarray, axis: int) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(0, 3, 1, 2) if axis == 1 else a)
 
 
-class Module:
-    """Base class of bnfast.nn layers; subclass it for layers of your own.
-
-    A subclass registers its trainable arrays with :meth:`register_parameter`
-    and its sub-layers with :meth:`register_child`, then implements
-    :meth:`forward` and :meth:`backward`.  Mode switching, parameter
-    collection, ``zero_grad`` and ``state_dict`` come from this class.
-    Children may be any object following the layer contract (for example
-    bnfast's BatchNorm layers).
-
-    Attributes
-    ----------
-    training : bool
-        ``True`` in training mode (the initial mode), ``False`` after
-        :meth:`eval`.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from bnfast.nn import Module
-    >>> class Scale(Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.s = self.register_parameter("s", np.ones(1))
-    ...     def forward(self, x):
-    ...         self._x = x
-    ...         return x * self.s.data
-    ...     def backward(self, g):
-    ...         self.s.grad = np.array([(g * self._x).sum()])
-    ...         return g * self.s.data
-    >>> Scale()(np.arange(3.0))
-    array([0., 1., 2.])
-    """
-
-    def __init__(self) -> None:
-        self.training = True
-        self._params: OrderedDict[str, Parameter] = OrderedDict()
-        self._children: OrderedDict[str, Any] = OrderedDict()
-
-    # -- registration -----------------------------------------------------
-    def register_parameter(self, name: str, data: np.ndarray) -> Parameter:
-        """Create, register and return a :class:`Parameter` holding ``data``.
-
-        Parameters
-        ----------
-        name : str
-            Name used by :meth:`state_dict` (``"weight"``, ``"bias"``, ...).
-        data : numpy.ndarray
-            Initial value; the parameter keeps this array (no copy).
-
-        Returns
-        -------
-        Parameter
-        """
-        p = Parameter(np.asarray(data), name)
-        self._params[name] = p
-        return p
-
-    def register_child(self, name: str, layer: Any) -> Any:
-        """Register a sub-layer so that mode switches and parameters reach it.
-
-        Parameters
-        ----------
-        name : str
-            Prefix of the child's entries in :meth:`state_dict`.
-        layer : object
-            Any object following the layer contract.
-
-        Returns
-        -------
-        object
-            ``layer``, for chaining.
-        """
-        self._children[str(name)] = layer
-        return layer
-
-    def children(self) -> list[Any]:
-        """Return the registered sub-layers in order.
-
-        Returns
-        -------
-        list
-        """
-        return list(self._children.values())
-
-    # -- contract -----------------------------------------------------------
-    def forward(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        """Compute the layer's output; subclasses implement it.
-
-        Parameters
-        ----------
-        x : numpy.ndarray
-
-        Returns
-        -------
-        numpy.ndarray
-        """
-        raise NotImplementedError
-
-    def backward(self, grad_out: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        """Back-propagate ``grad_out``; subclasses implement it.
-
-        Parameters
-        ----------
-        grad_out : numpy.ndarray
-            Gradient of the loss with respect to the last output.
-
-        Returns
-        -------
-        numpy.ndarray
-            Gradient of the loss with respect to the last input.
-        """
-        raise NotImplementedError
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.forward(x)
-
-    def parameters(self) -> list[Parameter]:
-        """Return the trainable parameters of this layer and its children.
-
-        Returns
-        -------
-        list of Parameter
-            Each parameter once, in registration order (own first).
-        """
-        own = list(self._params.values())
-        return _unique_by_id(own + [p for child in self._children.values() for p in child.parameters()])
-
-    def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
-        """Return ``(name, parameter)`` pairs under torch's dotted names.
-
-        Children that have no ``named_parameters`` (for example bnfast's
-        BatchNorm layers) are named by each :class:`Parameter`'s ``name``.
-
-        Parameters
-        ----------
-        prefix : str, default ""
-            Prepended to every name.
-
-        Returns
-        -------
-        list of (str, Parameter)
-            E.g. ``[("0.weight", ...), ("0.bias", ...), ("1.weight", ...)]``
-            for a :class:`Sequential`; each parameter once.
-        """
-        pairs = [(prefix + name, p) for name, p in self._params.items()]
-        for cname, child in self._children.items():
-            if hasattr(child, "named_parameters"):
-                pairs += child.named_parameters(prefix=f"{prefix}{cname}.")
-            else:
-                pairs += [(f"{prefix}{cname}.{getattr(p, 'name', '') or k}", p)
-                          for k, p in enumerate(child.parameters())]
-        return _unique_by_id(pairs, key=lambda pair: pair[1])
-
-    def train(self, mode: bool = True) -> "Module":
-        """Set training mode (``mode=True``) or evaluation mode on every layer.
-
-        Parameters
-        ----------
-        mode : bool, default True
-
-        Returns
-        -------
-        Module
-            ``self``.
-        """
-        self.training = bool(mode)
-        for child in self._children.values():
-            child.train(mode)
-        return self
-
-    def eval(self) -> "Module":
-        """Switch this layer and its children to evaluation mode.
-
-        Returns
-        -------
-        Module
-            ``self``.
-        """
-        return self.train(False)
-
-    def zero_grad(self) -> None:
-        """Set ``grad`` of every parameter to ``None``."""
-        for p in self.parameters():
-            p.grad = None
-
-    # -- state ----------------------------------------------------------------
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Return copies of the parameters (and children's state) under torch's keys.
-
-        Children are prefixed by their registered name (``"0.weight"`` in a
-        :class:`Sequential`), exactly as ``torch.nn.Module.state_dict``.
-
-        Returns
-        -------
-        collections.OrderedDict of str to numpy.ndarray
-        """
-        out: OrderedDict[str, np.ndarray] = OrderedDict()
-        for name, p in self._params.items():
-            out[name] = p.data.copy()
-        for cname, child in self._children.items():
-            if hasattr(child, "state_dict"):
-                for k, v in child.state_dict().items():
-                    out[f"{cname}.{k}"] = v
-        return out
-
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
-        """Copy arrays from ``state`` into the parameters and children.
-
-        Parameters
-        ----------
-        state : mapping of str to array_like
-            As produced by :meth:`state_dict` or by torch
-            (``{k: v.numpy() for k, v in torch_model.state_dict().items()}``).
-        strict : bool, default True
-            Raise ``KeyError`` on missing or unexpected keys.
-
-        Raises
-        ------
-        KeyError
-            Missing or unexpected keys when ``strict``.
-        ValueError
-            A shape differs from the parameter's.
-        """
-        state = dict(state)
-        own = {k: v for k, v in state.items() if "." not in k}
-        expected = set(self._params)
-        if strict:
-            missing = sorted(expected - set(own))
-            unexpected = sorted(set(own) - expected)
-            prefixes = {k.split(".", 1)[0] for k in state if "." in k}
-            unexpected += sorted(f"{p}.*" for p in prefixes - set(self._children))
-            if missing or unexpected:
-                raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        # Check every shape before copying anything, so that a bad entry
-        # leaves the parameters as they were.
-        for name, p in self._params.items():
-            if name in own:
-                v = np.asarray(own[name])
-                if v.shape != p.data.shape:
-                    raise ValueError(
-                        f"load_state_dict: {name!r} has shape {v.shape}, expected {p.data.shape}"
-                    )
-        for name, p in self._params.items():
-            if name in own:
-                p.data[...] = np.asarray(own[name])
-        for cname, child in self._children.items():
-            sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(cname + ".")}
-            if hasattr(child, "load_state_dict"):
-                child.load_state_dict(sub, strict=strict)
-
-    # -- display ----------------------------------------------------------------
-    def extra_repr(self) -> str:
-        """Return the argument summary shown inside the repr.
-
-        Returns
-        -------
-        str
-        """
-        return ""
-
-    def __repr__(self) -> str:
-        if not self._children:
-            return f"{type(self).__name__}({self.extra_repr()})"
-        lines = [f"{type(self).__name__}("]
-        for name, child in self._children.items():
-            child_repr = repr(child).replace("\n", "\n  ")
-            lines.append(f"  ({name}): {child_repr}")
-        lines.append(")")
-        return "\n".join(lines)
-
-
 class _WeightBiasLayer(Module):
     """Base of the layers whose output is ``cols @ weight.reshape(out, -1).T + bias``.
 
@@ -411,33 +124,43 @@ class _WeightBiasLayer(Module):
         # U(±1/sqrt(fan_in)) for the bias, have the same bound 1/sqrt(fan_in).
         # The weight is drawn first: a seeded model depends on that order.
         bound = 1.0 / math.sqrt(math.prod(weight_shape[1:]))
-        self._weight = self.register_parameter(
-            "weight", gen.uniform(-bound, bound, weight_shape).astype(dtype))
-        self._bias = (
-            self.register_parameter("bias", gen.uniform(-bound, bound, weight_shape[0]).astype(dtype))
-            if bias else None
+        self.weight = Parameter(gen.uniform(-bound, bound, weight_shape).astype(dtype), "weight")
+        self.register_parameter(
+            "bias",
+            Parameter(gen.uniform(-bound, bound, weight_shape[0]).astype(dtype), "bias") if bias else None,
         )
 
     # Shape of the last forward output, which backward checks grad_out against.
     _out_shape: tuple[int, ...] | None = None
 
-    weight = property(lambda self: self._weight.data, doc="Weight array.")
-    bias = property(lambda self: None if self._bias is None else self._bias.data,
-                    doc="Bias array ``(out,)`` or None.")
-    grad_weight = property(lambda self: self._weight.grad, doc="Gradient of ``weight``.")
-    grad_bias = property(lambda self: None if self._bias is None else self._bias.grad,
-                         doc="Gradient of ``bias``.")
+    @property
+    def grad_weight(self) -> np.ndarray | None:
+        """``weight.grad``: gradient of ``weight`` from the last backward, or None."""
+        return self._weight_parameter().grad
+
+    def _weight_parameter(self) -> Parameter:
+        w = self._parameters["weight"]
+        if w is None:
+            raise AttributeError(f"{type(self).__name__}.weight was set to None")
+        return w
+
+    @property
+    def grad_bias(self) -> np.ndarray | None:
+        """``bias.grad``: gradient of ``bias`` from the last backward, or None (also without bias)."""
+        b = self._parameters["bias"]
+        return None if b is None else b.grad
 
     def _weight_matrix(self, dtype: np.dtype) -> np.ndarray:
         """The weight as an ``(out, fan_in)`` matrix in ``dtype`` (a view when the dtype matches)."""
-        w = self._weight.data
+        w = self._weight_parameter().data
         return w.reshape(w.shape[0], -1).astype(dtype, copy=False)
 
     def _matmul_forward(self, cols: np.ndarray) -> np.ndarray:
         """``cols @ W.T + bias`` in the dtype of ``cols``; ``cols`` is ``(..., fan_in)``."""
         out = cols @ self._weight_matrix(cols.dtype).T
-        if self._bias is not None:
-            out += self._bias.data.astype(cols.dtype, copy=False)
+        b = self._parameters["bias"]
+        if b is not None:
+            out += b.data.astype(cols.dtype, copy=False)
         return out
 
     def _matmul_backward(self, g2: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -446,10 +169,10 @@ class _WeightBiasLayer(Module):
         ``g2`` is ``(M, out)`` and ``cols`` the ``(M, fan_in)`` matrix of the
         forward pass; the gradients are cast to the parameters' dtype.
         """
-        w = self._weight.data
-        self._weight.grad = (g2.T @ cols).reshape(w.shape).astype(w.dtype, copy=False)
-        if self._bias is not None:
-            self._bias.grad = g2.sum(axis=0).astype(self._bias.data.dtype, copy=False)
+        weight, bias = self._weight_parameter(), self._parameters["bias"]
+        weight.grad = (g2.T @ cols).reshape(weight.shape).astype(weight.dtype, copy=False)
+        if bias is not None:
+            bias.grad = g2.sum(axis=0).astype(bias.dtype, copy=False)
         return g2 @ self._weight_matrix(g2.dtype)
 
 
@@ -472,12 +195,12 @@ class Linear(_WeightBiasLayer):
 
     Attributes
     ----------
-    weight : numpy.ndarray
+    weight : Parameter
         ``(out_features, in_features)``.
-    bias : numpy.ndarray or None
+    bias : Parameter or None
         ``(out_features,)``.
     grad_weight, grad_bias : numpy.ndarray or None
-        Gradients from the last :meth:`backward`.
+        ``weight.grad`` and ``bias.grad``: gradients from the last :meth:`backward`.
 
     Examples
     --------
@@ -497,8 +220,6 @@ class Linear(_WeightBiasLayer):
         self.out_features = int(out_features)
         self._init_parameters((self.out_features, self.in_features), bias, dtype, rng, "Linear")
         self._x: np.ndarray | None = None
-
-    weight = property(_WeightBiasLayer.weight.fget, doc="Weight array ``(out, in)``.")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Apply the affine map to the last dimension of ``x``.
@@ -548,7 +269,7 @@ class Linear(_WeightBiasLayer):
         -------
         str
         """
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._parameters['bias'] is not None}"
 
 
 class Conv2d(_WeightBiasLayer):
@@ -579,10 +300,12 @@ class Conv2d(_WeightBiasLayer):
 
     Attributes
     ----------
-    weight : numpy.ndarray
+    weight : Parameter
         ``(out_channels, in_channels, kh, kw)``.
-    bias : numpy.ndarray or None
+    bias : Parameter or None
+        ``(out_channels,)``.
     grad_weight, grad_bias : numpy.ndarray or None
+        ``weight.grad`` and ``bias.grad``: gradients from the last :meth:`backward`.
 
     Examples
     --------
@@ -612,8 +335,6 @@ class Conv2d(_WeightBiasLayer):
         self._init_parameters((self.out_channels, self.in_channels, *self.kernel_size), bias, dtype, rng,
                               "Conv2d")
         self._cache: tuple | None = None
-
-    weight = property(_WeightBiasLayer.weight.fget, doc="Weight array ``(out, in, kh, kw)``.")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Convolve ``x``.
@@ -693,7 +414,7 @@ class Conv2d(_WeightBiasLayer):
              f"stride={self.stride}")
         if self.padding != (0, 0):
             s += f", padding={self.padding}"
-        if self._bias is None:
+        if self._parameters["bias"] is None:
             s += ", bias=False"
         if self.axis != 1:
             s += f", axis={self.axis}"
@@ -998,13 +719,22 @@ class Dropout(Module):
 
 
 class Sequential(Module):
-    """Chain layers; ``backward`` runs them in reverse.
+    """Chain modules; ``backward`` runs them in reverse.
+
+    The children are registered under ``"0"``, ``"1"``, ... (or the names of
+    an ``OrderedDict``), so state-dict keys and parameter names are
+    PyTorch's (``"0.weight"``, ``"1.running_mean"``, ...).
 
     Parameters
     ----------
-    *layers
-        Objects following the layer contract (bnfast.nn layers, bnfast's
-        BatchNorm layers, or your own).
+    *layers : Module, or one list, tuple or OrderedDict of them
+        bnfast.nn layers, bnfast's BatchNorm layers or your own Module
+        subclasses.
+
+    Raises
+    ------
+    TypeError
+        A layer is not a :class:`~bnfast.nn.Module`.
 
     Examples
     --------
@@ -1015,35 +745,53 @@ class Sequential(Module):
     >>> gx = model.backward(np.ones_like(y))
     >>> len(model.parameters()), model.eval().training
     (6, False)
+    >>> [name for name, _ in model.named_parameters()][:3]
+    ['0.weight', '0.bias', '1.weight']
     """
 
     def __init__(self, *layers: Any) -> None:
         super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], OrderedDict):
+            for name, layer in layers[0].items():
+                self.add_module(name, self._checked(layer))
+            return
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         for layer in layers:
             self.append(layer)
 
-    def append(self, layer: Any) -> "Sequential":
-        """Add a layer at the end.
+    @staticmethod
+    def _checked(layer: Any) -> Module:
+        if not isinstance(layer, Module):
+            raise TypeError(
+                f"Sequential: {layer!r} is not a bnfast.nn.Module and does not follow the layer contract "
+                "(subclass bnfast.nn.Module and implement forward and backward)"
+            )
+        return layer
+
+    def append(self, layer: Module) -> "Sequential":
+        """Add a module at the end, under the name ``str(len(self))``.
 
         Parameters
         ----------
-        layer : object
-            Must have ``forward``/``__call__``, ``backward``, ``parameters``
-            and ``train``.
+        layer : Module
+            The layer to run last.
 
         Returns
         -------
         Sequential
             ``self``.
+
+        Raises
+        ------
+        TypeError
+            ``layer`` is not a :class:`~bnfast.nn.Module`.
         """
-        for attr in ("backward", "parameters", "train"):
-            if not hasattr(layer, attr):
-                raise TypeError(f"Sequential: {layer!r} has no {attr}() and does not follow the layer contract")
-        layer.train(self.training)
-        self.register_child(str(len(self._children)), layer)
+        self.add_module(str(len(self._modules)), self._checked(layer))
         return self
+
+    def _layers(self) -> list[Module]:
+        return [m for m in self._modules.values() if m is not None]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run every layer in order.
@@ -1056,8 +804,9 @@ class Sequential(Module):
         -------
         numpy.ndarray
         """
-        for layer in self._children.values():
-            x = layer(x)
+        for layer in self._modules.values():
+            if layer is not None:
+                x = layer(x)
         return x
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
@@ -1073,15 +822,46 @@ class Sequential(Module):
             Gradient with respect to the input of the first layer.
         """
         g = grad_out
-        for layer in reversed(list(self._children.values())):
+        for layer in reversed(self._layers()):
             g = layer.backward(g)
         return g
 
-    def __getitem__(self, i: int) -> Any:
-        return list(self._children.values())[i]
+    @overload
+    def __getitem__(self, index: int) -> Module: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> "Sequential": ...
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[Module, "Sequential"]:
+        """The layer at ``index`` (negative counts from the end); a slice gives a Sequential.
+
+        Parameters
+        ----------
+        index : int or slice
+
+        Returns
+        -------
+        Module or Sequential
+            A slice shares the layers (and keeps their names), as in PyTorch.
+
+        Raises
+        ------
+        IndexError
+            ``index`` is out of range.
+        """
+        items = list(self._modules.items())
+        if isinstance(index, slice):
+            return Sequential(OrderedDict(items[index]))
+        try:
+            layer = items[index][1]
+        except IndexError:
+            raise IndexError(f"Sequential index {index} is out of range for {len(items)} layers") from None
+        if layer is None:
+            raise IndexError(f"Sequential layer {index} was set to None")
+        return layer
 
     def __len__(self) -> int:
-        return len(self._children)
+        return len(self._modules)
 
-    def __iter__(self) -> Iterator[Any]:
-        return iter(list(self._children.values()))
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._layers())

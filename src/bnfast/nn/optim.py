@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .._parameter import Parameter
-from .layers import _unique_by_id
+from .module import _unique_by_id
 
 __all__ = ["Optimizer", "SGD", "Adam", "clip_grad_norm_"]
 

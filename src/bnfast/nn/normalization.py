@@ -1,0 +1,594 @@
+"""Normalization layers on bnfast's kernels: BatchNorm (any rank) and BatchNorm1d/2d/3d.
+
+The layers behave like ``torch.nn.BatchNorm1d/2d/3d`` (running statistics,
+``momentum=None`` cumulative averages, ``num_batches_tracked``, eval mode,
+PyTorch-compatible ``state_dict``) and are thin wrappers over the functional
+API in :mod:`bnfast._functional`, which does all the batch-norm arithmetic and
+all validation of the arrays.  The layers add only what is specific to a
+layer: the expected input rank, the number of channels, the parameter dtype
+and the state kept between ``forward`` and ``backward``.
+
+The module-level helpers (``_positive_int``, ``_int_axis``, ``_float_dtype``,
+``_check_float_input``) hold the argument checks every normalization layer
+shares, with the messages users see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, MutableMapping
+from typing import Any
+
+import numpy as np
+
+from .._functional import Moments, batch_norm_backward, batch_norm_forward, batch_norm_inference, moments
+from .._parameter import Parameter
+from .module import Module
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+# ---------------------------------------------------------------------- shared checks
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (bools excluded)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _positive_int(value: Any, name: str) -> int:
+    """``value`` as an int >= 1, else ValueError (``"num_features must be a positive int"``)."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int (got {value!r})")
+    return int(value)
+
+
+def _int_axis(axis: Any, name: str = "axis") -> int:
+    """``axis`` as an int, else TypeError; its range is checked against each input."""
+    if not _is_int(axis):
+        raise TypeError(f"{name} must be an int (got {axis!r})")
+    return int(axis)
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as float32 or float64, else TypeError (``None`` is refused, not float64)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dtype is None or dt is None or dt not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64 (got {dtype!r})")
+    return dt
+
+
+def _check_float_input(layer: Module, x: np.ndarray, dtype: np.dtype) -> None:
+    """Refuse an input of the *other* float dtype with a message saying how to convert.
+
+    Non-float dtypes are left to the functional API, which names them.
+    """
+    native = x.dtype.newbyteorder("=")  # either byte order is fine
+    if native != dtype and native in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{type(layer).__name__} has {dtype} parameters but the input is {x.dtype}; "
+            f"convert the input with x.astype(np.{dtype}) or create the layer with "
+            f"dtype=np.{x.dtype}"
+        )
+
+
+def _check_batch_count(value: np.ndarray, where: str) -> None:
+    """``num_batches_tracked`` is a count: an integer in [0, 2**63 - 1]."""
+    if value.dtype.kind not in "iu":
+        raise TypeError(f"{where} must be an integer array (got dtype {value.dtype})")
+    if value.size and not (0 <= int(value.min()) and int(value.max()) <= _INT64_MAX):
+        raise ValueError(f"{where} must be in [0, 2**63 - 1] (got {value!r})")
+
+
+def _plain(p: Parameter | None) -> np.ndarray | None:
+    """The plain-ndarray view of a parameter (what the compiled fast path takes), or None."""
+    if p is None:
+        return None
+    plain = p._plain  # cached by Parameter(); None for Parameters NumPy made (views, copies)
+    return plain if plain is not None else p.data
+
+
+class _MomentSink:
+    """Moments merged over the inputs a BatchNorm saw in collect mode, and how many."""
+
+    __slots__ = ("moments", "calls")
+
+    def __init__(self, num_features: int) -> None:
+        self.moments = Moments.zeros(num_features)
+        self.calls = 0
+
+
+# ---------------------------------------------------------------------- BatchNorm
+class BatchNorm(Module):
+    """Batch normalization over the channel axis of an input of any rank >= 2.
+
+    In training mode the layer normalizes with the statistics of the current
+    batch (mean and biased variance over every axis but ``axis``) and, when
+    ``track_running_stats`` is true, updates the running statistics in place
+    like PyTorch::
+
+        running_mean = (1 - m) * running_mean + m * mean
+        running_var  = (1 - m) * running_var  + m * var * n / (n - 1)
+
+    with ``m = momentum``, or ``m = 1 / num_batches_tracked`` (a cumulative
+    average) when ``momentum`` is None.  In eval mode it normalizes with the
+    running statistics; a layer that does not track running statistics always
+    uses batch statistics.  ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    :class:`BatchNorm1d`, :class:`BatchNorm2d` and :class:`BatchNorm3d` are this
+    layer with PyTorch's input-rank checks.  All are :class:`~bnfast.nn.Module`
+    subclasses: ``parameters()``, ``state_dict()``, ``train()``/``eval()``,
+    ``save``/``load`` and the rest come from there.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C, the length of ``x.shape[axis]``.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (must be >= 0).
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics, in [0, 1]; None
+        selects the cumulative moving average (factor ``1/num_batches_tracked``).
+    affine : bool, default True
+        Learn a per-channel scale ``weight`` (initially 1) and shift ``bias``
+        (initially 0).
+    track_running_stats : bool, default True
+        Keep ``running_mean`` (initially 0), ``running_var`` (initially 1) and
+        ``num_batches_tracked`` (initially 0).  When false these are None and
+        batch statistics are used in training and eval mode alike.
+    axis : int, default 1
+        The channel axis of the input; negative values count from the end.
+        ``1`` is channels-first (NC, NCL, NCHW, NCDHW), ``-1`` channels-last
+        (NLC, NHWC, NDHWC).
+    dtype : numpy dtype, default numpy.float32
+        dtype of the parameters and buffers, float32 or float64.  Inputs must
+        have this dtype: an input of the other float dtype raises TypeError
+        (convert it with ``x.astype(layer.dtype)``; no silent conversion).
+    bias : bool, default True
+        Keyword-only, as in recent PyTorch (2.13): with ``affine=True`` and
+        ``bias=False`` the layer learns only ``weight`` (``bias`` is None and
+        absent from the state dict).
+
+    Attributes
+    ----------
+    weight, bias : Parameter or None
+        Registered parameters, shape (C,); None when ``affine`` is false
+        (``bias`` also when ``bias=False``).  Optimizers update them in place;
+        assigning an array copies it into them.
+    grad_weight, grad_bias : numpy.ndarray or None
+        ``weight.grad`` and ``bias.grad``: gradients from the last :meth:`backward`.
+    running_mean, running_var : numpy.ndarray or None
+        Buffers, shape (C,); None when not tracking.  Assigning copies in place.
+    num_batches_tracked : numpy.ndarray or None
+        0-d int64 buffer counting training batches; None when not tracking.
+    training : bool
+        Training mode (True after construction).
+    eps : float
+    momentum : float or None
+        May be changed between calls, like PyTorch's attributes.
+
+    Raises
+    ------
+    ValueError
+        ``num_features`` is not a positive int.
+    TypeError
+        ``axis`` is not an int, or ``dtype`` is not float32/float64.
+
+    Notes
+    -----
+    Differences from PyTorch: a training ``forward`` that fails (for example
+    with one value per channel) leaves ``num_batches_tracked`` and the running
+    statistics untouched, where PyTorch has already incremented the counter;
+    :meth:`backward` *replaces* ``Parameter.grad`` instead of accumulating;
+    :meth:`state_dict` returns copies, not views.  As in PyTorch, a state dict
+    without version metadata (old checkpoints, ``{k: v.numpy() ...}``
+    comprehensions, ``.npz`` files) that lacks ``num_batches_tracked`` loads
+    it as 0; one with ``_metadata`` version >= 2 (from :meth:`state_dict` or
+    ``torch_bn.state_dict()``) must have it.
+
+    ``forward`` keeps a reference to its input (no copy) for :meth:`backward`:
+    do not modify the input in place between the two calls.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.BatchNorm(3, axis=-1)          # channels-last, any rank
+    >>> x = np.random.default_rng(0).standard_normal((8, 5, 3)).astype(np.float32)
+    >>> y = bn(x)
+    >>> gx = bn.backward(np.ones_like(y))
+    >>> bn.grad_bias
+    array([40., 40., 40.], dtype=float32)
+    >>> list(bn.state_dict())
+    ['weight', 'bias', 'running_mean', 'running_var', 'num_batches_tracked']
+    """
+
+    # PyTorch's _NormBase version: 2 since num_batches_tracked exists.
+    _version = 2
+    # Set (on the instance) only inside _collecting_moments().
+    _moment_sink: _MomentSink | None = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        axis: int = 1,
+        dtype: Any = np.float32,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        C = _positive_int(num_features, "num_features")
+        self._num_features = C
+        self._axis = _int_axis(axis)
+        self._dtype = dt = _float_dtype(dtype)
+        self._affine = bool(affine)
+        self._track_running_stats = bool(track_running_stats)
+        self.eps = eps
+        self.momentum = momentum
+        if self._affine:
+            self.weight = Parameter(np.ones(C, dtype=dt), "weight")
+            self.register_parameter("bias", Parameter(np.zeros(C, dtype=dt), "bias") if bias else None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self._track_running_stats:
+            self.register_buffer("running_mean", np.zeros(C, dtype=dt))
+            self.register_buffer("running_var", np.ones(C, dtype=dt))
+            self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        # (x, mean, invstd, statistics_from_batch) of the last forward.
+        self._saved: tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None = None
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def num_features(self) -> int:
+        """Number of channels C."""
+        return self._num_features
+
+    @property
+    def axis(self) -> int:
+        """Channel axis of the input (as given; may be negative)."""
+        return self._axis
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of parameters, buffers, inputs and outputs."""
+        return self._dtype
+
+    @property
+    def affine(self) -> bool:
+        """Whether the layer was built with ``weight`` and ``bias``."""
+        return self._affine
+
+    @property
+    def track_running_stats(self) -> bool:
+        """Whether the layer keeps running statistics."""
+        return self._track_running_stats
+
+    @property
+    def grad_weight(self) -> np.ndarray | None:
+        """``weight.grad``: gradient of the loss w.r.t. ``weight`` from the last backward, or None."""
+        w = self._parameters["weight"]
+        return None if w is None else w.grad
+
+    @property
+    def grad_bias(self) -> np.ndarray | None:
+        """``bias.grad``: gradient of the loss w.r.t. ``bias`` from the last backward, or None."""
+        b = self._parameters["bias"]
+        return None if b is None else b.grad
+
+    def _absent_state_message(self, name: str) -> str:
+        why = {
+            "weight": "affine=False",
+            "bias": "affine=False or bias=False",
+            "running_mean": "track_running_stats=False",
+            "running_var": "track_running_stats=False",
+            "num_batches_tracked": "track_running_stats=False",
+        }.get(name)
+        if why is None:
+            return super()._absent_state_message(name)
+        return f"{type(self).__name__} with {why} has no {name}"
+
+    def _check_state_value(self, name: str, value: np.ndarray) -> None:
+        if name == "num_batches_tracked":
+            _check_batch_count(value, "num_batches_tracked")
+
+    def _load_from_state_dict(self, state_dict: MutableMapping[str, Any], prefix: str,
+                              local_metadata: Mapping[str, Any], strict: bool, missing_keys: list[str],
+                              unexpected_keys: list[str], error_msgs: list[str],
+                              assignments: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self._buffers["num_batches_tracked"] is not None:
+            # Checkpoints from before num_batches_tracked existed (no version
+            # metadata, or version 1) count as 0 batches, as in PyTorch.
+            if key not in state_dict:
+                state_dict[key] = np.zeros((), dtype=np.int64)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs, assignments)
+
+    # ------------------------------------------------------------------ compute
+    def _check_rank(self, ndim: int) -> None:
+        """Layer-specific rank check; the any-rank layer leaves it to the functional API."""
+
+    def _check_input(self, x: Any) -> np.ndarray:
+        """``x`` as an array of the layer's rank, dtype and channel count (else TypeError/ValueError)."""
+        x = np.asarray(x)
+        self._check_rank(x.ndim)
+        if x.dtype is not self._dtype:  # (the common case skips the call)
+            _check_float_input(self, x, self._dtype)
+        ax = self._axis
+        if x.ndim >= 2 and -x.ndim <= ax < x.ndim and x.shape[ax] != self._num_features:
+            raise ValueError(
+                f"expected {self._num_features} channels on axis {ax} of the input "
+                f"(got input of shape {x.shape} with {x.shape[ax]} channels)"
+            )
+        return x
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize ``x`` and remember what :meth:`backward` needs.
+
+        Training mode (or a layer without running statistics): batch
+        statistics, and in training mode with tracking the running statistics
+        and ``num_batches_tracked`` are updated.  Eval mode with tracking: the
+        running statistics, which ``backward`` then treats as constants.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Input of the layer's dtype with ``num_features`` channels on
+            ``axis``.  A reference (no copy) is kept for ``backward``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Normalized output, same shape and dtype as ``x``.
+
+        Raises
+        ------
+        TypeError
+            Input of the other float dtype, or a non-float dtype.
+        ValueError
+            Wrong rank or channel count, or anything the functional API
+            rejects (for example one value per channel in training).
+        """
+        if self._moment_sink is not None:
+            return self._collect(x, self._moment_sink)
+        x = self._check_input(x)
+        params, buffers = self._parameters, self._buffers
+        # Plain views of the parameters: the compiled fast path takes exact ndarrays only.
+        w, b = _plain(params["weight"]), _plain(params["bias"])
+        rm, rv = buffers["running_mean"], buffers["running_var"]
+        if rm is None or rv is None or self.training:
+            nbt = buffers["num_batches_tracked"]
+            if self.training and rm is not None and rv is not None and self._track_running_stats:
+                momentum = self.momentum
+                if nbt is not None:
+                    count = int(nbt) + 1
+                    if count < 1:
+                        raise ValueError(
+                            f"num_batches_tracked must be >= 0 (got {count - 1}); reset it with "
+                            "reset_running_stats()"
+                        )
+                    factor = 1.0 / count if momentum is None else momentum
+                else:  # no counter: PyTorch's factor
+                    factor = 0.0 if momentum is None else momentum
+                y, mean, invstd = batch_norm_forward(x, w, b, rm, rv, momentum=factor, eps=self.eps, axis=self._axis)
+                if nbt is not None:
+                    nbt[...] = count  # only after a successful update
+            else:
+                y, mean, invstd = batch_norm_forward(x, w, b, eps=self.eps, axis=self._axis)
+            saved = (x, mean, invstd, True)
+        else:
+            y = batch_norm_inference(x, rm, rv, w, b, eps=self.eps, axis=self._axis)
+            # Snapshot of the statistics actually used: constants for backward.
+            mean = rm.copy()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                invstd = (1.0 / np.sqrt(rv.astype(np.float64) + self.eps)).astype(self._dtype)
+            saved = (x, mean, invstd, False)
+        self.__dict__["_saved"] = saved  # a plain attribute; skips Module.__setattr__ on the hot path
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Gradient of the loss w.r.t. the input of the last :meth:`forward`.
+
+        After a training-mode forward (or any forward of a layer without
+        running statistics) this is the full batch-norm gradient through the
+        batch statistics; after an eval-mode forward the running statistics
+        are constants (frozen BN): ``grad_input = grad_out * weight * invstd``.
+        ``weight.grad`` and ``bias.grad`` are set (replaced, not accumulated)
+        to ``sum(grad_out * x_hat)`` and ``sum(grad_out)``.
+
+        Parameters
+        ----------
+        grad_out : numpy.ndarray
+            Gradient w.r.t. the output, same shape (and dtype) as the last input.
+
+        Returns
+        -------
+        numpy.ndarray
+            Gradient w.r.t. the input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        ValueError
+            ``grad_out`` shape differs from the last input's shape.
+        TypeError
+            ``grad_out`` has another dtype than the input.
+        """
+        if self._saved is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward() called before forward(): "
+                "run forward (or __call__) first"
+            )
+        x, mean, invstd, batch_stats = self._saved
+        grad_out = np.asarray(grad_out)
+        if grad_out.shape != x.shape:
+            raise ValueError(
+                f"grad_out has shape {grad_out.shape} but the last input to forward had "
+                f"shape {x.shape}"
+            )
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        gx, gw, gb = batch_norm_backward(
+            grad_out, x, mean, invstd, _plain(weight), training=batch_stats, axis=self._axis
+        )
+        if weight is not None:
+            weight.grad = gw
+        if bias is not None:
+            bias.grad = gb
+        return gx
+
+    # ------------------------------------------------------------------ collect mode (recalibrate)
+    @contextlib.contextmanager
+    def _collecting_moments(self) -> Iterator[_MomentSink]:
+        """Within the block, ``forward`` only gathers the moments of its inputs.
+
+        Each call validates its input like :meth:`forward`, merges the
+        input's per-channel moments into the yielded sink (``sink.moments``,
+        ``sink.calls``) and returns the input normalized with its *batch*
+        statistics and the layer's weight and bias, whatever ``training`` is
+        -- without touching any state (running statistics, counter, the
+        values saved for ``backward``).  The mode is left when the block
+        exits, normally or by an exception.  Used by
+        :func:`bnfast.recalibrate`.
+
+        Yields
+        ------
+        _MomentSink
+
+        Raises
+        ------
+        RuntimeError
+            The layer is already collecting.
+        """
+        if self.__dict__.get("_moment_sink") is not None:
+            raise RuntimeError(f"{self!r} is already collecting moments")
+        sink = _MomentSink(self._num_features)
+        self.__dict__["_moment_sink"] = sink
+        try:
+            yield sink
+        finally:
+            del self.__dict__["_moment_sink"]
+
+    def _collect(self, x: Any, sink: _MomentSink) -> np.ndarray:
+        x = self._check_input(x)
+        m = moments(x, axis=self._axis)
+        params = self._parameters
+        y, _, _ = batch_norm_forward(x, _plain(params["weight"]), _plain(params["bias"]), eps=self.eps,
+                                     axis=self._axis)
+        sink.moments = sink.moments.merge(m)
+        sink.calls += 1
+        return y
+
+    # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """Set running_mean to 0, running_var to 1 and num_batches_tracked to 0 (in place)."""
+        for name, value in (("running_mean", 0), ("running_var", 1), ("num_batches_tracked", 0)):
+            buf = self._buffers[name]
+            if buf is not None:
+                buf.fill(value)
+
+    def reset_parameters(self) -> None:
+        """Reset running statistics, weight to 1 and bias to 0 (in place); clear gradients."""
+        self.reset_running_stats()
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        if weight is not None:
+            weight.fill(1)
+        if bias is not None:
+            bias.fill(0)
+        self.zero_grad()
+
+    # ------------------------------------------------------------------ repr
+    def extra_repr(self) -> str:
+        """The argument part of the repr (PyTorch 2.13's, plus non-default axis/dtype).
+
+        Returns
+        -------
+        str
+        """
+        s = (
+            f"{self._num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self._affine}, bias={self._parameters['bias'] is not None}, "
+            f"track_running_stats={self._track_running_stats}"
+        )
+        if self._axis != 1:
+            s += f", axis={self._axis}"
+        if self._dtype != np.float32:
+            s += f", dtype={self._dtype}"
+        return s
+
+
+class BatchNorm1d(BatchNorm):
+    """Batch normalization of 2-D (N, C) or 3-D (N, C, L) input, like ``torch.nn.BatchNorm1d``.
+
+    With ``axis=-1`` the input is channels-last, (N, C) or (N, L, C).
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
+        As in :class:`BatchNorm`.
+
+    Raises
+    ------
+    ValueError
+        On input that is not 2-D or 3-D: ``"expected 2D or 3D input (got 4D input)"``.
+    """
+
+    def _check_rank(self, ndim: int) -> None:
+        if ndim not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {ndim}D input)")
+
+
+class BatchNorm2d(BatchNorm):
+    """Batch normalization of 4-D (N, C, H, W) input, like ``torch.nn.BatchNorm2d``.
+
+    With ``axis=-1`` the input is channels-last, (N, H, W, C).
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
+        As in :class:`BatchNorm`.
+
+    Raises
+    ------
+    ValueError
+        On input that is not 4-D: ``"expected 4D input (got 3D input)"``.
+    """
+
+    def _check_rank(self, ndim: int) -> None:
+        if ndim != 4:
+            raise ValueError(f"expected 4D input (got {ndim}D input)")
+
+
+class BatchNorm3d(BatchNorm):
+    """Batch normalization of 5-D (N, C, D, H, W) input, like ``torch.nn.BatchNorm3d``.
+
+    With ``axis=-1`` the input is channels-last, (N, D, H, W, C).
+
+    Parameters
+    ----------
+    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
+        As in :class:`BatchNorm`.
+
+    Raises
+    ------
+    ValueError
+        On input that is not 5-D: ``"expected 5D input (got 4D input)"``.
+    """
+
+    def _check_rank(self, ndim: int) -> None:
+        if ndim != 5:
+            raise ValueError(f"expected 5D input (got {ndim}D input)")
