@@ -1,8 +1,9 @@
-"""bnfast: fast, accurate batch normalization for NumPy on the CPU.
+"""bnfast: fast, accurate batch normalization and its family for NumPy on the CPU.
 
 C kernels (OpenMP, SIMD) for batch-norm training forward, inference and
 backward in channels-first and channels-last layouts, float32 and float64,
-with one-pass Welford statistics merged by Chan's formula.
+with one-pass Welford statistics merged by Chan's formula; layer, RMS, group,
+instance and filter response normalization on the same kernels.
 """
 
 from ._config import show_config
@@ -35,7 +36,19 @@ from ._normalization import (
 from ._moments import Moments
 from ._parameter import Parameter
 from .nn.module import Module
-from .nn.normalization import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .nn.normalization import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LayerNorm,
+    RMSNorm,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    FilterResponseNorm2d,
+)
 from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
@@ -50,6 +63,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "FilterResponseNorm2d",
     "fold_batch_norm",
     "recalibrate",
     "Moments",

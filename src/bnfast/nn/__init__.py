@@ -21,7 +21,19 @@ Examples
 
 from .._parameter import Parameter
 from .module import IncompatibleKeys, Module, StateDictError
-from .normalization import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .normalization import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LayerNorm,
+    RMSNorm,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    FilterResponseNorm2d,
+)
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from .recalibration import recalibrate
 from .losses import CrossEntropyLoss, MSELoss
@@ -45,6 +57,13 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "FilterResponseNorm2d",
     "recalibrate",
     "CrossEntropyLoss",
     "MSELoss",

@@ -1,4 +1,5 @@
-"""Normalization layers on bnfast's kernels: BatchNorm (any rank) and BatchNorm1d/2d/3d.
+"""Normalization layers on bnfast's kernels: BatchNorm (any rank) and BatchNorm1d/2d/3d,
+LayerNorm, RMSNorm, GroupNorm, InstanceNorm1d/2d/3d and FilterResponseNorm2d.
 
 The layers behave like ``torch.nn.BatchNorm1d/2d/3d`` (running statistics,
 ``momentum=None`` cumulative averages, ``num_batches_tracked``, eval mode,
@@ -22,10 +23,34 @@ from typing import Any
 import numpy as np
 
 from .._functional import Moments, batch_norm_backward, batch_norm_forward, batch_norm_inference, moments
+from .._normalization import (
+    filter_response_norm_backward,
+    filter_response_norm_forward,
+    group_norm_backward,
+    group_norm_forward,
+    instance_norm_backward,
+    instance_norm_forward,
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 from .._parameter import Parameter
 from .module import Module
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LayerNorm",
+    "RMSNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "FilterResponseNorm2d",
+]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -592,3 +617,722 @@ class BatchNorm3d(BatchNorm):
     def _check_rank(self, ndim: int) -> None:
         if ndim != 5:
             raise ValueError(f"expected 5D input (got {ndim}D input)")
+
+
+# ------------------------------------------------------------ the family's layers
+def _normalized_shape_of(normalized_shape: Any) -> tuple[int, ...]:
+    """``normalized_shape`` (an int or a sequence of ints >= 1) as a tuple."""
+    if _is_int(normalized_shape):
+        shape = (int(normalized_shape),)
+    else:
+        try:
+            shape = tuple(normalized_shape)
+        except TypeError:
+            raise TypeError(f"normalized_shape must be an int or a sequence of ints (got {normalized_shape!r})") from None
+        if not all(_is_int(n) for n in shape):
+            raise TypeError(f"normalized_shape must be an int or a sequence of ints (got {normalized_shape!r})")
+    if not shape or any(n < 1 for n in shape):
+        raise ValueError(f"normalized_shape must be one or more positive ints (got {normalized_shape!r})")
+    return tuple(int(n) for n in shape)
+
+
+def _no_forward(layer: Module) -> RuntimeError:
+    return RuntimeError(f"{type(layer).__name__}.backward() called before forward(): run forward (or __call__) first")
+
+
+def _check_grad(grad_out: Any, x: np.ndarray) -> np.ndarray:
+    grad_out = np.asarray(grad_out)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out has shape {grad_out.shape} but the last input to forward had shape {x.shape}")
+    return grad_out
+
+
+def _set_grads(layer: Module, **grads: np.ndarray) -> None:
+    """Store each gradient on its parameter (replaced, not accumulated), where the parameter exists."""
+    for name, grad in grads.items():
+        p = layer._parameters.get(name)
+        if p is not None:
+            p.grad = grad.reshape(p.shape)
+
+
+class LayerNorm(Module):
+    """Layer normalization over the trailing ``normalized_shape`` dims (``torch.nn.LayerNorm``).
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``, the statistics per
+    row of the trailing dims (Ba et al. 2016), computed by
+    :func:`bnfast.layer_norm_forward`.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        The trailing dims of the input to normalize over.
+    eps : float, default 1e-5
+        Added to the variance.
+    elementwise_affine : bool, default True
+        Whether the layer has ``weight`` (ones) and ``bias`` (zeros) of shape
+        ``normalized_shape``.
+    bias : bool, default True
+        With ``elementwise_affine``, whether it has ``bias``.
+    dtype : float32 or float64, default float32
+        dtype of the parameters and of the inputs.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> ln = bnfast.LayerNorm(4)
+    >>> ln(np.arange(8, dtype=np.float32).reshape(2, 4)).round(3)
+    array([[-1.342, -0.447,  0.447,  1.342],
+           [-1.342, -0.447,  0.447,  1.342]], dtype=float32)
+    >>> list(ln.state_dict())
+    ['weight', 'bias']
+    """
+
+    _rms = False
+
+    def __init__(self, normalized_shape: Any, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, *, dtype: Any = np.float32) -> None:
+        super().__init__()
+        self.normalized_shape = _normalized_shape_of(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = bool(elementwise_affine)
+        self._bias = bool(bias) and not self._rms
+        self._dtype = dt = _float_dtype(dtype)
+        shape = self.normalized_shape
+        if self.elementwise_affine:
+            self.weight = Parameter(np.ones(shape, dtype=dt), "weight")
+            self.register_parameter("bias", Parameter(np.zeros(shape, dtype=dt), "bias") if self._bias else None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._saved: tuple | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of parameters, inputs and outputs."""
+        return self._dtype
+
+    def reset_parameters(self) -> None:
+        """Weight to ones and bias to zeros (in place)."""
+        _reset_affine(self)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize ``x`` and remember what :meth:`backward` needs.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Input of the layer's dtype whose trailing dims are ``normalized_shape``.
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype.
+
+        Raises
+        ------
+        TypeError
+            Input of another dtype.
+        ValueError
+            Trailing dims that are not ``normalized_shape``, or a bad eps.
+        """
+        x = np.asarray(x)
+        _check_float_input(self, x, self._dtype)
+        w, b = _plain(self._parameters["weight"]), _plain(self._parameters.get("bias"))
+        if self._rms:
+            y, invstd = rms_norm_forward(x, self.normalized_shape, w, self.eps)
+            self._saved = (x, None, invstd)
+        else:
+            y, mean, invstd = layer_norm_forward(x, self.normalized_shape, w, b, self.eps)
+            self._saved = (x, mean, invstd)
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. the input of the last :meth:`forward`; sets ``weight.grad``, ``bias.grad``.
+
+        Parameters
+        ----------
+        grad_out : numpy.ndarray
+            Gradient w.r.t. the output, the last input's shape and dtype.
+
+        Returns
+        -------
+        numpy.ndarray
+            Gradient w.r.t. the input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        ValueError, TypeError
+            ``grad_out`` of another shape or dtype.
+        """
+        if self._saved is None:
+            raise _no_forward(self)
+        x, mean, invstd = self._saved
+        grad_out = _check_grad(grad_out, x)
+        w = _plain(self._parameters["weight"])
+        if self._rms:
+            gx, gw = rms_norm_backward(grad_out, x, self.normalized_shape, invstd, w)
+            _set_grads(self, weight=gw)
+        else:
+            gx, gw, gb = layer_norm_backward(grad_out, x, self.normalized_shape, mean, invstd, w)
+            _set_grads(self, weight=gw, bias=gb)
+        return gx
+
+    def extra_repr(self) -> str:
+        text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return text if self._rms else f"{text}, bias={self._bias}"
+
+
+class RMSNorm(LayerNorm):
+    """Root-mean-square normalization over the trailing dims (``torch.nn.RMSNorm``).
+
+    ``y = x / sqrt(mean(x**2) + eps) * weight`` per row of the trailing
+    ``normalized_shape`` dims (Zhang & Sennrich 2019), computed by
+    :func:`bnfast.rms_norm_forward`.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of int
+        The trailing dims of the input to normalize over.
+    eps : float, optional
+        Added to the mean square; ``None`` means ``numpy.finfo(dtype).eps``.
+    elementwise_affine : bool, default True
+        Whether the layer has ``weight`` (ones) of shape ``normalized_shape``.
+    dtype : float32 or float64, default float32
+        dtype of the parameters and of the inputs.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> bnfast.RMSNorm(2, eps=0.0, dtype=np.float64)(np.array([[3.0, 4.0]]))
+    array([[0.84852814, 1.13137085]])
+    """
+
+    _rms = True
+
+    def __init__(self, normalized_shape: Any, eps: float | None = None, elementwise_affine: bool = True,
+                 *, dtype: Any = np.float32) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype=dtype)  # type: ignore[arg-type]
+
+
+class GroupNorm(Module):
+    """Group normalization (``torch.nn.GroupNorm``).
+
+    The channels are split into ``num_groups`` groups; each sample and group
+    is normalized by its own mean and variance, then scaled and shifted per
+    channel (Wu & He 2018), by :func:`bnfast.group_norm_forward`.
+
+    Parameters
+    ----------
+    num_groups : int
+        Number of groups; divides ``num_channels``.
+    num_channels : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance.
+    affine : bool, default True
+        Whether the layer has per-channel ``weight`` (ones) and ``bias`` (zeros).
+    axis : int, default 1
+        The channel axis of the input (-1 for channels-last); axis 0 is the batch.
+    bias : bool, default True
+        With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
+    dtype : float32 or float64, default float32
+        dtype of the parameters and of the inputs.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> gn = bnfast.GroupNorm(2, 4)
+    >>> gn(np.arange(8, dtype=np.float32).reshape(1, 4, 2)).round(3)[0, :, 0]
+    array([-1.342,  0.447, -1.342,  0.447], dtype=float32)
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
+                 axis: int = 1, dtype: Any = np.float32, bias: bool = True) -> None:
+        super().__init__()
+        self.num_groups = _positive_int(num_groups, "num_groups")
+        self.num_channels = _positive_int(num_channels, "num_channels")
+        if self.num_channels % self.num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        self.eps = eps
+        self.affine = bool(affine)
+        self._axis = _int_axis(axis)
+        self._dtype = dt = _float_dtype(dtype)
+        self._bias = bool(bias)
+        if self.affine:
+            self.weight = Parameter(np.ones(self.num_channels, dtype=dt), "weight")
+            self.register_parameter("bias", Parameter(np.zeros(self.num_channels, dtype=dt), "bias") if bias else None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._saved: tuple | None = None
+
+    @property
+    def axis(self) -> int:
+        """Channel axis of the input."""
+        return self._axis
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of parameters, inputs and outputs."""
+        return self._dtype
+
+    def reset_parameters(self) -> None:
+        """Weight to ones and bias to zeros (in place)."""
+        _reset_affine(self)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize ``x`` per sample and group; remember what :meth:`backward` needs.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Input (N, C, ...) of the layer's dtype (channels on ``axis``).
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype.
+
+        Raises
+        ------
+        TypeError
+            Input of another dtype.
+        ValueError
+            A channel count other than ``num_channels``, or a bad shape.
+        """
+        x = np.asarray(x)
+        _check_float_input(self, x, self._dtype)
+        _check_channels(self, x, self._axis, self.num_channels)
+        w, b = _plain(self._parameters["weight"]), _plain(self._parameters["bias"])
+        y, mean, invstd = group_norm_forward(x, self.num_groups, w, b, self.eps, axis=self._axis)
+        self._saved = (x, mean, invstd)
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. the input of the last :meth:`forward`; sets ``weight.grad``, ``bias.grad``.
+
+        Parameters
+        ----------
+        grad_out : numpy.ndarray
+            Gradient w.r.t. the output, the last input's shape and dtype.
+
+        Returns
+        -------
+        numpy.ndarray
+            Gradient w.r.t. the input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        ValueError, TypeError
+            ``grad_out`` of another shape or dtype.
+        """
+        if self._saved is None:
+            raise _no_forward(self)
+        x, mean, invstd = self._saved
+        grad_out = _check_grad(grad_out, x)
+        gx, gw, gb = group_norm_backward(grad_out, x, self.num_groups, mean, invstd,
+                                         _plain(self._parameters["weight"]), axis=self._axis)
+        _set_grads(self, weight=gw, bias=gb)
+        return gx
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self._bias}"
+
+
+def _reset_affine(layer: Module) -> None:
+    """A layer's weight to ones and bias to zeros (in place), where they exist."""
+    for name, value in (("weight", 1), ("bias", 0)):
+        p = layer._parameters.get(name)
+        if p is not None:
+            p.data[...] = value
+
+
+def _check_channels(layer: Module, x: np.ndarray, axis: int, channels: int) -> None:
+    if x.ndim >= 2 and -x.ndim <= axis < x.ndim and x.shape[axis] != channels:
+        raise ValueError(
+            f"{type(layer).__name__} expected {channels} channels on axis {axis} of the input "
+            f"(got input of shape {x.shape} with {x.shape[axis]} channels)"
+        )
+
+
+class _InstanceNorm(Module):
+    """Instance normalization of any rank; see InstanceNorm1d/2d/3d."""
+
+    _version = 2
+    _rank = 0  # dims of a batched input (0: any); unbatched inputs have one fewer
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = False, track_running_stats: bool = False, *, axis: int = 1,
+                 dtype: Any = np.float32, bias: bool = True) -> None:
+        super().__init__()
+        C = _positive_int(num_features, "num_features")
+        self.num_features = C
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self._axis = _int_axis(axis)
+        self._dtype = dt = _float_dtype(dtype)
+        self._bias = bool(bias)
+        if self.affine:
+            self.weight = Parameter(np.ones(C, dtype=dt), "weight")
+            self.register_parameter("bias", Parameter(np.zeros(C, dtype=dt), "bias") if bias else None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", np.zeros(C, dtype=dt))
+            self.register_buffer("running_var", np.ones(C, dtype=dt))
+            # kept for PyTorch's state_dict; like PyTorch, instance norm never advances it
+            self.register_buffer("num_batches_tracked", np.zeros((), dtype=np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._saved: tuple | None = None
+
+    @property
+    def axis(self) -> int:
+        """Channel axis of a batched input."""
+        return self._axis
+
+    @property
+    def dtype(self) -> np.dtype:
+        """dtype of parameters, buffers, inputs and outputs."""
+        return self._dtype
+
+    def reset_running_stats(self) -> None:
+        """Running mean to zeros and running variance to ones (in place)."""
+        if self.track_running_stats:
+            self._buffers["running_mean"][...] = 0
+            self._buffers["running_var"][...] = 1
+            self._buffers["num_batches_tracked"][...] = 0
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset; weight to ones and bias to zeros (in place)."""
+        self.reset_running_stats()
+        _reset_affine(self)
+
+    def _batched(self, x: np.ndarray) -> tuple[np.ndarray, bool]:
+        rank = self._rank
+        if rank and x.ndim not in (rank - 1, rank):
+            raise ValueError(
+                f"{type(self).__name__} expects a {rank}-D (batched) or {rank - 1}-D (unbatched) "
+                f"input, got shape {x.shape}"
+            )
+        unbatched = bool(rank) and x.ndim == rank - 1
+        return (x[None] if unbatched else x), unbatched
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize ``x`` per sample and channel; remember what :meth:`backward` needs.
+
+        In training mode, or without running statistics, each instance is
+        normalized by its own statistics (and running statistics, when kept,
+        are updated in training mode); in eval mode with running statistics,
+        by those.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Input (N, C, ...) of the layer's dtype, or one sample (C, ...).
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype.
+
+        Raises
+        ------
+        TypeError
+            Input of another dtype.
+        ValueError
+            Wrong rank or channel count, or one value per instance in training.
+        """
+        x = np.asarray(x)
+        _check_float_input(self, x, self._dtype)
+        xb, unbatched = self._batched(x)
+        _check_channels(self, xb, self._axis, self.num_features)
+        w, b = _plain(self._parameters["weight"]), _plain(self._parameters["bias"])
+        rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
+        if self.training or rm is None:
+            update = self.training and rm is not None
+            momentum = 0.0 if self.momentum is None else self.momentum  # as PyTorch
+            y, mean, invstd = instance_norm_forward(
+                xb, w, b, rm if update else None, rv if update else None, momentum=momentum,
+                eps=self.eps, axis=self._axis,
+            )
+            self._saved = (xb, mean, invstd, True, unbatched)
+        else:
+            y = batch_norm_inference(xb, rm, rv, w, b, eps=self.eps, axis=self._axis)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                invstd = (1.0 / np.sqrt(rv.astype(np.float64) + self.eps)).astype(self._dtype)
+            self._saved = (xb, rm.copy(), invstd, False, unbatched)
+        return y[0] if unbatched else y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. the input of the last :meth:`forward`; sets ``weight.grad``, ``bias.grad``.
+
+        After an eval-mode forward with running statistics those are
+        constants: ``grad_input = grad_out * weight * invstd``.
+
+        Parameters
+        ----------
+        grad_out : numpy.ndarray
+            Gradient w.r.t. the output, the last input's shape and dtype.
+
+        Returns
+        -------
+        numpy.ndarray
+            Gradient w.r.t. the input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        ValueError, TypeError
+            ``grad_out`` of another shape or dtype.
+        """
+        if self._saved is None:
+            raise _no_forward(self)
+        x, mean, invstd, own_stats, unbatched = self._saved
+        grad_out = np.asarray(grad_out)
+        grad_out = _check_grad(grad_out[None] if unbatched and grad_out.ndim == x.ndim - 1 else grad_out, x)
+        w = _plain(self._parameters["weight"])
+        if own_stats:
+            gx, gw, gb = instance_norm_backward(grad_out, x, mean, invstd, w, axis=self._axis)
+        else:
+            gx, gw, gb = batch_norm_backward(grad_out, x, mean, invstd, w, training=False, axis=self._axis)
+        _set_grads(self, weight=gw, bias=gb)
+        return gx[0] if unbatched else gx
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"bias={self._bias}, track_running_stats={self.track_running_stats}")
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance normalization of (N, C, L) input, or (C, L) unbatched (``torch.nn.InstanceNorm1d``).
+
+    Each sample and channel is normalized by the mean and biased variance of
+    its L values (Ulyanov et al. 2016), by :func:`bnfast.instance_norm_forward`.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float or None, default 0.1
+        Weight of the new statistics in the running update (None: 0, as PyTorch).
+    affine : bool, default False
+        Whether the layer has per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, default False
+        Whether the layer keeps running statistics (used in eval mode).
+    axis : int, default 1
+        The channel axis of a batched input (-1 for channels-last).
+    dtype : float32 or float64, default float32
+        dtype of the parameters, buffers and inputs.
+    bias : bool, default True
+        With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
+    """
+
+    _rank = 3
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance normalization of (N, C, H, W) input, or (C, H, W) unbatched (``torch.nn.InstanceNorm2d``).
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float or None, default 0.1
+        Weight of the new statistics in the running update (None: 0, as PyTorch).
+    affine : bool, default False
+        Whether the layer has per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, default False
+        Whether the layer keeps running statistics (used in eval mode).
+    axis : int, default 1
+        The channel axis of a batched input (-1 for NHWC).
+    dtype : float32 or float64, default float32
+        dtype of the parameters, buffers and inputs.
+    bias : bool, default True
+        With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> m = bnfast.InstanceNorm2d(3, affine=True)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    >>> y = m(x)
+    >>> bool(np.allclose(y.mean(axis=(2, 3)), 0, atol=1e-6))
+    True
+    >>> list(m.state_dict())
+    ['weight', 'bias']
+    """
+
+    _rank = 4
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance normalization of (N, C, D, H, W) input, or (C, D, H, W) unbatched (``torch.nn.InstanceNorm3d``).
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance.
+    momentum : float or None, default 0.1
+        Weight of the new statistics in the running update (None: 0, as PyTorch).
+    affine : bool, default False
+        Whether the layer has per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, default False
+        Whether the layer keeps running statistics (used in eval mode).
+    axis : int, default 1
+        The channel axis of a batched input (-1 for NDHWC).
+    dtype : float32 or float64, default float32
+        dtype of the parameters, buffers and inputs.
+    bias : bool, default True
+        With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
+    """
+
+    _rank = 5
+
+
+class FilterResponseNorm2d(Module):
+    """Filter response normalization with its thresholded linear unit (Singh & Krishnan 2020).
+
+    ``y = max(weight * x / sqrt(nu2 + |eps|) + bias, tau)``, ``nu2`` the mean
+    of ``x**2`` over the spatial axes of each sample and channel; weight,
+    bias and tau per channel.  Computed by
+    :func:`bnfast.filter_response_norm_forward`.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-6
+        Added (as its absolute value) to ``nu2``.
+    learnable_eps : bool, default False
+        Whether ``eps`` is a trainable parameter (shape (1,), named ``eps``).
+    axis : int, default 1
+        The channel axis (-1 for NHWC).
+    dtype : float32 or float64, default float32
+        dtype of the parameters and of the inputs.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> frn = bnfast.FilterResponseNorm2d(3)
+    >>> sorted(name for name, _ in frn.named_parameters())
+    ['bias', 'tau', 'weight']
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-6, learnable_eps: bool = False, *,
+                 axis: int = 1, dtype: Any = np.float32) -> None:
+        super().__init__()
+        C = self.num_features = _positive_int(num_features, "num_features")
+        self._axis = _int_axis(axis)
+        self._dtype = dt = _float_dtype(dtype)
+        self.learnable_eps = bool(learnable_eps)
+        self.weight = Parameter(np.ones(C, dtype=dt), "weight")
+        self.bias = Parameter(np.zeros(C, dtype=dt), "bias")
+        self.tau = Parameter(np.zeros(C, dtype=dt), "tau")
+        if self.learnable_eps:
+            self.eps = Parameter(np.full(1, eps, dtype=dt), "eps")
+        else:
+            self.eps = eps
+        self._saved: tuple | None = None
+
+    @property
+    def axis(self) -> int:
+        """Channel axis of the input."""
+        return self._axis
+
+    def _eps_value(self) -> float:
+        return float(self._parameters["eps"][0]) if self.learnable_eps else self.eps
+
+    def reset_parameters(self) -> None:
+        """Weight to ones, bias and tau to zeros (in place)."""
+        self.weight.data[...] = 1
+        self.bias.data[...] = 0
+        self.tau.data[...] = 0
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize ``x`` and apply the TLU; remember what :meth:`backward` needs.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Input (N, C, H, W) (or channels-last with ``axis=-1``) of the layer's dtype.
+
+        Returns
+        -------
+        numpy.ndarray
+            x's shape and dtype.
+
+        Raises
+        ------
+        TypeError
+            Input of another dtype.
+        ValueError
+            Not 4-D, or a channel count other than ``num_features``.
+        """
+        x = np.asarray(x)
+        _check_float_input(self, x, self._dtype)
+        if x.ndim != 4:
+            raise ValueError(f"FilterResponseNorm2d expects a 4-D input, got shape {x.shape}")
+        _check_channels(self, x, self._axis, self.num_features)
+        eps = self._eps_value()
+        y, invstd = filter_response_norm_forward(x, self.weight.data, self.bias.data, self.tau.data, eps,
+                                                 axis=self._axis)
+        self._saved = (x, y, invstd, eps)
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. the input of the last :meth:`forward`; sets the parameters' ``grad``.
+
+        Parameters
+        ----------
+        grad_out : numpy.ndarray
+            Gradient w.r.t. the output, the last input's shape and dtype.
+
+        Returns
+        -------
+        numpy.ndarray
+            Gradient w.r.t. the input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        ValueError, TypeError
+            ``grad_out`` of another shape or dtype.
+        """
+        if self._saved is None:
+            raise _no_forward(self)
+        x, y, invstd, eps = self._saved
+        grad_out = _check_grad(grad_out, x)
+        gx, gw, gb, gt = filter_response_norm_backward(grad_out, x, y, invstd, self.weight.data,
+                                                       self.tau.data, axis=self._axis)
+        _set_grads(self, weight=gw, bias=gb, tau=gt)
+        if self.learnable_eps:  # d y / d|eps| = -weight * x * invstd**3 / 2 where the TLU passes
+            ax = self._axis % x.ndim
+            channel, stat = [1] * x.ndim, [1] * x.ndim
+            channel[ax] = stat[ax] = x.shape[ax]
+            stat[0] = x.shape[0]
+            passed = y > self.tau.data.reshape(channel)
+            g = np.where(passed, grad_out, 0).astype(np.float64)
+            total = (g * x * invstd.astype(np.float64).reshape(stat) ** 3 * self.weight.data.reshape(channel)).sum()
+            self._parameters["eps"].grad = np.array([-0.5 * np.sign(eps) * total], dtype=self._dtype)
+        return gx
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self._eps_value()}, learnable_eps={self.learnable_eps}"
