@@ -117,7 +117,7 @@ class BatchNorm:
         ``1`` is channels-first (NC, NCL, NCHW, NCDHW), ``-1`` channels-last
         (NLC, NHWC, NDHWC).
     dtype : numpy dtype, default numpy.float32
-        dtype of the parameters and buffers, float32 or float64.  Inputs must
+        The dtype of the parameters and buffers, float32 or float64.  Inputs must
         have this dtype: an input of the other float dtype raises TypeError
         (convert it with ``x.astype(layer.dtype)``; no silent conversion).
     bias : bool, default True
@@ -226,7 +226,7 @@ class BatchNorm:
 
     @property
     def dtype(self) -> np.dtype:
-        """dtype of parameters, buffers, inputs and outputs."""
+        """The dtype of parameters, buffers, inputs and outputs."""
         return self._dtype
 
     @property
@@ -331,6 +331,7 @@ class BatchNorm:
         Parameters
         ----------
         mode : bool, default True
+            True for training mode, False for eval mode.
 
         Returns
         -------
@@ -453,7 +454,19 @@ class BatchNorm:
         return y
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """Same as :meth:`forward`."""
+        """Normalize ``x``; the same as :meth:`forward`.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            Input of the layer's dtype with ``num_features`` channels on
+            ``axis``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Normalized output, same shape and dtype as ``x``.
+        """
         return self.forward(x)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
@@ -568,6 +581,7 @@ class BatchNorm:
         Parameters
         ----------
         state_dict : mapping of str to array_like
+            The state to load, under the keys of :meth:`state_dict`.
         strict : bool, default True
             Require exactly the layer's keys.
 
@@ -637,6 +651,7 @@ class BatchNorm:
         Parameters
         ----------
         path : str or os.PathLike
+            The file to write.
         """
         np.savez(path, **self.state_dict())
 
@@ -646,6 +661,7 @@ class BatchNorm:
         Parameters
         ----------
         path : str or os.PathLike
+            The file to read.
         strict : bool, default True
             As in :meth:`load_state_dict`.
 
@@ -661,7 +677,13 @@ class BatchNorm:
 
     # ------------------------------------------------------------------ repr
     def extra_repr(self) -> str:
-        """The argument part of the repr (PyTorch 2.13's, plus non-default axis/dtype)."""
+        """Return the argument part of the repr (PyTorch 2.13's, plus non-default axis/dtype).
+
+        Returns
+        -------
+        str
+            The text between the parentheses of ``repr(layer)``.
+        """
         s = (
             f"{self._num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self._affine}, bias={self._bias is not None}, "
@@ -681,11 +703,27 @@ class BatchNorm1d(BatchNorm):
     """Batch normalization of 2-D (N, C) or 3-D (N, C, L) input, like ``torch.nn.BatchNorm1d``.
 
     With ``axis=-1`` the input is channels-last, (N, C) or (N, L, C).
+    Attributes, methods and semantics are those of :class:`BatchNorm`.
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As in :class:`BatchNorm`.
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (>= 0).
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics; None for the
+        cumulative moving average.
+    affine : bool, default True
+        Learn a per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (else batch statistics in every mode).
+    axis : int, default 1
+        The channel axis; ``-1`` for channels-last input.
+    dtype : numpy dtype, default numpy.float32
+        The dtype of parameters, buffers and inputs: float32 or float64.
+    bias : bool, default True
+        Keyword-only; ``False`` with ``affine=True`` learns only ``weight``.
 
     Raises
     ------
@@ -702,11 +740,27 @@ class BatchNorm2d(BatchNorm):
     """Batch normalization of 4-D (N, C, H, W) input, like ``torch.nn.BatchNorm2d``.
 
     With ``axis=-1`` the input is channels-last, (N, H, W, C).
+    Attributes, methods and semantics are those of :class:`BatchNorm`.
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As in :class:`BatchNorm`.
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (>= 0).
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics; None for the
+        cumulative moving average.
+    affine : bool, default True
+        Learn a per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (else batch statistics in every mode).
+    axis : int, default 1
+        The channel axis; ``-1`` for channels-last input.
+    dtype : numpy dtype, default numpy.float32
+        The dtype of parameters, buffers and inputs: float32 or float64.
+    bias : bool, default True
+        Keyword-only; ``False`` with ``affine=True`` learns only ``weight``.
 
     Raises
     ------
@@ -723,11 +777,27 @@ class BatchNorm3d(BatchNorm):
     """Batch normalization of 5-D (N, C, D, H, W) input, like ``torch.nn.BatchNorm3d``.
 
     With ``axis=-1`` the input is channels-last, (N, D, H, W, C).
+    Attributes, methods and semantics are those of :class:`BatchNorm`.
 
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As in :class:`BatchNorm`.
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (>= 0).
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics; None for the
+        cumulative moving average.
+    affine : bool, default True
+        Learn a per-channel ``weight`` and ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (else batch statistics in every mode).
+    axis : int, default 1
+        The channel axis; ``-1`` for channels-last input.
+    dtype : numpy dtype, default numpy.float32
+        The dtype of parameters, buffers and inputs: float32 or float64.
+    bias : bool, default True
+        Keyword-only; ``False`` with ``affine=True`` learns only ``weight``.
 
     Raises
     ------

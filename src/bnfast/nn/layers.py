@@ -174,6 +174,7 @@ class Module:
         Returns
         -------
         Parameter
+            The registered parameter; keep it as an attribute of the layer.
         """
         p = Parameter(np.asarray(data), name)
         self._params[name] = p
@@ -203,6 +204,7 @@ class Module:
         Returns
         -------
         list
+            The sub-layers, in registration order.
         """
         return list(self._children.values())
 
@@ -213,10 +215,12 @@ class Module:
         Parameters
         ----------
         x : numpy.ndarray
+            The input.
 
         Returns
         -------
         numpy.ndarray
+            The output.
         """
         raise NotImplementedError
 
@@ -281,6 +285,7 @@ class Module:
         Parameters
         ----------
         mode : bool, default True
+            True for training mode, False for evaluation mode.
 
         Returns
         -------
@@ -317,6 +322,7 @@ class Module:
         Returns
         -------
         collections.OrderedDict of str to numpy.ndarray
+            Copies of the arrays, under dotted names.
         """
         out: OrderedDict[str, np.ndarray] = OrderedDict()
         for name, p in self._params.items():
@@ -379,6 +385,8 @@ class Module:
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``; empty here,
+            subclasses override it.
         """
         return ""
 
@@ -525,7 +533,7 @@ class Linear(_WeightBiasLayer):
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradients of ``weight``, ``bias`` and the input.
+        """Compute the gradients of ``weight``, ``bias`` and the input.
 
         Parameters
         ----------
@@ -547,6 +555,7 @@ class Linear(_WeightBiasLayer):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._bias is not None}"
 
@@ -563,10 +572,13 @@ class Conv2d(_WeightBiasLayer):
     in_channels, out_channels : int
         Channels of the input and the output.
     kernel_size : int or (int, int)
+        Height and width of the kernel.
     stride : int or (int, int), default 1
+        Step of the kernel along height and width.
     padding : int or (int, int), default 0
         Zero padding on each side of both spatial dimensions.
     bias : bool, default True
+        Learn an additive bias.
     axis : {1, -1}, keyword-only, default 1
         Channel axis of input and output: 1 for ``(N, C, H, W)``, -1 for
         ``(N, H, W, C)``.  The weight is ``(out, in, kh, kw)`` either way, so
@@ -657,7 +669,7 @@ class Conv2d(_WeightBiasLayer):
         return out
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradients of ``weight``, ``bias`` and the input.
+        """Compute the gradients of ``weight``, ``bias`` and the input.
 
         Parameters
         ----------
@@ -688,6 +700,7 @@ class Conv2d(_WeightBiasLayer):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}")
@@ -721,10 +734,12 @@ class ReLU(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            Floating-point input.
 
         Returns
         -------
         numpy.ndarray
+            ``max(x, 0)``, same shape and dtype as ``x``.
         """
         x = _as_float_array(x, "ReLU")
         y = np.maximum(x, 0)
@@ -737,10 +752,12 @@ class ReLU(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
         numpy.ndarray
+            Gradient with respect to the last input.
         """
         g = _check_grad(grad_out, None if self._mask is None else self._mask.shape, "ReLU")
         return g * self._mask
@@ -752,7 +769,9 @@ class Flatten(Module):
     Parameters
     ----------
     start_dim : int, default 1
+        First dimension to flatten.
     end_dim : int, default -1
+        Last dimension to flatten (included).
 
     Examples
     --------
@@ -775,10 +794,12 @@ class Flatten(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            The input.
 
         Returns
         -------
         numpy.ndarray
+            ``x`` with dimensions ``start_dim..end_dim`` merged into one.
         """
         x = np.asarray(x)
         nd = x.ndim
@@ -798,10 +819,12 @@ class Flatten(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
         numpy.ndarray
+            Gradient with respect to the last input.
         """
         g = _check_grad(grad_out, self._out_shape, "Flatten")
         return g.reshape(self._in_shape)
@@ -812,6 +835,7 @@ class Flatten(Module):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
@@ -826,6 +850,7 @@ class MaxPool2d(Module):
     Parameters
     ----------
     kernel_size : int or (int, int)
+        Height and width of the window (and of the stride).
     axis : {1, -1}, keyword-only, default 1
         Channel axis: 1 for ``(N, C, H, W)``, -1 for ``(N, H, W, C)``.
 
@@ -883,6 +908,7 @@ class MaxPool2d(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
@@ -909,6 +935,7 @@ class MaxPool2d(Module):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         s = f"kernel_size={self.kernel_size}, stride={self.kernel_size}"
         if self.axis != 1:
@@ -956,10 +983,13 @@ class Dropout(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            Floating-point input.
 
         Returns
         -------
         numpy.ndarray
+            The input with dropped elements zeroed and the others scaled
+            (training), or ``x`` itself (evaluation).
         """
         x = _as_float_array(x, "Dropout")
         self._out_shape = x.shape
@@ -979,10 +1009,12 @@ class Dropout(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
         numpy.ndarray
+            Gradient with respect to the last input.
         """
         g = _check_grad(grad_out, self._out_shape, "Dropout")
         return g if self._mask is None else g * self._mask
@@ -993,6 +1025,7 @@ class Dropout(Module):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         return f"p={self.p}"
 
@@ -1051,10 +1084,12 @@ class Sequential(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            Input of the first layer.
 
         Returns
         -------
         numpy.ndarray
+            Output of the last layer.
         """
         for layer in self._children.values():
             x = layer(x)
@@ -1066,6 +1101,7 @@ class Sequential(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the output of the last layer.
 
         Returns
         -------
