@@ -51,7 +51,11 @@ exclude_patterns = ["_build", "_generated", "_api_lists.rst", "_normalization_li
 # reads them itself to write the stub pages
 autosummary_generate = ["api.rst", "_api_lists.rst"]
 autodoc_typehints = "none"  # numpydoc's Parameters sections carry the types
+autodoc_preserve_defaults = True  # dtype=np.float32, not <class 'numpy.float32'>
 autodoc_member_order = "bysource"
+# every public method has a docstring of its own (validate_docstrings.py); without
+# inheritance an undocumented __call__ shows no "Call self as a function."
+autodoc_inherit_docstrings = False
 numpydoc_show_class_members = False  # members come from the class template
 # numpydoc validation runs over every public docstring in validate_docstrings.py
 # (called by .ci/docs), which also covers members the site does not render.
@@ -61,8 +65,12 @@ html_title = f"bnfast {release}"
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
+    "header_links_before_dropdown": 6,
 }
-html_static_path: list[str] = []
+# pages without sub-pages: no (empty) section navigation, the width to the text
+html_sidebars = {page: [] for page in ("index", "installation", "performance", "guarantees", "c_api")}
+html_static_path = ["_static"]
+html_css_files = ["bnfast.css"]
 html_show_sourcelink = False
 
 doctest_global_setup = """
@@ -114,7 +122,7 @@ def _module_section(module: types.ModuleType, exclude: dict[int, str]) -> list[s
     if functions:
         lines += _heading("Functions", "~") + _autosummary(functions)
     if classes:
-        lines += _heading("Classes", "~") + _autosummary(classes, template="class.rst")
+        lines += _heading("Classes", "~") + _autosummary(classes)  # _templates/autosummary/class.rst
     if again:
         links = ", ".join(f":obj:`{n} <{exclude[id(getattr(module, n))]}>`" for n in again)
         lines += [f"Also exported here, documented above: {links}.", ""]
