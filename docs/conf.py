@@ -20,6 +20,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -115,7 +116,7 @@ def _module_section(module: types.ModuleType, exclude: dict[int, str]) -> list[s
     again = [n for n in names if id(getattr(module, n)) in exclude]
     functions, classes = _kinds(module, own)
     lines = _heading(f"``{module.__name__}``", "-")
-    lines += [f".. currentmodule:: {module.__name__}", ""]
+    lines += [f".. module:: {module.__name__}", ""]
     summary = (inspect.getdoc(module) or "").split("\n\n")[0].replace("\n", " ")
     if summary:
         lines += [summary, ""]
@@ -156,10 +157,18 @@ NORMALIZATION_FAMILY = [
 ]
 
 
+def _normalization_names() -> list[str]:
+    """The family above, then any other public ``*_norm`` or ``*Norm``/``*Norm<k>d``."""
+    public = [n for m in (bnfast, bnfast.nn) for n in getattr(m, "__all__", ())]
+    pattern = re.compile(r"(_norm|Norm(\dd)?)$")
+    others = sorted({n for n in public if pattern.search(n) and n not in NORMALIZATION_FAMILY})
+    return NORMALIZATION_FAMILY + others
+
+
 def generate_normalization_lists(documented: dict[int, str]) -> None:
     """The family members that exist, each under the name its API page has."""
     found = []
-    for name in NORMALIZATION_FAMILY:
+    for name in _normalization_names():
         for module in (bnfast, bnfast.nn):
             if name in getattr(module, "__all__", ()):
                 found.append(documented[id(getattr(module, name))])
