@@ -20,8 +20,7 @@ import types
 from numpydoc.docscrape import get_doc_object
 from numpydoc.validate import Validator, get_validation_checks, validate
 
-# Checks not enforced (numpydoc's "all" minus these); see docs/README or the
-# report for the reasons:
+# Checks not enforced (numpydoc's "all" minus these), and why:
 #   ES01  extended summary: a one-line summary is enough for small methods
 #         (``eval``, ``zero_grad``, properties).
 #   EX01  examples: the entry points have them (and they are doctested);
