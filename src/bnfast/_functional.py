@@ -383,7 +383,9 @@ def batch_norm_forward(
         ``r_var = (1 - momentum) * r_var + momentum * var * n / (n - 1)``,
         n the number of values per channel.  Pass both or neither.
     momentum : float in [0, 1], default 0.1
+        Weight of the batch statistics in the running-statistics update.
     eps : float >= 0, default 1e-5
+        Added to the variance before the square root.
     axis : int, default 1
         The channel axis: 1 for channels-first (NC, NCL, NCHW, NCDHW), -1 for
         channels-last (NLC, NHWC, NDHWC).
@@ -410,8 +412,8 @@ def batch_norm_forward(
 
     See Also
     --------
-    batch_norm_backward : gradients of this function.
-    batch_norm : the torch.nn.functional.batch_norm-compatible wrapper.
+    batch_norm_backward : Gradients of this function.
+    batch_norm : The torch.nn.functional.batch_norm-compatible wrapper.
     """
     done = _kernels.try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out)
     if done is not None:
@@ -471,11 +473,13 @@ def batch_norm_inference(
     Parameters
     ----------
     x : numpy.ndarray of float32 or float64, ndim >= 2
+        Input, any strides and memory order.
     running_mean, running_var : array_like of shape (C,)
         The statistics to normalize with (not modified).
     weight, bias : array_like of shape (C,), optional
         Affine parameters; ``None`` means 1 and 0.
     eps : float >= 0, default 1e-5
+        Added to the variance before the square root.
     axis : int, default 1
         The channel axis (negative allowed).
     out : numpy.ndarray, optional
@@ -484,7 +488,7 @@ def batch_norm_inference(
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The normalized input, x's shape and dtype.
 
     Raises
     ------
@@ -516,7 +520,7 @@ def batch_norm_inference(
 def batch_norm_backward(
     grad_out, x, save_mean, save_invstd, weight=None, *, training=True, axis=1, out=None
 ):
-    """Gradients of batch normalization with respect to input, weight and bias.
+    """Compute the gradients of batch normalization with respect to input, weight and bias.
 
     With ``training=True`` the statistics are those of the batch and the
     gradient flows through them::
@@ -540,16 +544,20 @@ def batch_norm_backward(
     weight : array_like of shape (C,), optional
         ``None`` means 1.
     training : bool, default True
+        Whether the statistics are the batch's (the gradient flows through
+        them) or constants.
     axis : int, default 1
+        The channel axis (negative allowed).
     out : numpy.ndarray, optional
         Where to write grad_input; may be ``grad_out`` or ``x``.
 
     Returns
     -------
     grad_input : numpy.ndarray
-        x's shape and dtype.
+        Gradient with respect to ``x``, x's shape and dtype.
     grad_weight, grad_bias : numpy.ndarray of shape (C,)
-        x's dtype (computed even when ``weight`` is None).
+        Gradients with respect to weight and bias, x's dtype (computed even
+        when ``weight`` is None).
 
     Raises
     ------
@@ -611,24 +619,32 @@ def batch_norm(
     Parameters
     ----------
     x : numpy.ndarray of float32 or float64, ndim >= 2
+        Input, any strides and memory order.
     running_mean, running_var : numpy.ndarray of shape (C,) or None
         Required when ``training`` is False; updated in place when training.
     weight, bias : array_like of shape (C,), optional
+        Affine parameters; ``None`` means 1 and 0.
     training : bool, default False
+        Normalize with the batch statistics (and update the running ones)
+        instead of the running statistics.
     momentum : float in [0, 1], default 0.1
+        Weight of the batch statistics in the running-statistics update.
     eps : float >= 0, default 1e-5
+        Added to the variance before the square root.
     axis : int, default 1
         The channel axis (keyword only; PyTorch has none).
     out : numpy.ndarray, optional
+        Where to write the result: x's shape and dtype, writable; may be ``x``.
 
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The normalized input, x's shape and dtype.
 
     See Also
     --------
-    batch_norm_forward, batch_norm_inference
+    batch_norm_forward : Training mode, also returning the batch statistics.
+    batch_norm_inference : Evaluation mode.
     """
     if _flag(training, "training"):
         y, _, _ = batch_norm_forward(
@@ -649,6 +665,7 @@ def moments(x, *, axis=1) -> Moments:
     Parameters
     ----------
     x : numpy.ndarray of float32 or float64, ndim >= 2
+        Input, any strides and memory order.
     axis : int, default 1
         The channel axis.
 
@@ -733,5 +750,6 @@ def get_num_threads() -> int:
     Returns
     -------
     int
+        At least 1; always 1 in a child made by ``os.fork()``.
     """
     return _kernels.get_num_threads()

@@ -23,6 +23,15 @@ class Moments:
     m2 : array_like of float, shape (C,)
         Sum of squared deviations from the mean per channel.
 
+    Attributes
+    ----------
+    count : numpy.ndarray of int64, shape (C,)
+        Values seen per channel.
+    mean : numpy.ndarray of float64, shape (C,)
+        Mean per channel.
+    m2 : numpy.ndarray of float64, shape (C,)
+        Sum of squared deviations from the mean per channel.
+
     Examples
     --------
     >>> import numpy as np, bnfast
@@ -46,14 +55,25 @@ class Moments:
 
     @classmethod
     def zeros(cls, num_channels: int) -> "Moments":
-        """The empty state of ``num_channels`` channels: the identity of `merge`."""
+        """Make the empty state of ``num_channels`` channels: the identity of `merge`.
+
+        Parameters
+        ----------
+        num_channels : int
+            Number of channels C.
+
+        Returns
+        -------
+        Moments
+            Counts, means and ``m2`` all zero.
+        """
         return cls(np.zeros(num_channels, np.int64), np.zeros(num_channels), np.zeros(num_channels))
 
     def __len__(self) -> int:
         return self.count.shape[0]
 
     def merge(self, other: "Moments") -> "Moments":
-        """Statistics of the union of the data behind ``self`` and ``other``.
+        """Merge two states: the statistics of the union of the data behind ``self`` and ``other``.
 
         Parameters
         ----------
@@ -94,6 +114,7 @@ class Moments:
         Returns
         -------
         numpy.ndarray of float64, shape (C,)
+            The variance of each channel.
         """
         with np.errstate(invalid="ignore", divide="ignore"):
             denom = (self.count - ddof).astype(np.float64)

@@ -246,7 +246,7 @@ class Linear(_WeightBiasLayer):
         return y
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradients of ``weight``, ``bias`` and the input.
+        """Compute the gradients of ``weight``, ``bias`` and the input.
 
         Parameters
         ----------
@@ -268,6 +268,7 @@ class Linear(_WeightBiasLayer):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self._parameters['bias'] is not None}"
 
@@ -284,10 +285,13 @@ class Conv2d(_WeightBiasLayer):
     in_channels, out_channels : int
         Channels of the input and the output.
     kernel_size : int or (int, int)
+        Height and width of the kernel.
     stride : int or (int, int), default 1
+        Step of the kernel along height and width.
     padding : int or (int, int), default 0
         Zero padding on each side of both spatial dimensions.
     bias : bool, default True
+        Learn an additive bias.
     axis : {1, -1}, keyword-only, default 1
         Channel axis of input and output: 1 for ``(N, C, H, W)``, -1 for
         ``(N, H, W, C)``.  The weight is ``(out, in, kh, kw)`` either way, so
@@ -378,7 +382,7 @@ class Conv2d(_WeightBiasLayer):
         return out
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradients of ``weight``, ``bias`` and the input.
+        """Compute the gradients of ``weight``, ``bias`` and the input.
 
         Parameters
         ----------
@@ -409,6 +413,7 @@ class Conv2d(_WeightBiasLayer):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
              f"stride={self.stride}")
@@ -442,10 +447,12 @@ class ReLU(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            Floating-point input.
 
         Returns
         -------
         numpy.ndarray
+            ``max(x, 0)``, same shape and dtype as ``x``.
         """
         x = _as_float_array(x, "ReLU")
         y = np.maximum(x, 0)
@@ -458,10 +465,12 @@ class ReLU(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
         numpy.ndarray
+            Gradient with respect to the last input.
         """
         g = _check_grad(grad_out, None if self._mask is None else self._mask.shape, "ReLU")
         return g * self._mask
@@ -473,7 +482,9 @@ class Flatten(Module):
     Parameters
     ----------
     start_dim : int, default 1
+        First dimension to flatten.
     end_dim : int, default -1
+        Last dimension to flatten (included).
 
     Examples
     --------
@@ -496,10 +507,12 @@ class Flatten(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            The input.
 
         Returns
         -------
         numpy.ndarray
+            ``x`` with dimensions ``start_dim..end_dim`` merged into one.
         """
         x = np.asarray(x)
         nd = x.ndim
@@ -519,10 +532,12 @@ class Flatten(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
         numpy.ndarray
+            Gradient with respect to the last input.
         """
         g = _check_grad(grad_out, self._out_shape, "Flatten")
         return g.reshape(self._in_shape)
@@ -533,6 +548,7 @@ class Flatten(Module):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
@@ -547,6 +563,7 @@ class MaxPool2d(Module):
     Parameters
     ----------
     kernel_size : int or (int, int)
+        Height and width of the window (and of the stride).
     axis : {1, -1}, keyword-only, default 1
         Channel axis: 1 for ``(N, C, H, W)``, -1 for ``(N, H, W, C)``.
 
@@ -604,6 +621,7 @@ class MaxPool2d(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
@@ -630,6 +648,7 @@ class MaxPool2d(Module):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         s = f"kernel_size={self.kernel_size}, stride={self.kernel_size}"
         if self.axis != 1:
@@ -677,10 +696,13 @@ class Dropout(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            Floating-point input.
 
         Returns
         -------
         numpy.ndarray
+            The input with dropped elements zeroed and the others scaled
+            (training), or ``x`` itself (evaluation).
         """
         x = _as_float_array(x, "Dropout")
         self._out_shape = x.shape
@@ -700,10 +722,12 @@ class Dropout(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the last output.
 
         Returns
         -------
         numpy.ndarray
+            Gradient with respect to the last input.
         """
         g = _check_grad(grad_out, self._out_shape, "Dropout")
         return g if self._mask is None else g * self._mask
@@ -714,6 +738,7 @@ class Dropout(Module):
         Returns
         -------
         str
+            The text between the parentheses of ``repr(layer)``.
         """
         return f"p={self.p}"
 
@@ -799,10 +824,12 @@ class Sequential(Module):
         Parameters
         ----------
         x : numpy.ndarray
+            Input of the first layer.
 
         Returns
         -------
         numpy.ndarray
+            Output of the last layer.
         """
         for layer in self._modules.values():
             if layer is not None:
@@ -815,6 +842,7 @@ class Sequential(Module):
         Parameters
         ----------
         grad_out : numpy.ndarray
+            Gradient with respect to the output of the last layer.
 
         Returns
         -------

@@ -120,6 +120,7 @@ class CrossEntropyLoss(_Loss):
         Returns
         -------
         float
+            The mean (or summed) cross-entropy.
 
         Raises
         ------
@@ -190,6 +191,7 @@ class MSELoss(_Loss):
         Returns
         -------
         float
+            The mean (or summed) squared error.
 
         Raises
         ------

@@ -97,6 +97,7 @@ class Optimizer:
         Returns
         -------
         list of Parameter
+            The parameters, group by group.
         """
         return [p for g in self.param_groups for p in g["params"]]
 
@@ -148,7 +149,9 @@ class SGD(Optimizer):
     lr : float
         Learning rate.
     momentum : float, default 0
+        Momentum factor; 0 for plain SGD.
     dampening : float, default 0
+        The new gradient enters the momentum buffer times ``1 - dampening``.
     weight_decay : float, default 0
         L2 penalty added to the gradient.
     nesterov : bool, default False
@@ -202,10 +205,15 @@ class Adam(Optimizer):
     Parameters
     ----------
     params : iterable of Parameter or of dict
+        E.g. ``model.parameters()``.
     lr : float, default 1e-3
+        Learning rate.
     betas : (float, float), default (0.9, 0.999)
+        Decay rates of the running averages of the gradient and its square.
     eps : float, default 1e-8
+        Added to the denominator for numerical stability.
     weight_decay : float, default 0
+        L2 penalty added to the gradient.
 
     Examples
     --------
@@ -257,6 +265,7 @@ def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2.0) ->
     parameters : Parameter, iterable of Parameter, or a model
         Parameters without a gradient are ignored.
     max_norm : float
+        Largest joint norm allowed.
     norm_type : float, default 2.0
         Order of the norm; ``float("inf")`` for the maximum norm.
 

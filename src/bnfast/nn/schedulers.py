@@ -44,11 +44,12 @@ class LRScheduler:
         self.step()
 
     def get_lr(self) -> list[float]:  # pragma: no cover - abstract
-        """Learning rates for ``last_epoch``.
+        """Compute the learning rates for ``last_epoch``; subclasses implement it.
 
         Returns
         -------
         list of float
+            One learning rate per parameter group.
         """
         raise NotImplementedError
 
@@ -66,6 +67,7 @@ class LRScheduler:
         Returns
         -------
         list of float
+            One learning rate per parameter group.
         """
         return list(self._last_lr)
 
@@ -75,6 +77,7 @@ class LRScheduler:
         Returns
         -------
         dict
+            The scheduler's attributes, for :meth:`load_state_dict`.
         """
         return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
 
@@ -84,6 +87,7 @@ class LRScheduler:
         Parameters
         ----------
         state : dict
+            As returned by :meth:`state_dict`.
         """
         self.__dict__.update(state)
 
@@ -97,10 +101,13 @@ class StepLR(LRScheduler):
     Parameters
     ----------
     optimizer : bnfast.nn.Optimizer
+        The optimizer whose learning rates are scheduled.
     step_size : int
         Period of the decay, in epochs (calls to :meth:`step`).
     gamma : float, default 0.1
+        Factor of each decay.
     last_epoch : int, default -1
+        Index of the last epoch; -1 starts a fresh schedule.
 
     Examples
     --------
@@ -122,11 +129,12 @@ class StepLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        """Learning rates for ``last_epoch``.
+        """Compute the learning rates for ``last_epoch``.
 
         Returns
         -------
         list of float
+            One learning rate per parameter group.
         """
         return [b * self.gamma ** (self.last_epoch // self.step_size) for b in self.base_lrs]
 
@@ -141,10 +149,13 @@ class CosineAnnealingLR(LRScheduler):
     Parameters
     ----------
     optimizer : bnfast.nn.Optimizer
+        The optimizer whose learning rates are scheduled.
     T_max : int
         Number of epochs of the half cosine.
     eta_min : float, default 0
+        Final learning rate.
     last_epoch : int, default -1
+        Index of the last epoch; -1 starts a fresh schedule.
 
     Examples
     --------
@@ -163,11 +174,12 @@ class CosineAnnealingLR(LRScheduler):
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self) -> list[float]:
-        """Learning rates for ``last_epoch``.
+        """Compute the learning rates for ``last_epoch``.
 
         Returns
         -------
         list of float
+            One learning rate per parameter group.
         """
         c = (1 + math.cos(math.pi * self.last_epoch / self.T_max)) / 2
         return [self.eta_min + (b - self.eta_min) * c for b in self.base_lrs]

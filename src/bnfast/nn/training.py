@@ -139,12 +139,15 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
     X, y : array_like
         Inputs and targets with the same number of samples (first dimension).
     epochs : int
+        Number of passes over the data.
     batch_size : int
+        Samples per mini-batch.
     shuffle : bool, default True
         Visit the samples in a new random order every epoch.
     validation_data : (X_val, y_val), optional
         Evaluated after every epoch (``val_loss``, ``val_accuracy``).
     scheduler : StepLR, CosineAnnealingLR or compatible, optional
+        Stepped once after every epoch.
     progress : bool, default True
         Show a progress bar per epoch on stderr (tqdm when installed, a plain
         fallback otherwise); ``False`` prints nothing.
@@ -241,9 +244,13 @@ def evaluate(model: Any, loss: Any, X: Any, y: Any, batch_size: int = 256) -> di
     Parameters
     ----------
     model : layer
+        Any object following the layer contract.
     loss : CrossEntropyLoss, MSELoss or compatible
+        Called as ``loss(pred, target) -> float``.
     X, y : array_like
+        Inputs and targets with the same number of samples.
     batch_size : int, default 256
+        Samples per forward pass.
 
     Returns
     -------
@@ -271,13 +278,16 @@ def evaluate(model: Any, loss: Any, X: Any, y: Any, batch_size: int = 256) -> di
 
 
 def predict(model: Any, X: Any, batch_size: int = 256) -> np.ndarray:
-    """Outputs of ``model`` for every sample of ``X``, in evaluation mode.
+    """Compute the outputs of ``model`` for every sample of ``X``, in evaluation mode.
 
     Parameters
     ----------
     model : layer
+        Any object following the layer contract.
     X : array_like
+        Inputs, samples along the first dimension.
     batch_size : int, default 256
+        Samples per forward pass.
 
     Returns
     -------
