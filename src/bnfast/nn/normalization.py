@@ -695,7 +695,7 @@ class LayerNorm(Module):
         self.normalized_shape = _normalized_shape_of(normalized_shape)
         self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
-        self._bias = bool(bias) and not self._rms
+        self._bias = bool(bias) and self.elementwise_affine and not self._rms
         self._dtype = dt = _float_dtype(dtype)
         shape = self.normalized_shape
         if self.elementwise_affine:
@@ -859,7 +859,7 @@ class GroupNorm(Module):
         self.affine = bool(affine)
         self._axis = _int_axis(axis)
         self._dtype = dt = _float_dtype(dtype)
-        self._bias = bool(bias)
+        self._bias = bool(bias) and self.affine
         if self.affine:
             self.weight = Parameter(np.ones(self.num_channels, dtype=dt), "weight")
             self.register_parameter("bias", Parameter(np.zeros(self.num_channels, dtype=dt), "bias") if bias else None)
@@ -977,7 +977,7 @@ class _InstanceNorm(Module):
         self.track_running_stats = bool(track_running_stats)
         self._axis = _int_axis(axis)
         self._dtype = dt = _float_dtype(dtype)
-        self._bias = bool(bias)
+        self._bias = bool(bias) and self.affine
         if self.affine:
             self.weight = Parameter(np.ones(C, dtype=dt), "weight")
             self.register_parameter("bias", Parameter(np.zeros(C, dtype=dt), "bias") if bias else None)
