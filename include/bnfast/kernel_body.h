@@ -892,16 +892,14 @@ static ptrdiff_t BN_FN(col_units_)(bn_context *k)
     return units;
 }
 
-/* Runs the op; returns BN_OK, BN_ERR_NOMEM or BN_ERR_INTERRUPTED. */
-static int BN_FN(exec_)(bn_context *k)
+/* The plan of one context before it runs: streaming (from the whole call's
+ * output size), cache groups, key blocks, layer norm's column slots. */
+static int BN_FN(prepare_)(bn_context *k, size_t call_bytes)
 {
-    const int nthreads = k->run->nthreads;
-    const ptrdiff_t elements = k->geo.outer * k->geo.channels * k->geo.inner;
-    const size_t bytes = (size_t)elements * sizeof(BN_T);
     /* streaming stores for planar outputs only: in channels-last rows, with a
      * coefficient per element, they measured 3x slower than ordinary stores
      * ((64,64,112,112) NHWC inference, AVX-512; not understood yet) */
-    k->stream = !k->grid.channels_last && bytes > bn_stream_bytes(k->run);
+    k->stream = !k->grid.channels_last && call_bytes > bn_stream_bytes(k->run);
     k->group_channels = k->geo.channels;
     if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)
@@ -917,27 +915,37 @@ static int BN_FN(exec_)(bn_context *k)
         k->colpart = (double *)malloc(sizeof(double) * 2 * (size_t)k->geo.inner * (size_t)BN_FN(col_units_)(k));
         if (!k->colpart) return BN_ERR_NOMEM;
     }
+    return BN_OK;
+}
+
+/* Runs the contexts ks[0, n) -- one per sample of a keyed call, or the one
+ * of the call -- in order, in one parallel region: a context's last phase
+ * ends without a barrier, and the next context touches other data.
+ * Returns BN_OK, BN_ERR_NOMEM or BN_ERR_INTERRUPTED. */
+static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
+{
+    ptrdiff_t elements = 0, tasks = 0;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        elements += ks[i].geo.outer * ks[i].geo.channels * ks[i].geo.inner;
+        tasks = bn_max(tasks, ks[i].grid.ntasks);
+    }
+    for (ptrdiff_t i = 0; i < n; i++)
+        if (BN_FN(prepare_)(&ks[i], (size_t)elements * sizeof(BN_T)) != BN_OK) return BN_ERR_NOMEM;
+    const int nthreads = ks[0].run->nthreads;
 #ifdef _OPENMP
-    if (nthreads > 1 && k->grid.ntasks > 1 && elements >= BN_PARALLEL_MIN_ELEMS) {
-        const int nt = k->grid.ntasks < nthreads ? (int)k->grid.ntasks : nthreads;
+    if (nthreads > 1 && tasks > 1 && elements >= BN_PARALLEL_MIN_ELEMS) {
+        const int nt = tasks < nthreads ? (int)tasks : nthreads;
 #pragma omp parallel num_threads(nt)
-        BN_FN(exec_body_)(k);
+        for (ptrdiff_t i = 0; i < n; i++) BN_FN(exec_body_)(&ks[i]);
     } else
 #else
     (void)nthreads;
 #endif
-    BN_FN(exec_body_)(k);
-    return k->stop ? BN_ERR_INTERRUPTED : BN_OK;
+    for (ptrdiff_t i = 0; i < n; i++) BN_FN(exec_body_)(&ks[i]);
+    for (ptrdiff_t i = 0; i < n; i++)
+        if (ks[i].stop) return BN_ERR_INTERRUPTED;
+    return BN_OK;
 }
-
-/* Scratch: the stack for small calls, else one malloc. */
-#define BN_SCRATCH(k, arrays)                                                        \
-    double stack_[BN_STACK_DOUBLES];                                                 \
-    if (bn_context_alloc(&(k), (arrays),                                             \
-                         bn_context_doubles(&(k), (arrays)) <= BN_STACK_DOUBLES ? stack_ \
-                                                                                 : NULL) \
-        != 0)                                                                        \
-        return BN_ERR_NOMEM;
 
 /* ---- the entry points of this instantiation (ops.h, the table in kernels.h)
  * A keyed call (bn_keys) of B samples runs as one context over B x C keys
@@ -982,60 +990,88 @@ static void BN_FN(acc_free_)(BN_FN(acc_) *acc)
     if (acc->a != acc->stack) free(acc->a);
 }
 
+/* Sets up the context of sample b of an op's call (its arguments `args`). */
+typedef void (*BN_FN(init_fn_))(bn_context *k, ptrdiff_t b, const void *args);
+
+/* Builds the call's contexts -- one over every key when `flat`, else one per
+ * sample of `batch` -- runs them, and adds their per-key outputs to `acc`
+ * (if not NULL) in sample order. */
+static int BN_FN(run_keyed_)(const bn_geometry *sample_geo, bn_array x, ptrdiff_t batch, int flat,
+                             const bn_run *run, int partials, BN_FN(init_fn_) init, const void *args,
+                             BN_FN(acc_) *acc)
+{
+    bn_geometry geo = *sample_geo;
+    if (flat) geo.channels *= batch;
+    const ptrdiff_t n = flat ? 1 : batch;
+    bn_context one, *ks = &one;
+    double stack_[BN_STACK_DOUBLES]; /* small calls (one context) never touch malloc */
+    if (n > 1 && !(ks = (bn_context *)malloc(sizeof(bn_context) * (size_t)n))) return BN_ERR_NOMEM;
+    int status = BN_OK;
+    ptrdiff_t made = 0;
+    for (; made < n; made++) {
+        bn_context *k = &ks[made];
+        *k = bn_context_new(&geo, BN_FN(sample_)(x, made), run);
+        const int small = n == 1 && bn_context_doubles(k, partials) <= BN_STACK_DOUBLES;
+        if (bn_context_alloc(k, partials, small ? stack_ : NULL) != 0) {
+            status = BN_ERR_NOMEM;
+            break;
+        }
+        init(k, made, args);
+    }
+    if (status == BN_OK) status = BN_FN(exec_all_)(ks, n);
+    for (ptrdiff_t i = 0; i < made; i++) {
+        if (status == BN_OK && acc) BN_FN(acc_add_)(acc, &ks[i]);
+        bn_context_free(&ks[i]);
+    }
+    if (ks != &one) free(ks);
+    return status;
+}
+
+static void BN_FN(init_moments_)(bn_context *k, ptrdiff_t b, const void *args)
+{
+    const bn_moments_args *a = (const bn_moments_args *)args;
+    const ptrdiff_t C = a->geo.channels;
+    k->op = BN_OP_MOMENTS;
+    k->out_count = a->count + b * C;
+    k->out_mean = a->mean + b * C;
+    k->out_m2 = a->m2 + b * C;
+}
+
 static int BN_FN(moments_)(const bn_moments_args *a, const bn_run *run)
 {
-    const ptrdiff_t B = bn_keys_batch(&a->keys), C = a->geo.channels;
-    const int flat = B == 1 || bn_keys_flat(&a->x, C);
-    bn_geometry geo = a->geo;
-    if (flat) geo.channels = B * C;
-    int status = BN_OK;
-    for (ptrdiff_t b = 0; status == BN_OK && b < (flat ? 1 : B); b++) {
-        bn_context k = bn_context_new(&geo, BN_FN(sample_)(a->x, b), run);
-        BN_SCRATCH(k, 1)
-        k.op = BN_OP_MOMENTS;
-        k.out_count = a->count + b * C;
-        k.out_mean = a->mean + b * C;
-        k.out_m2 = a->m2 + b * C;
-        status = BN_FN(exec_)(&k);
-        bn_context_free(&k);
-    }
-    return status;
+    const ptrdiff_t B = bn_keys_batch(&a->keys);
+    const int flat = B == 1 || bn_keys_flat(&a->x, a->geo.channels);
+    return BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_moments_), a, NULL);
+}
+
+static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
+{
+    const bn_forward_args *a = (const bn_forward_args *)args;
+    const ptrdiff_t C = a->geo.channels, G = bn_keys_group(&a->keys);
+    k->op = BN_OP_FORWARD;
+    k->y = BN_FN(sample_)(a->y, b);
+    k->group = G;
+    k->affine_period = C;
+    k->uncentered = a->keys.uncentered;
+    k->affine_inner = a->keys.affine_inner;
+    k->weight = a->weight;
+    k->bias = a->bias;
+    k->running_mean = a->running_mean;
+    k->running_var = a->running_var;
+    k->momentum = a->momentum;
+    k->eps = a->eps;
+    k->save_mean = (BN_T *)a->save_mean + b * C / G;
+    k->save_invstd = (BN_T *)a->save_invstd + b * C / G;
 }
 
 static int BN_FN(forward_train_)(const bn_forward_args *a, const bn_run *run)
 {
-    const ptrdiff_t B = bn_keys_batch(&a->keys), G = bn_keys_group(&a->keys), C = a->geo.channels;
+    const ptrdiff_t B = bn_keys_batch(&a->keys), C = a->geo.channels;
     const int flat = B == 1 || (bn_keys_flat(&a->x, C) && bn_keys_flat(&a->y, C));
-    bn_geometry geo = a->geo;
-    if (flat) geo.channels = B * C;
     BN_FN(acc_) acc;
     if (a->running_mean && BN_FN(acc_init_)(&acc, C) != BN_OK) return BN_ERR_NOMEM;
-    int status = BN_OK;
-    for (ptrdiff_t b = 0; status == BN_OK && b < (flat ? 1 : B); b++) {
-        bn_context k = bn_context_new(&geo, BN_FN(sample_)(a->x, b), run);
-        double stack_[BN_STACK_DOUBLES];
-        if (bn_context_alloc(&k, 1, bn_context_doubles(&k, 1) <= BN_STACK_DOUBLES ? stack_ : NULL) != 0) {
-            status = BN_ERR_NOMEM;
-            break;
-        }
-        k.op = BN_OP_FORWARD;
-        k.y = BN_FN(sample_)(a->y, b);
-        k.group = G;
-        k.affine_period = C;
-        k.uncentered = a->keys.uncentered;
-        k.affine_inner = a->keys.affine_inner;
-        k.weight = a->weight;
-        k.bias = a->bias;
-        k.running_mean = a->running_mean;
-        k.running_var = a->running_var;
-        k.momentum = a->momentum;
-        k.eps = a->eps;
-        k.save_mean = (BN_T *)a->save_mean + b * C / G;
-        k.save_invstd = (BN_T *)a->save_invstd + b * C / G;
-        status = BN_FN(exec_)(&k);
-        if (status == BN_OK && a->running_mean) BN_FN(acc_add_)(&acc, &k);
-        bn_context_free(&k);
-    }
+    const int status = BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_forward_), a,
+                                         a->running_mean ? &acc : NULL);
     if (a->running_mean) {
         if (status == BN_OK) { /* the mean of the samples' updates (one sample: itself) */
             BN_T *rm = (BN_T *)a->running_mean, *rv = (BN_T *)a->running_var;
@@ -1049,61 +1085,57 @@ static int BN_FN(forward_train_)(const bn_forward_args *a, const bn_run *run)
     return status;
 }
 
-static int BN_FN(inference_)(const bn_inference_args *a, const bn_run *run)
+static void BN_FN(init_inference_)(bn_context *k, ptrdiff_t b, const void *args)
 {
-    bn_context k = bn_context_new(&a->geo, a->x, run);
-    BN_SCRATCH(k, 0)
-    k.op = BN_OP_INFERENCE;
-    k.y = a->y;
+    const bn_inference_args *a = (const bn_inference_args *)args;
     const BN_T *rm = (const BN_T *)a->running_mean, *rv = (const BN_T *)a->running_var;
     const BN_T *weight = (const BN_T *)a->weight, *bias = (const BN_T *)a->bias;
+    (void)b;
+    k->op = BN_OP_INFERENCE;
+    k->y = a->y;
     for (ptrdiff_t c = 0; c < a->geo.channels; c++)
-        BN_FN(set_coef_)(&k, c, (double)rm[c],
+        BN_FN(set_coef_)(k, c, (double)rm[c],
                          (weight ? (double)weight[c] : 1.0) / sqrt((double)rv[c] + a->eps),
                          bias ? (double)bias[c] : 0.0, 0.0, 0.0, 0.0, 0.0);
-    const int status = BN_FN(exec_)(&k);
-    bn_context_free(&k);
-    return status;
+}
+
+static int BN_FN(inference_)(const bn_inference_args *a, const bn_run *run)
+{
+    return BN_FN(run_keyed_)(&a->geo, a->x, 1, 1, run, 0, BN_FN(init_inference_), a, NULL);
+}
+
+static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
+{
+    const bn_backward_args *a = (const bn_backward_args *)args;
+    const ptrdiff_t C = a->geo.channels, G = bn_keys_group(&a->keys);
+    k->op = BN_OP_BACKWARD;
+    k->g = BN_FN(sample_)(a->grad_out, b);
+    k->y = BN_FN(sample_)(a->grad_in, b);
+    k->group = G;
+    k->affine_period = C;
+    k->uncentered = a->keys.uncentered;
+    k->affine_inner = a->keys.affine_inner;
+    k->weight = a->weight;
+    k->save_invstd_in = (const BN_T *)a->save_invstd + b * C / G;
+    k->training = a->training;
+    k->grad_weight = a->grad_weight;
+    k->grad_bias = a->grad_bias;
+    const BN_T *save_mean = (const BN_T *)a->save_mean + b * C / G;
+    for (ptrdiff_t c = 0; c < k->geo.channels; c++)
+        k->mean[c] = k->uncentered ? 0.0 : (double)save_mean[c / G];
+    if (!a->training) k->ax = k->g; /* the affine phase reads g (with mean 0) */
 }
 
 static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 {
-    const ptrdiff_t B = bn_keys_batch(&a->keys), G = bn_keys_group(&a->keys), C = a->geo.channels;
+    const ptrdiff_t B = bn_keys_batch(&a->keys), C = a->geo.channels;
     const int flat = B == 1 || (bn_keys_flat(&a->x, C) && bn_keys_flat(&a->grad_out, C)
                                 && bn_keys_flat(&a->grad_in, C));
-    bn_geometry geo = a->geo;
-    if (flat) geo.channels = B * C;
     const int per_channel = !a->keys.affine_inner; /* else the column sums write them */
     BN_FN(acc_) acc;
     if (per_channel && BN_FN(acc_init_)(&acc, C) != BN_OK) return BN_ERR_NOMEM;
-    int status = BN_OK;
-    for (ptrdiff_t b = 0; status == BN_OK && b < (flat ? 1 : B); b++) {
-        bn_context k = bn_context_new(&geo, BN_FN(sample_)(a->x, b), run);
-        double stack_[BN_STACK_DOUBLES];
-        if (bn_context_alloc(&k, 1, bn_context_doubles(&k, 1) <= BN_STACK_DOUBLES ? stack_ : NULL) != 0) {
-            status = BN_ERR_NOMEM;
-            break;
-        }
-        k.op = BN_OP_BACKWARD;
-        k.g = BN_FN(sample_)(a->grad_out, b);
-        k.y = BN_FN(sample_)(a->grad_in, b);
-        k.group = G;
-        k.affine_period = C;
-        k.uncentered = a->keys.uncentered;
-        k.affine_inner = a->keys.affine_inner;
-        k.weight = a->weight;
-        k.save_invstd_in = (const BN_T *)a->save_invstd + b * C / G;
-        k.training = a->training;
-        k.grad_weight = a->grad_weight;
-        k.grad_bias = a->grad_bias;
-        const BN_T *save_mean = (const BN_T *)a->save_mean + b * C / G;
-        for (ptrdiff_t c = 0; c < geo.channels; c++)
-            k.mean[c] = k.uncentered ? 0.0 : (double)save_mean[c / G];
-        if (!a->training) k.ax = k.g; /* the affine phase reads g (with mean 0) */
-        status = BN_FN(exec_)(&k);
-        if (status == BN_OK && per_channel) BN_FN(acc_add_)(&acc, &k);
-        bn_context_free(&k);
-    }
+    const int status = BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_backward_), a,
+                                         per_channel ? &acc : NULL);
     if (per_channel) {
         if (status == BN_OK)
             for (ptrdiff_t c = 0; c < C; c++) {
@@ -1115,7 +1147,6 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
     return status;
 }
 
-#undef BN_SCRATCH
 #undef BN_COL_UNIT_ELEMS
 #undef BN_BLOCK_ELEMS
 #undef BN_ROW_BLOCK

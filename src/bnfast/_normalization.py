@@ -355,7 +355,7 @@ def layer_norm_forward(
     Returns
     -------
     y : numpy.ndarray
-        x's shape and dtype.
+        Normalized input, x's shape and dtype.
     mean, invstd : numpy.ndarray
         Per row, of shape ``x.shape[:-k] + (1,) * k`` (broadcastable against
         x, as ONNX's Mean and InvStdDev), x's dtype.
@@ -371,7 +371,7 @@ def layer_norm_forward(
 
     See Also
     --------
-    layer_norm_backward : its gradients.
+    layer_norm_backward : Its gradients.
     layer_norm : ``torch.nn.functional.layer_norm``'s signature.
     """
     return _rows_forward(x, normalized_shape, weight, bias, eps, out, False)
@@ -396,7 +396,7 @@ def layer_norm(x, normalized_shape: ShapeLike, weight=None, bias=None, eps: floa
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The normalized input, x's shape and dtype.
 
     Examples
     --------
@@ -412,7 +412,7 @@ def layer_norm(x, normalized_shape: ShapeLike, weight=None, bias=None, eps: floa
 def layer_norm_backward(
     grad_out, x, normalized_shape: ShapeLike, mean, invstd, weight=None, *, out=None
 ) -> Tuple[Array, Array, Array]:
-    """Gradients of layer normalization with respect to input, weight and bias.
+    """Compute the gradients of layer normalization with respect to input, weight and bias.
 
     Per row, with ``xhat = (x - mean) * invstd`` and ``u = weight * grad_out``:
     ``grad_input = invstd * (u - mean(u) - xhat * mean(u * xhat))``;
@@ -437,9 +437,10 @@ def layer_norm_backward(
     Returns
     -------
     grad_input : numpy.ndarray
-        x's shape and dtype.
+        Gradient with respect to ``x``, x's shape and dtype.
     grad_weight, grad_bias : numpy.ndarray of shape normalized_shape
-        x's dtype (computed even when ``weight`` is None).
+        Gradients with respect to weight and bias, x's dtype (computed even
+        when ``weight`` is None).
 
     Raises
     ------
@@ -479,7 +480,7 @@ def rms_norm_forward(
     Returns
     -------
     y : numpy.ndarray
-        x's shape and dtype.
+        Normalized input, x's shape and dtype.
     invstd : numpy.ndarray
         ``1 / sqrt(mean(x**2) + eps)`` per row, of shape
         ``x.shape[:-k] + (1,) * k``.
@@ -513,7 +514,7 @@ def rms_norm(x, normalized_shape: ShapeLike, weight=None, eps: Optional[float] =
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The normalized input, x's shape and dtype.
 
     Examples
     --------
@@ -527,7 +528,7 @@ def rms_norm(x, normalized_shape: ShapeLike, weight=None, eps: Optional[float] =
 def rms_norm_backward(
     grad_out, x, normalized_shape: ShapeLike, invstd, weight=None, *, out=None
 ) -> Tuple[Array, Array]:
-    """Gradients of RMS normalization with respect to input and weight.
+    """Compute the gradients of RMS normalization with respect to input and weight.
 
     Per row, with ``xhat = x * invstd`` and ``u = weight * grad_out``:
     ``grad_input = invstd * (u - xhat * mean(u * xhat))``;
@@ -551,9 +552,9 @@ def rms_norm_backward(
     Returns
     -------
     grad_input : numpy.ndarray
-        x's shape and dtype.
+        Gradient with respect to ``x``, x's shape and dtype.
     grad_weight : numpy.ndarray of shape normalized_shape
-        x's dtype.
+        Gradient with respect to weight, x's dtype.
 
     Raises
     ------
@@ -645,9 +646,9 @@ def group_norm_forward(
     Returns
     -------
     y : numpy.ndarray
-        x's shape and dtype.
+        Normalized input, x's shape and dtype.
     mean, invstd : numpy.ndarray of shape (N, num_groups)
-        x's dtype.
+        Mean and ``1 / sqrt(var + eps)`` per sample and group, x's dtype.
 
     Raises
     ------
@@ -659,7 +660,7 @@ def group_norm_forward(
 
     See Also
     --------
-    group_norm_backward : its gradients.
+    group_norm_backward : Its gradients.
     """
     x = _float_array(x, "x")
     ax = _sample_axis(x, axis)
@@ -695,7 +696,7 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The normalized input, x's shape and dtype.
 
     Examples
     --------
@@ -704,7 +705,6 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
     >>> bnfast.group_norm(x, 2, eps=0.0).round(4)
     array([[[-1.3416, -0.4472],
             [ 0.4472,  1.3416],
-    <BLANKLINE>
             [-1.3416, -0.4472],
             [ 0.4472,  1.3416]]])
     """
@@ -714,7 +714,7 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *,
 def group_norm_backward(
     grad_out, x, num_groups: int, mean, invstd, weight=None, *, axis: int = 1, out=None
 ) -> Tuple[Array, Array, Array]:
-    """Gradients of group normalization with respect to input, weight and bias.
+    """Compute the gradients of group normalization with respect to input, weight and bias.
 
     Per sample and group, with ``xhat = (x - mean) * invstd`` and
     ``u = weight * grad_out``:
@@ -742,9 +742,9 @@ def group_norm_backward(
     Returns
     -------
     grad_input : numpy.ndarray
-        x's shape and dtype.
+        Gradient with respect to ``x``, x's shape and dtype.
     grad_weight, grad_bias : numpy.ndarray of shape (C,)
-        x's dtype.
+        Gradients with respect to weight and bias, x's dtype.
 
     Raises
     ------
@@ -800,9 +800,9 @@ def instance_norm_forward(
     Returns
     -------
     y : numpy.ndarray
-        x's shape and dtype.
+        Normalized input, x's shape and dtype.
     mean, invstd : numpy.ndarray of shape (N, C)
-        x's dtype.
+        Mean and ``1 / sqrt(var + eps)`` per sample and channel, x's dtype.
 
     Raises
     ------
@@ -815,7 +815,7 @@ def instance_norm_forward(
 
     See Also
     --------
-    instance_norm_backward : its gradients.
+    instance_norm_backward : Its gradients.
     """
     source = x
     x = _float_array(x, "x")
@@ -871,7 +871,7 @@ def instance_norm(
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The normalized input, x's shape and dtype.
 
     Raises
     ------
@@ -894,7 +894,7 @@ def instance_norm(
 
 def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, axis: int = 1,
                            out=None) -> Tuple[Array, Array, Array]:
-    """Gradients of instance normalization (with each instance's statistics).
+    """Compute the gradients of instance normalization (with each instance's statistics).
 
     Parameters
     ----------
@@ -914,9 +914,9 @@ def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, axis: int 
     Returns
     -------
     grad_input : numpy.ndarray
-        x's shape and dtype.
+        Gradient with respect to ``x``, x's shape and dtype.
     grad_weight, grad_bias : numpy.ndarray of shape (C,)
-        x's dtype.
+        Gradients with respect to weight and bias, x's dtype.
 
     Raises
     ------
@@ -925,7 +925,7 @@ def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, axis: int 
 
     See Also
     --------
-    batch_norm_backward : with ``training=False``, the gradient of
+    batch_norm_backward : With ``training=False``, the gradient of
         `instance_norm` with ``use_input_stats=False``.
     """
     x = _float_array(x, "x")
@@ -971,7 +971,7 @@ def filter_response_norm_forward(
     Returns
     -------
     y : numpy.ndarray
-        x's shape and dtype.
+        Normalized and thresholded input, x's shape and dtype.
     invstd : numpy.ndarray of shape (N, C)
         ``1 / sqrt(nu2 + |eps|)``, x's dtype.
 
@@ -982,7 +982,7 @@ def filter_response_norm_forward(
 
     See Also
     --------
-    filter_response_norm_backward : its gradients.
+    filter_response_norm_backward : Its gradients.
     """
     x = _float_array(x, "x")
     ax = _sample_axis(x, axis)
@@ -1018,7 +1018,7 @@ def filter_response_norm(x, weight=None, bias=None, tau=None, eps: float = 1e-6,
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The normalized and thresholded input, x's shape and dtype.
     """
     return filter_response_norm_forward(x, weight, bias, tau, eps, axis=axis, out=out)[0]
 
@@ -1026,7 +1026,7 @@ def filter_response_norm(x, weight=None, bias=None, tau=None, eps: float = 1e-6,
 def filter_response_norm_backward(
     grad_out, x, y, invstd, weight=None, tau=None, *, axis: int = 1, out=None
 ) -> Tuple[Array, Array, Array, Array]:
-    """Gradients of filter response normalization with respect to x, weight, bias and tau.
+    """Compute the gradients of filter response normalization with respect to x, weight, bias and tau.
 
     The TLU passes ``grad_out`` where ``y > tau`` and gives the rest to
     ``tau``; then, per sample and channel, with ``xhat = x * invstd`` and
@@ -1052,9 +1052,10 @@ def filter_response_norm_backward(
     Returns
     -------
     grad_input : numpy.ndarray
-        x's shape and dtype.
+        Gradient with respect to ``x``, x's shape and dtype.
     grad_weight, grad_bias, grad_tau : numpy.ndarray of shape (C,)
-        x's dtype (grad_tau is zeros without a threshold).
+        Gradients with respect to weight, bias and tau, x's dtype (grad_tau
+        is zeros without a threshold).
 
     Raises
     ------
@@ -1076,8 +1077,9 @@ def filter_response_norm_backward(
     g = grad_out
     if tau is not None and x.size:
         below = ~(y > _per_channel_view(tau, x, ax))
-        reduce = tuple(i for i in range(x.ndim) if i != ax)
-        grad_tau[...] = np.where(below, grad_out, 0).sum(axis=reduce, dtype=np.float64)
+        # summed channel by channel in one fixed order, whatever the memory layouts
+        passed_to_tau = np.ascontiguousarray(np.moveaxis(np.where(below, grad_out, 0), ax, 0))
+        grad_tau[...] = passed_to_tau.reshape(x.shape[ax], -1).sum(axis=1, dtype=np.float64)
         g = np.where(below, 0, grad_out).astype(x.dtype, copy=False)
     grad_in, grad_weight, grad_bias = _keyed_backward(g, x, ax, 1, None, invstd, weight, out, uncentered=True)
     return grad_in, grad_weight, grad_bias, grad_tau

@@ -753,8 +753,8 @@ class Sequential(Module):
     Parameters
     ----------
     *layers : Module, or one list, tuple or OrderedDict of them
-        bnfast.nn layers, bnfast's BatchNorm layers or your own Module
-        subclasses.
+        The layers: bnfast.nn layers, bnfast's BatchNorm layers or your own
+        Module subclasses.
 
     Raises
     ------

@@ -301,7 +301,7 @@ class Module:
         self._modules[name] = module
 
     def register_module(self, name: str, module: "Module | None") -> None:
-        """Alias of :meth:`add_module`.
+        """Register a child module; an alias of :meth:`add_module`.
 
         Parameters
         ----------
@@ -472,13 +472,14 @@ class Module:
         Returns
         -------
         list of Module
+            In registration order; None children are skipped.
         """
         return [m for _, m in self.named_children()]
 
     def named_modules(
         self, memo: set[int] | None = None, prefix: str = "", remove_duplicate: bool = True
     ) -> list[tuple[str, "Module"]]:
-        """This module and all its descendants, depth first, with dotted names.
+        """Return this module and all its descendants, depth first, with dotted names.
 
         Parameters
         ----------
@@ -512,11 +513,12 @@ class Module:
                 module._collect_modules(memo, prefix + ("." if prefix else "") + name, remove_duplicate, out)
 
     def modules(self) -> list["Module"]:
-        """This module and all its descendants, each once.
+        """Return this module and all its descendants, each once.
 
         Returns
         -------
         list of Module
+            ``self`` first, then its descendants, depth first.
         """
         return [m for _, m in self.named_modules()]
 
@@ -539,7 +541,7 @@ class Module:
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> list[tuple[str, Parameter]]:
-        """Parameters with their dotted names (PyTorch's names: ``"0.weight"``, ...).
+        """Return the parameters with their dotted names (PyTorch's names: ``"0.weight"``, ...).
 
         Parameters
         ----------
@@ -574,7 +576,7 @@ class Module:
 
     def named_buffers(self, prefix: str = "", recurse: bool = True,
                       remove_duplicate: bool = True) -> list[tuple[str, np.ndarray]]:
-        """Buffers (persistent or not) with their dotted names.
+        """Return the buffers (persistent or not) with their dotted names.
 
         Parameters
         ----------
@@ -588,6 +590,7 @@ class Module:
         Returns
         -------
         list of (str, numpy.ndarray)
+            Own buffers first, then each child's, in registration order.
         """
         return self._named_members("_buffers", prefix, recurse, remove_duplicate)
 
@@ -602,6 +605,7 @@ class Module:
         Returns
         -------
         list of numpy.ndarray
+            Persistent or not; own buffers first, then each child's.
         """
         return [b for _, b in self.named_buffers(recurse=recurse)]
 

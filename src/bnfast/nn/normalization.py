@@ -170,7 +170,7 @@ class BatchNorm(Module):
         ``1`` is channels-first (NC, NCL, NCHW, NCDHW), ``-1`` channels-last
         (NLC, NHWC, NDHWC).
     dtype : numpy dtype, default numpy.float32
-        dtype of the parameters and buffers, float32 or float64.  Inputs must
+        Dtype of the parameters and buffers, float32 or float64.  Inputs must
         have this dtype: an input of the other float dtype raises TypeError
         (convert it with ``x.astype(layer.dtype)``; no silent conversion).
     bias : bool, default True
@@ -287,7 +287,7 @@ class BatchNorm(Module):
 
     @property
     def dtype(self) -> np.dtype:
-        """dtype of parameters, buffers, inputs and outputs."""
+        """Dtype of parameters, buffers, inputs and outputs."""
         return self._dtype
 
     @property
@@ -543,6 +543,8 @@ class BatchNorm(Module):
         Returns
         -------
         str
+            The constructor arguments as ``torch.nn.BatchNorm2d`` prints them,
+            then ``axis`` and ``dtype`` when they are not the defaults.
         """
         s = (
             f"{self._num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -561,10 +563,28 @@ class BatchNorm1d(BatchNorm):
 
     With ``axis=-1`` the input is channels-last, (N, C) or (N, L, C).
 
+    :class:`BatchNorm` describes the parameters in full.
+
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As in :class:`BatchNorm`.
+    num_features : int
+        Number of channels C, the length of ``x.shape[axis]``.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (must be >= 0).
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics, in [0, 1]; None
+        selects the cumulative moving average.
+    affine : bool, default True
+        Learn a per-channel scale ``weight`` and shift ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (used in eval mode).
+    axis : int, default 1
+        The channel axis of the input (keyword only); ``-1`` for channels-last.
+    dtype : numpy dtype, default numpy.float32
+        Dtype of the parameters, buffers and inputs, float32 or float64
+        (keyword only).
+    bias : bool, default True
+        With ``affine=True``, whether the layer learns ``bias`` (keyword only).
 
     Raises
     ------
@@ -582,10 +602,28 @@ class BatchNorm2d(BatchNorm):
 
     With ``axis=-1`` the input is channels-last, (N, H, W, C).
 
+    :class:`BatchNorm` describes the parameters in full.
+
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As in :class:`BatchNorm`.
+    num_features : int
+        Number of channels C, the length of ``x.shape[axis]``.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (must be >= 0).
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics, in [0, 1]; None
+        selects the cumulative moving average.
+    affine : bool, default True
+        Learn a per-channel scale ``weight`` and shift ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (used in eval mode).
+    axis : int, default 1
+        The channel axis of the input (keyword only); ``-1`` for channels-last.
+    dtype : numpy dtype, default numpy.float32
+        Dtype of the parameters, buffers and inputs, float32 or float64
+        (keyword only).
+    bias : bool, default True
+        With ``affine=True``, whether the layer learns ``bias`` (keyword only).
 
     Raises
     ------
@@ -603,10 +641,28 @@ class BatchNorm3d(BatchNorm):
 
     With ``axis=-1`` the input is channels-last, (N, D, H, W, C).
 
+    :class:`BatchNorm` describes the parameters in full.
+
     Parameters
     ----------
-    num_features, eps, momentum, affine, track_running_stats, axis, dtype, bias
-        As in :class:`BatchNorm`.
+    num_features : int
+        Number of channels C, the length of ``x.shape[axis]``.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability (must be >= 0).
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics, in [0, 1]; None
+        selects the cumulative moving average.
+    affine : bool, default True
+        Learn a per-channel scale ``weight`` and shift ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (used in eval mode).
+    axis : int, default 1
+        The channel axis of the input (keyword only); ``-1`` for channels-last.
+    dtype : numpy dtype, default numpy.float32
+        Dtype of the parameters, buffers and inputs, float32 or float64
+        (keyword only).
+    bias : bool, default True
+        With ``affine=True``, whether the layer learns ``bias`` (keyword only).
 
     Raises
     ------
@@ -674,7 +730,7 @@ class LayerNorm(Module):
     bias : bool, default True
         With ``elementwise_affine``, whether it has ``bias``.
     dtype : float32 or float64, default float32
-        dtype of the parameters and of the inputs.
+        Dtype of the parameters and of the inputs.
 
     Examples
     --------
@@ -708,7 +764,7 @@ class LayerNorm(Module):
 
     @property
     def dtype(self) -> np.dtype:
-        """dtype of parameters, inputs and outputs."""
+        """Dtype of parameters, inputs and outputs."""
         return self._dtype
 
     def reset_parameters(self) -> None:
@@ -726,7 +782,7 @@ class LayerNorm(Module):
         Returns
         -------
         numpy.ndarray
-            x's shape and dtype.
+            The normalized input, x's shape and dtype.
 
         Raises
         ------
@@ -780,6 +836,14 @@ class LayerNorm(Module):
         return gx
 
     def extra_repr(self) -> str:
+        """The argument part of the repr, as PyTorch's.
+
+        Returns
+        -------
+        str
+            The constructor arguments: ``normalized_shape``, ``eps`` and
+            ``elementwise_affine``, then ``bias`` (not for :class:`RMSNorm`).
+        """
         text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
         return text if self._rms else f"{text}, bias={self._bias}"
 
@@ -800,7 +864,7 @@ class RMSNorm(LayerNorm):
     elementwise_affine : bool, default True
         Whether the layer has ``weight`` (ones) of shape ``normalized_shape``.
     dtype : float32 or float64, default float32
-        dtype of the parameters and of the inputs.
+        Dtype of the parameters and of the inputs.
 
     Examples
     --------
@@ -835,10 +899,10 @@ class GroupNorm(Module):
         Whether the layer has per-channel ``weight`` (ones) and ``bias`` (zeros).
     axis : int, default 1
         The channel axis of the input (-1 for channels-last); axis 0 is the batch.
+    dtype : float32 or float64, default float32
+        Dtype of the parameters and of the inputs.
     bias : bool, default True
         With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
-    dtype : float32 or float64, default float32
-        dtype of the parameters and of the inputs.
 
     Examples
     --------
@@ -875,7 +939,7 @@ class GroupNorm(Module):
 
     @property
     def dtype(self) -> np.dtype:
-        """dtype of parameters, inputs and outputs."""
+        """Dtype of parameters, inputs and outputs."""
         return self._dtype
 
     def reset_parameters(self) -> None:
@@ -893,7 +957,7 @@ class GroupNorm(Module):
         Returns
         -------
         numpy.ndarray
-            x's shape and dtype.
+            The normalized input, x's shape and dtype.
 
         Raises
         ------
@@ -940,6 +1004,14 @@ class GroupNorm(Module):
         return gx
 
     def extra_repr(self) -> str:
+        """The argument part of the repr, as PyTorch's.
+
+        Returns
+        -------
+        str
+            The constructor arguments: ``num_groups`` and ``num_channels``, then
+            ``eps``, ``affine`` and ``bias``.
+        """
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, bias={self._bias}"
 
 
@@ -1002,7 +1074,7 @@ class _InstanceNorm(Module):
 
     @property
     def dtype(self) -> np.dtype:
-        """dtype of parameters, buffers, inputs and outputs."""
+        """Dtype of parameters, buffers, inputs and outputs."""
         return self._dtype
 
     def reset_running_stats(self) -> None:
@@ -1043,7 +1115,7 @@ class _InstanceNorm(Module):
         Returns
         -------
         numpy.ndarray
-            x's shape and dtype.
+            The normalized input, x's shape and dtype.
 
         Raises
         ------
@@ -1110,6 +1182,14 @@ class _InstanceNorm(Module):
         return gx[0] if unbatched else gx
 
     def extra_repr(self) -> str:
+        """The argument part of the repr, as PyTorch's.
+
+        Returns
+        -------
+        str
+            The constructor arguments: ``num_features``, then ``eps``,
+            ``momentum``, ``affine``, ``bias`` and ``track_running_stats``.
+        """
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
                 f"bias={self._bias}, track_running_stats={self.track_running_stats}")
 
@@ -1135,7 +1215,7 @@ class InstanceNorm1d(_InstanceNorm):
     axis : int, default 1
         The channel axis of a batched input (-1 for channels-last).
     dtype : float32 or float64, default float32
-        dtype of the parameters, buffers and inputs.
+        Dtype of the parameters, buffers and inputs.
     bias : bool, default True
         With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
     """
@@ -1161,7 +1241,7 @@ class InstanceNorm2d(_InstanceNorm):
     axis : int, default 1
         The channel axis of a batched input (-1 for NHWC).
     dtype : float32 or float64, default float32
-        dtype of the parameters, buffers and inputs.
+        Dtype of the parameters, buffers and inputs.
     bias : bool, default True
         With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
 
@@ -1198,7 +1278,7 @@ class InstanceNorm3d(_InstanceNorm):
     axis : int, default 1
         The channel axis of a batched input (-1 for NDHWC).
     dtype : float32 or float64, default float32
-        dtype of the parameters, buffers and inputs.
+        Dtype of the parameters, buffers and inputs.
     bias : bool, default True
         With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
     """
@@ -1225,7 +1305,7 @@ class FilterResponseNorm2d(Module):
     axis : int, default 1
         The channel axis (-1 for NHWC).
     dtype : float32 or float64, default float32
-        dtype of the parameters and of the inputs.
+        Dtype of the parameters and of the inputs.
 
     Examples
     --------
@@ -1276,7 +1356,7 @@ class FilterResponseNorm2d(Module):
         Returns
         -------
         numpy.ndarray
-            x's shape and dtype.
+            The normalized and thresholded input, x's shape and dtype.
 
         Raises
         ------
@@ -1335,4 +1415,12 @@ class FilterResponseNorm2d(Module):
         return gx
 
     def extra_repr(self) -> str:
+        """The argument part of the repr.
+
+        Returns
+        -------
+        str
+            The constructor arguments: ``num_features``, then ``eps`` (its
+            current value when learnable) and ``learnable_eps``.
+        """
         return f"{self.num_features}, eps={self._eps_value()}, learnable_eps={self.learnable_eps}"
