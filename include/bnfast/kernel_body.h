@@ -990,6 +990,15 @@ static void BN_FN(acc_free_)(BN_FN(acc_) *acc)
     if (acc->a != acc->stack) free(acc->a);
 }
 
+/* The keyed view's settings of a context (C: channels per sample). */
+static void BN_FN(set_keys_)(bn_context *k, const bn_keys *keys, ptrdiff_t C)
+{
+    k->group = bn_keys_group(keys);
+    k->affine_period = C;
+    k->uncentered = keys->uncentered;
+    k->affine_inner = keys->affine_inner;
+}
+
 /* Sets up the context of sample b of an op's call (its arguments `args`). */
 typedef void (*BN_FN(init_fn_))(bn_context *k, ptrdiff_t b, const void *args);
 
@@ -1050,10 +1059,7 @@ static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
     const ptrdiff_t C = a->geo.channels, G = bn_keys_group(&a->keys);
     k->op = BN_OP_FORWARD;
     k->y = BN_FN(sample_)(a->y, b);
-    k->group = G;
-    k->affine_period = C;
-    k->uncentered = a->keys.uncentered;
-    k->affine_inner = a->keys.affine_inner;
+    BN_FN(set_keys_)(k, &a->keys, C);
     k->weight = a->weight;
     k->bias = a->bias;
     k->running_mean = a->running_mean;
@@ -1111,10 +1117,7 @@ static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->op = BN_OP_BACKWARD;
     k->g = BN_FN(sample_)(a->grad_out, b);
     k->y = BN_FN(sample_)(a->grad_in, b);
-    k->group = G;
-    k->affine_period = C;
-    k->uncentered = a->keys.uncentered;
-    k->affine_inner = a->keys.affine_inner;
+    BN_FN(set_keys_)(k, &a->keys, C);
     k->weight = a->weight;
     k->save_invstd_in = (const BN_T *)a->save_invstd + b * C / G;
     k->training = a->training;

@@ -558,12 +558,8 @@ class BatchNorm(Module):
         return s
 
 
-class BatchNorm1d(BatchNorm):
-    """Batch normalization of 2-D (N, C) or 3-D (N, C, L) input, like ``torch.nn.BatchNorm1d``.
-
-    With ``axis=-1`` the input is channels-last, (N, C) or (N, L, C).
-
-    :class:`BatchNorm` describes the parameters in full.
+# The parameters of BatchNorm1d/2d/3d, documented once (BatchNorm has them in full).
+_RANKED_BATCH_NORM_PARAMETERS = """    :class:`BatchNorm` describes the parameters in full.
 
     Parameters
     ----------
@@ -585,7 +581,15 @@ class BatchNorm1d(BatchNorm):
         (keyword only).
     bias : bool, default True
         With ``affine=True``, whether the layer learns ``bias`` (keyword only).
+"""
 
+
+class BatchNorm1d(BatchNorm):
+    __doc__ = f"""Batch normalization of 2-D (N, C) or 3-D (N, C, L) input, like ``torch.nn.BatchNorm1d``.
+
+    With ``axis=-1`` the input is channels-last, (N, C) or (N, L, C).
+
+{_RANKED_BATCH_NORM_PARAMETERS}
     Raises
     ------
     ValueError
@@ -598,33 +602,11 @@ class BatchNorm1d(BatchNorm):
 
 
 class BatchNorm2d(BatchNorm):
-    """Batch normalization of 4-D (N, C, H, W) input, like ``torch.nn.BatchNorm2d``.
+    __doc__ = f"""Batch normalization of 4-D (N, C, H, W) input, like ``torch.nn.BatchNorm2d``.
 
     With ``axis=-1`` the input is channels-last, (N, H, W, C).
 
-    :class:`BatchNorm` describes the parameters in full.
-
-    Parameters
-    ----------
-    num_features : int
-        Number of channels C, the length of ``x.shape[axis]``.
-    eps : float, default 1e-5
-        Added to the variance for numerical stability (must be >= 0).
-    momentum : float or None, default 0.1
-        Weight of the new batch in the running statistics, in [0, 1]; None
-        selects the cumulative moving average.
-    affine : bool, default True
-        Learn a per-channel scale ``weight`` and shift ``bias``.
-    track_running_stats : bool, default True
-        Keep running statistics (used in eval mode).
-    axis : int, default 1
-        The channel axis of the input (keyword only); ``-1`` for channels-last.
-    dtype : numpy dtype, default numpy.float32
-        Dtype of the parameters, buffers and inputs, float32 or float64
-        (keyword only).
-    bias : bool, default True
-        With ``affine=True``, whether the layer learns ``bias`` (keyword only).
-
+{_RANKED_BATCH_NORM_PARAMETERS}
     Raises
     ------
     ValueError
@@ -637,33 +619,11 @@ class BatchNorm2d(BatchNorm):
 
 
 class BatchNorm3d(BatchNorm):
-    """Batch normalization of 5-D (N, C, D, H, W) input, like ``torch.nn.BatchNorm3d``.
+    __doc__ = f"""Batch normalization of 5-D (N, C, D, H, W) input, like ``torch.nn.BatchNorm3d``.
 
     With ``axis=-1`` the input is channels-last, (N, D, H, W, C).
 
-    :class:`BatchNorm` describes the parameters in full.
-
-    Parameters
-    ----------
-    num_features : int
-        Number of channels C, the length of ``x.shape[axis]``.
-    eps : float, default 1e-5
-        Added to the variance for numerical stability (must be >= 0).
-    momentum : float or None, default 0.1
-        Weight of the new batch in the running statistics, in [0, 1]; None
-        selects the cumulative moving average.
-    affine : bool, default True
-        Learn a per-channel scale ``weight`` and shift ``bias``.
-    track_running_stats : bool, default True
-        Keep running statistics (used in eval mode).
-    axis : int, default 1
-        The channel axis of the input (keyword only); ``-1`` for channels-last.
-    dtype : numpy dtype, default numpy.float32
-        Dtype of the parameters, buffers and inputs, float32 or float64
-        (keyword only).
-    bias : bool, default True
-        With ``affine=True``, whether the layer learns ``bias`` (keyword only).
-
+{_RANKED_BATCH_NORM_PARAMETERS}
     Raises
     ------
     ValueError
@@ -1194,11 +1154,9 @@ class _InstanceNorm(Module):
                 f"bias={self._bias}, track_running_stats={self.track_running_stats}")
 
 
-class InstanceNorm1d(_InstanceNorm):
-    """Instance normalization of (N, C, L) input, or (C, L) unbatched (``torch.nn.InstanceNorm1d``).
-
-    Each sample and channel is normalized by the mean and biased variance of
-    its L values (Ulyanov et al. 2016), by :func:`bnfast.instance_norm_forward`.
+# The parameters of InstanceNorm1d/2d/3d, documented once.
+_INSTANCE_NORM_PARAMETERS = """    Each sample and channel is normalized by the mean and biased variance of
+    its values (Ulyanov et al. 2016), by :func:`bnfast.instance_norm_forward`.
 
     Parameters
     ----------
@@ -1218,33 +1176,21 @@ class InstanceNorm1d(_InstanceNorm):
         Dtype of the parameters, buffers and inputs.
     bias : bool, default True
         With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
-    """
+"""
+
+
+class InstanceNorm1d(_InstanceNorm):
+    __doc__ = f"""Instance normalization of (N, C, L) input, or (C, L) unbatched (``torch.nn.InstanceNorm1d``).
+
+{_INSTANCE_NORM_PARAMETERS}"""
 
     _rank = 3
 
 
 class InstanceNorm2d(_InstanceNorm):
-    """Instance normalization of (N, C, H, W) input, or (C, H, W) unbatched (``torch.nn.InstanceNorm2d``).
+    __doc__ = f"""Instance normalization of (N, C, H, W) input, or (C, H, W) unbatched (``torch.nn.InstanceNorm2d``).
 
-    Parameters
-    ----------
-    num_features : int
-        Number of channels C.
-    eps : float, default 1e-5
-        Added to the variance.
-    momentum : float or None, default 0.1
-        Weight of the new statistics in the running update (None: 0, as PyTorch).
-    affine : bool, default False
-        Whether the layer has per-channel ``weight`` and ``bias``.
-    track_running_stats : bool, default False
-        Whether the layer keeps running statistics (used in eval mode).
-    axis : int, default 1
-        The channel axis of a batched input (-1 for NHWC).
-    dtype : float32 or float64, default float32
-        Dtype of the parameters, buffers and inputs.
-    bias : bool, default True
-        With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
-
+{_INSTANCE_NORM_PARAMETERS}
     Examples
     --------
     >>> import numpy as np, bnfast
@@ -1261,27 +1207,9 @@ class InstanceNorm2d(_InstanceNorm):
 
 
 class InstanceNorm3d(_InstanceNorm):
-    """Instance normalization of (N, C, D, H, W) input, or (C, D, H, W) unbatched (``torch.nn.InstanceNorm3d``).
+    __doc__ = f"""Instance normalization of (N, C, D, H, W) input, or (C, D, H, W) unbatched (``torch.nn.InstanceNorm3d``).
 
-    Parameters
-    ----------
-    num_features : int
-        Number of channels C.
-    eps : float, default 1e-5
-        Added to the variance.
-    momentum : float or None, default 0.1
-        Weight of the new statistics in the running update (None: 0, as PyTorch).
-    affine : bool, default False
-        Whether the layer has per-channel ``weight`` and ``bias``.
-    track_running_stats : bool, default False
-        Whether the layer keeps running statistics (used in eval mode).
-    axis : int, default 1
-        The channel axis of a batched input (-1 for NDHWC).
-    dtype : float32 or float64, default float32
-        Dtype of the parameters, buffers and inputs.
-    bias : bool, default True
-        With ``affine``, whether the layer has ``bias`` (PyTorch's keyword).
-    """
+{_INSTANCE_NORM_PARAMETERS}"""
 
     _rank = 5
 
