@@ -668,10 +668,56 @@ def _set_grads(layer: Module, **grads: np.ndarray) -> None:
     for name, grad in grads.items():
         p = layer._parameters.get(name)
         if p is not None:
-            p.grad = grad.reshape(p.shape)
+            p.grad = grad.reshape(p.shape).astype(p.dtype, copy=False)
 
 
-class LayerNorm(Module):
+class _FamilyNorm(Module):
+    """The family's layers: ``forward`` keeps ``_saved`` = (input, what its
+    gradient needs...) and ``_gradients`` turns them into the input's
+    gradient and the parameters'; one ``backward`` serves them all."""
+
+    _saved: tuple | None = None
+    _unbatched = False  # the last input was one sample, given without its batch axis
+
+    def _gradients(self, grad_out: np.ndarray, x: np.ndarray, *saved: Any) -> tuple[np.ndarray, dict]:
+        raise NotImplementedError
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. the input of the last :meth:`forward`; sets the parameters' ``grad``.
+
+        The gradients of ``weight``, ``bias`` (and ``tau``, ``eps`` where the
+        layer has them) replace their ``.grad``.  After an eval-mode forward
+        that normalized with running statistics, those are constants.
+
+        Parameters
+        ----------
+        grad_out : numpy.ndarray
+            Gradient w.r.t. the output, the last input's shape and dtype.
+
+        Returns
+        -------
+        numpy.ndarray
+            Gradient w.r.t. the input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet.
+        ValueError, TypeError
+            ``grad_out`` of another shape or dtype.
+        """
+        if self._saved is None:
+            raise _no_forward(self)
+        x, *saved = self._saved
+        grad_out = np.asarray(grad_out)
+        if self._unbatched and grad_out.ndim == x.ndim - 1:
+            grad_out = grad_out[None]
+        grad_in, grads = self._gradients(_check_grad(grad_out, x), x, *saved)
+        _set_grads(self, **grads)
+        return grad_in[0] if self._unbatched else grad_in
+
+
+class LayerNorm(_FamilyNorm):
     """Layer normalization over the trailing ``normalized_shape`` dims (``torch.nn.LayerNorm``).
 
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``, the statistics per
@@ -720,7 +766,6 @@ class LayerNorm(Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self._saved: tuple | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -762,38 +807,13 @@ class LayerNorm(Module):
             self._saved = (x, mean, invstd)
         return y
 
-    def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradient w.r.t. the input of the last :meth:`forward`; sets ``weight.grad``, ``bias.grad``.
-
-        Parameters
-        ----------
-        grad_out : numpy.ndarray
-            Gradient w.r.t. the output, the last input's shape and dtype.
-
-        Returns
-        -------
-        numpy.ndarray
-            Gradient w.r.t. the input.
-
-        Raises
-        ------
-        RuntimeError
-            No forward has been run yet.
-        ValueError, TypeError
-            ``grad_out`` of another shape or dtype.
-        """
-        if self._saved is None:
-            raise _no_forward(self)
-        x, mean, invstd = self._saved
-        grad_out = _check_grad(grad_out, x)
+    def _gradients(self, grad_out: np.ndarray, x: np.ndarray, mean: Any, invstd: np.ndarray):
         w = _plain(self._parameters["weight"])
         if self._rms:
             gx, gw = rms_norm_backward(grad_out, x, self.normalized_shape, invstd, w)
-            _set_grads(self, weight=gw)
-        else:
-            gx, gw, gb = layer_norm_backward(grad_out, x, self.normalized_shape, mean, invstd, w)
-            _set_grads(self, weight=gw, bias=gb)
-        return gx
+            return gx, {"weight": gw}
+        gx, gw, gb = layer_norm_backward(grad_out, x, self.normalized_shape, mean, invstd, w)
+        return gx, {"weight": gw, "bias": gb}
 
     def extra_repr(self) -> str:
         """The argument part of the repr, as PyTorch's.
@@ -840,7 +860,7 @@ class RMSNorm(LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, False, dtype=dtype)  # type: ignore[arg-type]
 
 
-class GroupNorm(Module):
+class GroupNorm(_FamilyNorm):
     """Group normalization (``torch.nn.GroupNorm``).
 
     The channels are split into ``num_groups`` groups; each sample and group
@@ -890,7 +910,6 @@ class GroupNorm(Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self._saved: tuple | None = None
 
     @property
     def axis(self) -> int:
@@ -934,34 +953,10 @@ class GroupNorm(Module):
         self._saved = (x, mean, invstd)
         return y
 
-    def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradient w.r.t. the input of the last :meth:`forward`; sets ``weight.grad``, ``bias.grad``.
-
-        Parameters
-        ----------
-        grad_out : numpy.ndarray
-            Gradient w.r.t. the output, the last input's shape and dtype.
-
-        Returns
-        -------
-        numpy.ndarray
-            Gradient w.r.t. the input.
-
-        Raises
-        ------
-        RuntimeError
-            No forward has been run yet.
-        ValueError, TypeError
-            ``grad_out`` of another shape or dtype.
-        """
-        if self._saved is None:
-            raise _no_forward(self)
-        x, mean, invstd = self._saved
-        grad_out = _check_grad(grad_out, x)
+    def _gradients(self, grad_out: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray):
         gx, gw, gb = group_norm_backward(grad_out, x, self.num_groups, mean, invstd,
                                          _plain(self._parameters["weight"]), axis=self._axis)
-        _set_grads(self, weight=gw, bias=gb)
-        return gx
+        return gx, {"weight": gw, "bias": gb}
 
     def extra_repr(self) -> str:
         """The argument part of the repr, as PyTorch's.
@@ -991,7 +986,7 @@ def _check_channels(layer: Module, x: np.ndarray, axis: int, channels: int) -> N
         )
 
 
-class _InstanceNorm(Module):
+class _InstanceNorm(_FamilyNorm):
     """Instance normalization of any rank; see InstanceNorm1d/2d/3d."""
 
     _version = 2
@@ -1025,7 +1020,6 @@ class _InstanceNorm(Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
-        self._saved: tuple | None = None
 
     @property
     def axis(self) -> int:
@@ -1097,49 +1091,23 @@ class _InstanceNorm(Module):
                 xb, w, b, rm if update else None, rv if update else None, momentum=momentum,
                 eps=self.eps, axis=self._axis,
             )
-            self._saved = (xb, mean, invstd, True, unbatched)
+            self._saved = (xb, mean, invstd, True)
         else:
             y = batch_norm_inference(xb, rm, rv, w, b, eps=self.eps, axis=self._axis)
             with np.errstate(divide="ignore", invalid="ignore"):
                 invstd = (1.0 / np.sqrt(rv.astype(np.float64) + self.eps)).astype(self._dtype)
-            self._saved = (xb, rm.copy(), invstd, False, unbatched)
+            self._saved = (xb, rm.copy(), invstd, False)
+        self._unbatched = unbatched
         return y[0] if unbatched else y
 
-    def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradient w.r.t. the input of the last :meth:`forward`; sets ``weight.grad``, ``bias.grad``.
-
-        After an eval-mode forward with running statistics those are
-        constants: ``grad_input = grad_out * weight * invstd``.
-
-        Parameters
-        ----------
-        grad_out : numpy.ndarray
-            Gradient w.r.t. the output, the last input's shape and dtype.
-
-        Returns
-        -------
-        numpy.ndarray
-            Gradient w.r.t. the input.
-
-        Raises
-        ------
-        RuntimeError
-            No forward has been run yet.
-        ValueError, TypeError
-            ``grad_out`` of another shape or dtype.
-        """
-        if self._saved is None:
-            raise _no_forward(self)
-        x, mean, invstd, own_stats, unbatched = self._saved
-        grad_out = np.asarray(grad_out)
-        grad_out = _check_grad(grad_out[None] if unbatched and grad_out.ndim == x.ndim - 1 else grad_out, x)
+    def _gradients(self, grad_out: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
+                   own_stats: bool):
         w = _plain(self._parameters["weight"])
         if own_stats:
             gx, gw, gb = instance_norm_backward(grad_out, x, mean, invstd, w, axis=self._axis)
-        else:
+        else:  # eval mode with running statistics: constants
             gx, gw, gb = batch_norm_backward(grad_out, x, mean, invstd, w, training=False, axis=self._axis)
-        _set_grads(self, weight=gw, bias=gb)
-        return gx[0] if unbatched else gx
+        return gx, {"weight": gw, "bias": gb}
 
     def extra_repr(self) -> str:
         """The argument part of the repr, as PyTorch's.
@@ -1214,7 +1182,7 @@ class InstanceNorm3d(_InstanceNorm):
     _rank = 5
 
 
-class FilterResponseNorm2d(Module):
+class FilterResponseNorm2d(_FamilyNorm):
     """Filter response normalization with its thresholded linear unit (Singh & Krishnan 2020).
 
     ``y = max(weight * x / sqrt(nu2 + |eps|) + bias, tau)``, ``nu2`` the mean
@@ -1257,7 +1225,6 @@ class FilterResponseNorm2d(Module):
             self.eps = Parameter(np.full(1, eps, dtype=dt), "eps")
         else:
             self.eps = eps
-        self._saved: tuple | None = None
 
     @property
     def axis(self) -> int:
@@ -1304,33 +1271,11 @@ class FilterResponseNorm2d(Module):
         self._saved = (x, y, invstd, eps)
         return y
 
-    def backward(self, grad_out: np.ndarray) -> np.ndarray:
-        """Gradient w.r.t. the input of the last :meth:`forward`; sets the parameters' ``grad``.
-
-        Parameters
-        ----------
-        grad_out : numpy.ndarray
-            Gradient w.r.t. the output, the last input's shape and dtype.
-
-        Returns
-        -------
-        numpy.ndarray
-            Gradient w.r.t. the input.
-
-        Raises
-        ------
-        RuntimeError
-            No forward has been run yet.
-        ValueError, TypeError
-            ``grad_out`` of another shape or dtype.
-        """
-        if self._saved is None:
-            raise _no_forward(self)
-        x, y, invstd, eps = self._saved
-        grad_out = _check_grad(grad_out, x)
+    def _gradients(self, grad_out: np.ndarray, x: np.ndarray, y: np.ndarray, invstd: np.ndarray,
+                   eps: float):
         gx, gw, gb, gt = filter_response_norm_backward(grad_out, x, y, invstd, self.weight.data,
                                                        self.tau.data, axis=self._axis)
-        _set_grads(self, weight=gw, bias=gb, tau=gt)
+        grads = {"weight": gw, "bias": gb, "tau": gt}
         if self.learnable_eps:  # d y / d|eps| = -weight * x * invstd**3 / 2 where the TLU passes
             ax = self._axis % x.ndim
             channel, stat = [1] * x.ndim, [1] * x.ndim
@@ -1339,8 +1284,8 @@ class FilterResponseNorm2d(Module):
             passed = y > self.tau.data.reshape(channel)
             g = np.where(passed, grad_out, 0).astype(np.float64)
             total = (g * x * invstd.astype(np.float64).reshape(stat) ** 3 * self.weight.data.reshape(channel)).sum()
-            self._parameters["eps"].grad = np.array([-0.5 * np.sign(eps) * total], dtype=self._dtype)
-        return gx
+            grads["eps"] = np.array([-0.5 * np.sign(eps) * total])
+        return gx, grads
 
     def extra_repr(self) -> str:
         """The argument part of the repr.
