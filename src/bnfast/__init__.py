@@ -5,6 +5,7 @@ backward in channels-first and channels-last layouts, float32 and float64,
 with one-pass Welford statistics merged by Chan's formula.
 """
 
+from ._version import __version__
 from ._config import show_config
 from ._functional import (
     batch_norm,
@@ -20,8 +21,9 @@ from ._parameter import Parameter
 from .layers import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
+from . import _threadpool
 
-__version__ = "0.1.0"
+_threadpool.register()  # threadpoolctl sees and limits bnfast's threads, when it is installed
 
 __all__ = [
     "nn",

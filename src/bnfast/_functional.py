@@ -690,7 +690,10 @@ def _unbroadcast(x: np.ndarray, axis: int):
 # ------------------------------------------------------------------- threads
 
 
-def set_num_threads(n) -> None:
+_requested: int | None = None  # the last set_num_threads argument (bnfast._threadpool restores it)
+
+
+def set_num_threads(n: int | None) -> None:
     """Set the number of threads every kernel uses.
 
     Parameters
@@ -715,9 +718,12 @@ def set_num_threads(n) -> None:
     method) kernels always run on one thread, and asking for more warns:
     OpenMP's threads do not survive ``fork``, and a parallel call would hang.
     Use the 'spawn' or 'forkserver' start method for parallel workers.
+    A serial build (no OpenMP) accepts any valid ``n`` and runs on one thread.
     """
+    global _requested
     if n is None:
         _kernels.set_num_threads(0)
+        _requested = None
         return
     if not isinstance(n, numbers.Integral) or isinstance(n, (bool, np.bool_)):
         raise TypeError(f"number of threads must be an integer or None, got {n!r}")
@@ -725,13 +731,14 @@ def set_num_threads(n) -> None:
     if not 1 <= n <= limit:
         raise ValueError(f"number of threads must be in [1, {limit}] (4 per CPU) or None, got {n!r}")
     _kernels.set_num_threads(int(n))
+    _requested = int(n)
 
 
 def get_num_threads() -> int:
-    """Number of threads the next kernel call uses.
+    """Number of threads the next kernel call uses (1 in a serial build).
 
     Returns
     -------
     int
     """
-    return _kernels.get_num_threads()
+    return _kernels.get_num_threads() if _kernels.openmp_enabled() else 1
