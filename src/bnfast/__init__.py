@@ -26,6 +26,7 @@ from . import _threadpool
 _threadpool.register()  # threadpoolctl sees and limits bnfast's threads, when it is installed
 
 __all__ = [
+    "__version__",
     "nn",
     "testing",
     "BatchNorm",

@@ -26,6 +26,7 @@ import numbers
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _kernels
 from ._moments import Moments
@@ -352,17 +353,17 @@ def _finish(target: np.ndarray, out: np.ndarray | None) -> np.ndarray:
 
 
 def batch_norm_forward(
-    x,
-    weight=None,
-    bias=None,
-    running_mean=None,
-    running_var=None,
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
     *,
-    momentum=0.1,
-    eps=1e-5,
-    axis=1,
-    out=None,
-):
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization in training mode: batch statistics, then normalize.
 
     Per channel, the mean and biased variance over every axis but ``axis`` are
@@ -461,8 +462,16 @@ def batch_norm_forward(
 
 
 def batch_norm_inference(
-    x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1, out=None
-):
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Batch normalization with given statistics (evaluation mode).
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``,
@@ -514,8 +523,16 @@ def batch_norm_inference(
 
 
 def batch_norm_backward(
-    grad_out, x, save_mean, save_invstd, weight=None, *, training=True, axis=1, out=None
-):
+    grad_out: ArrayLike,
+    x: ArrayLike,
+    save_mean: ArrayLike,
+    save_invstd: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients of batch normalization with respect to input, weight and bias.
 
     With ``training=True`` the statistics are those of the batch and the
@@ -590,18 +607,18 @@ def batch_norm_backward(
 
 
 def batch_norm(
-    x,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
+    x: ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
     *,
-    axis=1,
-    out=None,
-):
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
 
     Code written for PyTorch ports by changing the import: in training mode the
@@ -640,7 +657,7 @@ def batch_norm(
     return batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps, axis=axis, out=out)
 
 
-def moments(x, *, axis=1) -> Moments:
+def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
     """Per-channel Welford state (count, mean, M2) of ``x``.
 
     The state merges exactly with others (`Moments.merge`), for statistics of
