@@ -17,7 +17,9 @@ def test_help_lists_every_command_on_one_line(capsys):
     out = capsys.readouterr().out
     for name in ("check", "bench", "demo"):
         lines = [line for line in out.splitlines() if line.split()[:1] == [name]]
-        assert len(lines) == 1, (name, out)
+        assert len(lines) == 1 and len(lines[0]) <= 79, (name, out)
+        following = out.splitlines()[out.splitlines().index(lines[0]) + 1]
+        assert not following.startswith(" " * 9), "one line per command"
     assert "exit status" in out and "default" in out
 
 

@@ -4,32 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from ._cli import EXIT_STATUS
 
 # name -> (module, one line for --help); the first is the default command
 COMMANDS: dict[str, tuple[str, str]] = {
-    "check": ("bnfast._selfcheck", "configuration, self-check against the float64 reference, timing "
-                                   "table against NumPy (the default command)"),
-    "bench": ("bnfast._bench", "benchmark table: time, GB/s, ratio to the memory limit, speed-up "
-                               "over NumPy and PyTorch"),
-    "demo": ("bnfast._demo", "train a small CNN on scikit-learn's digits with and without batch "
-                             "normalization and compare"),
-}  # fmt: skip
+    "check": ("bnfast._selfcheck", "configuration, self-check, timing table vs NumPy (the default command)"),
+    "bench": ("bnfast._bench", "benchmark table: time, GB/s, memory-limit ratio, vs NumPy and PyTorch"),
+    "demo": ("bnfast._demo", "train a small CNN on the digits with and without batch normalization"),
+}
 DEFAULT_COMMAND = "check"
 
 def _parser() -> argparse.ArgumentParser:
-    commands = "\n".join(f"  {name:<6} {summary}" for name, (_, summary) in COMMANDS.items())
+    commands = "\n".join(
+        textwrap.fill(summary, 79, initial_indent=f"  {name:<6} ", subsequent_indent=" " * 9)
+        for name, (_, summary) in COMMANDS.items()
+    )
     parser = argparse.ArgumentParser(
         prog="python -m bnfast",
         usage="python -m bnfast [-h] [--version] [COMMAND] [OPTIONS ...]",
         description="bnfast: fast, accurate batch normalization for NumPy on the CPU.",
         epilog=(
             f"commands:\n{commands}\n\n"
-            f"With no command, or options only, `{DEFAULT_COMMAND}` runs (`python -m bnfast --no-timing`\n"
-            f"is `python -m bnfast {DEFAULT_COMMAND} --no-timing`).  `python -m bnfast COMMAND --help` "
-            f"lists a\ncommand's options.\n\n{EXIT_STATUS}"
+            f"With no command, or options only, `{DEFAULT_COMMAND}` runs: `python -m bnfast --no-timing`\n"
+            f"is `python -m bnfast {DEFAULT_COMMAND} --no-timing`.  `python -m bnfast COMMAND --help` "
+            f"lists\na command's options.\n\n{EXIT_STATUS}"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

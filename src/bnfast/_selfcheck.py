@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import time
 from collections.abc import Sequence
 
@@ -105,8 +106,9 @@ def timing_table(shape=(32, 64, 56, 56), repeats: int = 5, seed: int = 0) -> lis
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bnfast check",
-        description="Print bnfast's configuration, check every op against the float64 NumPy "
-                    "reference (both layouts, float32 and float64) and time it against plain NumPy.",
+        description=textwrap.fill(
+            "Print bnfast's configuration, check every op against the float64 NumPy reference "
+            "(both layouts, float32 and float64) and time it against plain NumPy.", 79),
         epilog=_cli.EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
