@@ -24,7 +24,11 @@ regresses only when all of these hold:
 
 By default only bnfast's own members of each group are judged (``impl`` in
 ``bnfast``, ``bnfast_alloc``): NumPy, PyTorch and the memory-limit reference
-are context (``--impl all`` judges every case).
+are context (``--impl all`` judges every case).  When both runs hold the
+memory-limit reference (``roofline``: the same traffic with the same
+threads), the summary gives its change too: if it moved by 20% or more, the
+machine's state changed between the runs (another process, another CPU
+frequency) and the verdicts are suspect.
 
 Exit status: 0 no regression, 1 at least one regression, 2 bad input (a file
 missing or unreadable, no case in common).
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -74,7 +79,7 @@ def load(path: str) -> dict[str, dict[str, Any]]:
 
 
 def _rel_spread(stats: dict[str, Any]) -> float:
-    median = stats["median"]
+    median = float(stats["median"])
     if median <= 0:
         return 0.0
     iqr = stats.get("iqr")
@@ -135,6 +140,23 @@ def compare(
     only_base = [n for n in base if n not in new]
     only_new = [n for n in new if n not in base]
     return verdicts, only_base, only_new
+
+
+def machine_drift(
+    base: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], impl: str = "roofline"
+) -> tuple[float, int] | None:
+    """Geometric mean of new/baseline medians over the ``impl`` cases in both runs
+    (the memory-limit reference does the same traffic with the same threads:
+    when it is slower too, the machine was busier, not bnfast slower), and how
+    many; None without such cases."""
+    ratios = [
+        new[n]["stats"]["median"] / base[n]["stats"]["median"]
+        for n in base
+        if n in new and _impl(base[n]) == impl and base[n]["stats"]["median"] > 0
+    ]
+    if not ratios:
+        return None
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)), len(ratios)
 
 
 def _time(seconds: float) -> str:
@@ -208,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("compare.py: no case in common between the two runs (check --impl)", file=sys.stderr)
         return 2
     lines = report(verdicts, only_base, only_new)
+    drift = machine_drift(base, new)
+    if drift is not None:
+        ratio, count = drift
+        lines.insert(lines.index("") + 2, f"memory-limit reference ({count} cases): new/baseline median {ratio:.2f}x"
+                     + (" -- the machine was busier or quieter: measure again before trusting a verdict"
+                        if not 1 / 1.2 < ratio < 1.2 else ""))  # fmt: skip
     if args.quiet:
         lines = lines[lines.index("") + 1 :]
     print("\n".join(lines))

@@ -93,6 +93,18 @@ def test_main_exit_codes_and_impl_filter(tmp_path, capsys):
     assert compare.main([base, str(bad)]) == 2
 
 
+def test_machine_drift_from_the_memory_limit_reference(tmp_path, capsys):
+    base = {"r": _bench("r", 1e-3, impl="roofline"), "b": _bench("b", 1e-3)}
+    busy = {"r": _bench("r", 1.5e-3, impl="roofline"), "b": _bench("b", 1.5e-3, minimum=1.45e-3)}
+    ratio, count = compare.machine_drift(base, busy)
+    assert ratio == pytest.approx(1.5) and count == 1
+    assert compare.machine_drift({"b": _bench("b", 1e-3)}, {"b": _bench("b", 1e-3)}) is None
+    a = _write(tmp_path, "a.json", list(base.values()))
+    b = _write(tmp_path, "b.json", list(busy.values()))
+    assert compare.main([a, b, "--quiet"]) == 1
+    assert "machine was busier" in capsys.readouterr().out
+
+
 def test_reads_a_real_pytest_benchmark_file(tmp_path):
     """A file written by pytest-benchmark (one tiny case of benchmarks/) parses and,
     compared with itself, has no regression."""

@@ -16,7 +16,7 @@ def _build_setting(name: str) -> Any:
     """A setting setup.py recorded in ``bnfast/_build_config.py`` (None if the
     file is absent, e.g. a build made without this setup.py)."""
     try:
-        from . import _build_config  # type: ignore[attr-defined]  # written at build time
+        from . import _build_config  # type: ignore[attr-defined, unused-ignore]  # written at build time
     except ImportError:
         return None
     return getattr(_build_config, name, None)

@@ -736,6 +736,10 @@ def set_num_threads(n: int | None) -> None:
     OpenMP's threads do not survive ``fork``, and a parallel call would hang.
     Use the 'spawn' or 'forkserver' start method for parallel workers.
     A serial build (no OpenMP) accepts any valid ``n`` and runs on one thread.
+    With threadpoolctl installed, ``threadpoolctl.threadpool_info()`` lists
+    bnfast (``internal_api="bnfast"``, ``user_api="openmp"``) and
+    ``threadpool_limits`` applies to it, over an explicit ``n`` too, restoring
+    this setting afterwards.
     """
     global _requested
     if n is None:

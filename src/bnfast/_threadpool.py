@@ -76,7 +76,7 @@ def _same_file(a: str | None, b: str | None) -> bool:
 
 
 def _controller_class() -> type[Any]:
-    from threadpoolctl import LibController
+    from threadpoolctl import LibController  # type: ignore[import-untyped]
 
     from ._version import __version__
 
@@ -123,7 +123,7 @@ def register() -> bool:
     if _registered:
         return True
     try:
-        from threadpoolctl import register as tpc_register
+        from threadpoolctl import register as tpc_register  # type: ignore[import-untyped, unused-ignore]
     except ImportError:
         return False
     tpc_register(_controller_class())
