@@ -119,7 +119,8 @@ def test_reads_a_real_pytest_benchmark_file(tmp_path):
     )
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.dirname(PATH),
-         "-k", "inference-8x16-NC-float32-t2 and bnfast", f"--benchmark-json={out}",
+         # the case id alone: a parent directory's name (e.g. /tmp/bnfast-...) is a -k keyword too
+         "-k", "inference-8x16-NC-float32-t2-bnfast", f"--benchmark-json={out}",
          "--benchmark-max-time=0.01", "--benchmark-min-rounds=3", "--benchmark-disable-gc"],
         capture_output=True, text=True, timeout=300, cwd=str(tmp_path), env=env,
     )  # fmt: skip
