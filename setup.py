@@ -60,14 +60,37 @@ class BuildExt(build_ext):
             if os.environ.get("BNFAST_NATIVE") == "1":
                 cflags.append("-march=native")
         serial_asked = os.environ.get("BNFAST_NO_OPENMP") == "1"
-        if serial_asked or not _compiles_with(self.compiler, omp):
+        found = not serial_asked and _compiles_with(self.compiler, omp)
+        if not found:
             if not serial_asked:
                 warnings.warn("bnfast: OpenMP not available; building serial kernels", stacklevel=1)
             omp = []
         for ext in self.extensions:
             ext.extra_compile_args = cflags + omp
             ext.extra_link_args = omp if ctype != "msvc" else []
+        self._build_config = {"OPENMP": bool(omp), "SERIAL_REQUESTED": serial_asked, "COMPILER": ctype}
         super().build_extensions()
+
+    def run(self):
+        super().run()  # setuptools builds in build_lib, then copies to src/ when --inplace
+        self._write_build_config()
+
+    def _write_build_config(self):
+        """bnfast/_build_config.py beside the extension (build_lib, which the
+        wheel is made of, and src/ for an in-place build): how this build was
+        made, for show_config."""
+        settings = getattr(self, "_build_config", None)
+        if settings is None:  # nothing was configured (no extension built)
+            return
+        text = '"""How the extension was built: written by setup.py (not in version control)."""\n\n'
+        text += "".join(f"{key} = {value!r}\n" for key, value in settings.items())
+        dirs = {os.path.join(self.build_lib, "bnfast")}
+        if self.inplace:
+            dirs.add(os.path.dirname(self.get_ext_fullpath("bnfast._kernels")))
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "_build_config.py"), "w") as f:
+                f.write(text)
 
 
 extensions = [

@@ -653,7 +653,7 @@ def test_moments_merge(dtype, axis):
 def test_num_threads_roundtrip():
     for n in (1, 2, 1):
         bnfast.set_num_threads(n)
-        assert bnfast.get_num_threads() == n
+        assert bnfast.get_num_threads() == (n if bnfast._kernels.openmp_enabled() else 1)
 
 
 def _all_outputs(x, g, w, b, rm, rv, axis):

@@ -6,6 +6,7 @@ with one-pass Welford statistics merged by Chan's formula; layer, RMS, group,
 instance and filter response normalization on the same kernels.
 """
 
+from ._version import __version__
 from ._config import show_config
 from ._functional import (
     batch_norm,
@@ -52,10 +53,12 @@ from .nn.normalization import (
 from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
+from . import _threadpool
 
-__version__ = "0.1.0"
+_threadpool.register()  # threadpoolctl sees and limits bnfast's threads, when it is installed
 
 __all__ = [
+    "__version__",
     "nn",
     "testing",
     "Module",

@@ -33,10 +33,11 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from . import _baseline, _kernels
+from . import _baseline, _cli, _kernels
 from ._config import format_bytes
 from ._functional import (
     batch_norm_backward,
@@ -46,8 +47,9 @@ from ._functional import (
     set_num_threads,
 )
 
-# The suite of issue 9 (NCHW-order shapes; NHWC runs use the channels-last
-# transpose), and a small call where per-call overhead dominates.
+# The full suite (NCHW-order shapes; NHWC runs use the channels-last
+# transpose): typical CNN activations, few channels, a batch of one, 2-D and
+# 5-D input, and a small call where per-call overhead dominates.
 SUITE = [
     (32, 64, 28, 28),
     (32, 64, 56, 56),
@@ -412,10 +414,11 @@ def _parse_shapes(text: str):
     return [tuple(int(v) for v in s.split("x")) for s in text.split(",") if s.strip()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bnfast bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+        prog="python -m bnfast bench", description=__doc__, epilog=_cli.EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a small subset: float32, 4 shapes")
     parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2 (default 1,2)")
     parser.add_argument("--ops", default=",".join(OPS), help="train,inference,backward")
@@ -435,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         "--plot", metavar="FILE.png",
         help="chart: speedup over PyTorch and fraction of the memory limit, one panel each (needs matplotlib)",
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; the exit status is 0, or 2 for bad arguments or a missing matplotlib."""
+    parser = _parser()
+    args = parser.parse_args(None if argv is None else list(argv))
 
     try:
         threads = _parse_list(args.threads, cast=int)

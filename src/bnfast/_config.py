@@ -4,30 +4,61 @@ from __future__ import annotations
 
 import platform
 import sys
+from typing import IO, Any
 
 import numpy as np
 
 from . import _kernels
+from ._version import __version__
 
 
-def config() -> dict:
+def _build_setting(name: str) -> Any:
+    """A setting setup.py recorded in ``bnfast/_build_config.py`` (None if the
+    file is absent, e.g. a build made without this setup.py)."""
+    try:
+        from . import _build_config  # type: ignore[attr-defined, unused-ignore]  # written at build time
+    except ImportError:
+        return None
+    return getattr(_build_config, name, None)
+
+
+def serial_requested() -> bool:
+    """Whether this build is serial because ``BNFAST_NO_OPENMP=1`` asked for it."""
+    return not _kernels.openmp_enabled() and bool(_build_setting("SERIAL_REQUESTED"))
+
+
+def openmp_status() -> str:
+    """One line on OpenMP: enabled, serial by choice, or serial because missing."""
+    if _kernels.openmp_enabled():
+        return "enabled"
+    requested = _build_setting("SERIAL_REQUESTED")
+    if requested:
+        return "serial build, as requested (BNFAST_NO_OPENMP=1)"
+    if requested is None:
+        return "serial build"
+    return "serial build: the compiler had no OpenMP when bnfast was built"
+
+
+def config() -> dict[str, Any]:
     """The build and runtime configuration as a dict.
 
     Returns
     -------
     dict
-        ``version``, ``openmp``, ``threads``, ``simd_compiled``, ``simd_in_use``,
-        ``cache_l1d``, ``cache_l2``, ``cache_l3`` (bytes, None if unknown),
-        ``stream_threshold`` (outputs of more bytes use streaming stores),
-        ``numpy``, ``python``, ``machine``.
+        ``version``, ``openmp`` (bool), ``openmp_status`` (enabled, or why the
+        build is serial), ``threads`` (1 in a serial build), ``simd_compiled``,
+        ``simd_in_use``, ``cache_l1d``, ``cache_l2``, ``cache_l3`` (bytes, None
+        if unknown), ``stream_threshold`` (outputs of more bytes use streaming
+        stores), ``numpy``, ``python``, ``machine``.
     """
-    from . import __version__
+    from ._functional import get_num_threads
 
     caches = _kernels.cache_sizes()
     return {
         "version": __version__,
         "openmp": _kernels.openmp_enabled(),
-        "threads": _kernels.get_num_threads(),
+        "openmp_status": openmp_status(),
+        "threads": get_num_threads(),
         "simd_compiled": _kernels.simd_compiled(),
         "simd_in_use": _kernels.simd_in_use(),
         "cache_l1d": caches["l1d"],
@@ -50,7 +81,7 @@ def format_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def show_config(file=None) -> None:
+def show_config(file: IO[str] | None = None) -> None:
     """Print bnfast's version, OpenMP status, threads, SIMD instruction set and caches.
 
     Parameters

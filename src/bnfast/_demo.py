@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import _cli
+
 __all__ = ["main", "build_model", "load_data", "run"]
 
 DEFAULT_EPOCHS = 12
@@ -232,6 +234,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m bnfast demo",
         description="Train the same small CNN on scikit-learn's bundled 8x8 digits with and without "
                     "batch normalization (same initial weights, same batches) and compare.",
+        epilog=_cli.EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs per run (default {DEFAULT_EPOCHS})")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of split, weights and shuffling (default {DEFAULT_SEED})")

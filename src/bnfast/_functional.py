@@ -26,6 +26,7 @@ import numbers
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from . import _kernels
 from ._moments import Moments
@@ -352,17 +353,17 @@ def _finish(target: np.ndarray, out: np.ndarray | None) -> np.ndarray:
 
 
 def batch_norm_forward(
-    x,
-    weight=None,
-    bias=None,
-    running_mean=None,
-    running_var=None,
+    x: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
     *,
-    momentum=0.1,
-    eps=1e-5,
-    axis=1,
-    out=None,
-):
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch normalization in training mode: batch statistics, then normalize.
 
     Per channel, the mean and biased variance over every axis but ``axis`` are
@@ -463,8 +464,16 @@ def batch_norm_forward(
 
 
 def batch_norm_inference(
-    x, running_mean, running_var, weight=None, bias=None, *, eps=1e-5, axis=1, out=None
-):
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Batch normalization with given statistics (evaluation mode).
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias``,
@@ -518,8 +527,16 @@ def batch_norm_inference(
 
 
 def batch_norm_backward(
-    grad_out, x, save_mean, save_invstd, weight=None, *, training=True, axis=1, out=None
-):
+    grad_out: ArrayLike,
+    x: ArrayLike,
+    save_mean: ArrayLike,
+    save_invstd: ArrayLike,
+    weight: ArrayLike | None = None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compute the gradients of batch normalization with respect to input, weight and bias.
 
     With ``training=True`` the statistics are those of the batch and the
@@ -598,18 +615,18 @@ def batch_norm_backward(
 
 
 def batch_norm(
-    x,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
+    x: ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
     *,
-    axis=1,
-    out=None,
-):
+    axis: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
 
     Code written for PyTorch ports by changing the import: in training mode the
@@ -656,7 +673,7 @@ def batch_norm(
     return batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps, axis=axis, out=out)
 
 
-def moments(x, *, axis=1) -> Moments:
+def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
     """Per-channel Welford state (count, mean, M2) of ``x``.
 
     The state merges exactly with others (`Moments.merge`), for statistics of
@@ -707,7 +724,10 @@ def _unbroadcast(x: np.ndarray, axis: int):
 # ------------------------------------------------------------------- threads
 
 
-def set_num_threads(n) -> None:
+_requested: int | None = None  # the last set_num_threads argument (bnfast._threadpool restores it)
+
+
+def set_num_threads(n: int | None) -> None:
     """Set the number of threads every kernel uses.
 
     Parameters
@@ -732,9 +752,16 @@ def set_num_threads(n) -> None:
     method) kernels always run on one thread, and asking for more warns:
     OpenMP's threads do not survive ``fork``, and a parallel call would hang.
     Use the 'spawn' or 'forkserver' start method for parallel workers.
+    A serial build (no OpenMP) accepts any valid ``n`` and runs on one thread.
+    With threadpoolctl installed, ``threadpoolctl.threadpool_info()`` lists
+    bnfast (``internal_api="bnfast"``, ``user_api="openmp"``) and
+    ``threadpool_limits`` applies to it, over an explicit ``n`` too, restoring
+    this setting afterwards.
     """
+    global _requested
     if n is None:
         _kernels.set_num_threads(0)
+        _requested = None
         return
     if not isinstance(n, numbers.Integral) or isinstance(n, (bool, np.bool_)):
         raise TypeError(f"number of threads must be an integer or None, got {n!r}")
@@ -742,14 +769,15 @@ def set_num_threads(n) -> None:
     if not 1 <= n <= limit:
         raise ValueError(f"number of threads must be in [1, {limit}] (4 per CPU) or None, got {n!r}")
     _kernels.set_num_threads(int(n))
+    _requested = int(n)
 
 
 def get_num_threads() -> int:
-    """Number of threads the next kernel call uses.
+    """Number of threads the next kernel call uses (1 in a serial build).
 
     Returns
     -------
     int
         At least 1; always 1 in a child made by ``os.fork()``.
     """
-    return _kernels.get_num_threads()
+    return _kernels.get_num_threads() if _kernels.openmp_enabled() else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["Moments"]
 
@@ -43,7 +44,7 @@ class Moments:
 
     __slots__ = ("count", "mean", "m2")
 
-    def __init__(self, count, mean, m2) -> None:
+    def __init__(self, count: ArrayLike, mean: ArrayLike, m2: ArrayLike) -> None:
         self.count = np.asarray(count, dtype=np.int64).reshape(-1)
         self.mean = np.asarray(mean, dtype=np.float64).reshape(-1)
         self.m2 = np.asarray(m2, dtype=np.float64).reshape(-1)

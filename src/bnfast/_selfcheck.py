@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import textwrap
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
-from . import _baseline, _reference
+from . import _baseline, _cli, _reference
 from ._config import show_config
 from ._functional import batch_norm_backward, batch_norm_forward, batch_norm_inference
 
@@ -100,15 +103,29 @@ def timing_table(shape=(32, 64, 56, 56), repeats: int = 5, seed: int = 0) -> lis
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print configuration, self-check and timing table; exit 1 if the check fails."""
-    import argparse
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bnfast check",
+        description=textwrap.fill(
+            "Print bnfast's configuration, check every op against the float64 NumPy reference "
+            "(both layouts, float32 and float64) and time it against plain NumPy.", 79),
+        epilog=_cli.EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--shape", default=(32, 64, 56, 56), type=_cli.shape,
+                        help="NCHW shape of the timing table, comma-separated (default 32,64,56,56)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed calls per op and library; the table shows the best (default 5)")
+    parser.add_argument("--no-timing", action="store_true", help="skip the timing table (check only)")
+    return parser  # fmt: skip
 
-    parser = argparse.ArgumentParser(prog="python -m bnfast", description=__doc__)
-    parser.add_argument("--shape", default="32,64,56,56", help="NCHW shape of the timing table")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-timing", action="store_true", help="skip the timing table")
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print configuration, self-check and timing table; exit 1 if the check fails."""
+    parser = _parser()
+    args = parser.parse_args(None if argv is None else list(argv))
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
 
     print("bnfast configuration")
     show_config()
@@ -119,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= err <= tol
         print(f"  {case:<26} {err:10.2e}  (tol {tol:.0e})  {status}")
     if not args.no_timing:
-        shape = tuple(int(s) for s in args.shape.split(","))
+        shape = args.shape
         from ._functional import get_num_threads
 
         print(f"\ntiming, float32 {shape} (NCHW order), {get_num_threads()} threads, best of {args.repeats}")
