@@ -96,3 +96,47 @@ def test_run_and_plot_without_torch(tmp_path):
     path = tmp_path / "chart.png"
     _bench.plot(rows, str(path), torch_note="PyTorch is not installed")
     assert path.stat().st_size > 0
+
+
+def test_family_bench_runs_every_member_and_direction(monkeypatch, capsys, tmp_path):
+    """`bench --family` on small stand-ins of the suite's cases: one row per case, JSON written."""
+    from bnfast import _bench_family as fam
+
+    monkeypatch.setattr(fam, "FAMILY_SUITE", [
+        ("layer_norm", (16, 64), ("rows",)), ("rms_norm", (16, 64), ("rows",)),
+        ("group_norm", (2, 64, 4, 4), ("NCHW", "NHWC")), ("instance_norm", (2, 8, 4, 4), ("NCHW", "NHWC")),
+    ])  # fmt: skip
+    path = tmp_path / "family.json"
+    assert _bench.main(["--family", "--threads", "1", "--no-torch", "--budget", "0", "--rounds", "1",
+                        "--passes", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    import json
+
+    rows = json.loads(path.read_text())["results"]
+    assert len(rows) == 6 * 2 and {r["direction"] for r in rows} == {"forward", "backward"}
+    assert all(r["time_s"] > 0 and r["roof_s"] > 0 and r["torch_s"] is None for r in rows)
+    assert "group_norm" in out and "instance_norm" in out
+
+
+def test_family_bench_torch_callables_match_bnfast():
+    """The PyTorch side of each family case computes what bnfast computes."""
+    torch = pytest.importorskip("torch")
+    from bnfast import _bench_family as fam
+
+    for member, shape, layout in [("layer_norm", (8, 32), "rows"), ("rms_norm", (8, 32), "rows"),
+                                  ("group_norm", (2, 64, 3, 3), "NCHW"), ("group_norm", (2, 64, 3, 3), "NHWC"),
+                                  ("instance_norm", (2, 4, 3, 3), "NCHW"), ("instance_norm", (2, 4, 3, 3), "NHWC")]:
+        if layout == "rows":
+            rng = np.random.default_rng(0)
+            x, g, axis = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32), -1
+        else:
+            x, g, axis = _bench._make(shape, layout == "NHWC", np.dtype(np.float32))
+        for direction in ("forward", "backward"):
+            fns = fam._case_fns(member, direction, x, g, axis, torch, layout == "NHWC")
+            ours = fns["bnfast"]()
+            theirs = fns["torch"]()
+            a = ours[0]
+            t = theirs if isinstance(theirs, torch.Tensor) else theirs[0]
+            t = t.reshape(shape)  # instance norm's backward runs on the (1, N*C, H, W) view
+            t = t.numpy() if layout != "NHWC" else t.permute(0, 2, 3, 1).numpy()
+            np.testing.assert_allclose(a, t.reshape(a.shape), rtol=1e-4, atol=1e-4, err_msg=f"{member} {layout} {direction}")

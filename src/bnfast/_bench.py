@@ -420,6 +420,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a small subset: float32, 4 shapes")
+    parser.add_argument(
+        "--family", action="store_true",
+        help="time the normalization family (layer/RMS/group/instance norm, forward and backward, "
+             "float32) against PyTorch instead of batch norm",
+    )  # fmt: skip
     parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2 (default 1,2)")
     parser.add_argument("--ops", default=",".join(OPS), help="train,inference,backward")
     parser.add_argument("--dtypes", default=None, help="float32,float64 (quick: float32)")
@@ -464,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     budget = args.budget if args.budget is not None else (0.2 if args.quick else 0.4)
 
+    if args.family:
+        return _main_family(args, threads)
     torch = None if args.no_torch else _torch()
     print("bnfast bench")
     for line in header_lines(torch):
@@ -496,4 +503,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         note = "--no-torch was given" if args.no_torch else "PyTorch is not installed (pip install torch)"
         plot(rows, args.plot, torch_note=None if torch is not None else note, title=f"bnfast on {cpu_model()}")
         print(f"chart written to {args.plot}")
+    return 0
+
+
+def _main_family(args: argparse.Namespace, threads: list[int]) -> int:
+    """``--family``: the family's table, its geometric-mean speedup over PyTorch, JSON if asked."""
+    from . import _bench_family as fam  # noqa: PLC0415
+
+    torch = None if args.no_torch else _torch()
+    print("bnfast bench --family")
+    for line in header_lines(torch):
+        print("  " + line)
+    print("xroof: bnfast (out=) time / the memory-limit reference (out = x forward, out = x + g backward)")
+    print("vs torch: PyTorch's time / bnfast's (torch.nn.functional forward, ATen backward); >1: bnfast faster")
+    print(fam.FAMILY_HEADER)
+    print("-" * len(fam.FAMILY_HEADER))
+    rows = fam.run_family(
+        tuple(threads), min_rounds=max(args.rounds, 5), budget=args.budget if args.budget is not None else 0.5,
+        passes=args.passes if args.passes is not None else 2, use_torch=not args.no_torch,
+        progress=lambda r: print(fam.format_family_row(r), flush=True),
+    )  # fmt: skip
+    speedups = [r["speedup_torch"] for r in rows if r["speedup_torch"]]
+    if speedups:
+        geo = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
+        print(f"\ngeometric-mean speedup over PyTorch: {geo:.2f}x over {len(speedups)} cases "
+              f"(min {min(speedups):.2f}x, max {max(speedups):.2f}x)")
+    if args.json:
+        meta = dict(machine_info(), numpy=np.__version__, torch=torch.__version__ if torch is not None else None)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+        print(f"raw figures written to {args.json}")
     return 0

@@ -3,7 +3,10 @@
 import numpy as np
 
 Shape3 = tuple[int, int, int]
-Strides2 = tuple[int, int]
+# element strides (outer, channel), or (outer, channel, sample) for a keyed call
+Strides2 = tuple[int, ...]
+# () for batch norm, or bn_keys: (batch, group, uncentered, affine_inner)
+Keys = tuple[int, ...]
 
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
@@ -20,7 +23,8 @@ def set_stream_threshold(nbytes: int | None = None) -> int: ...
 def traffic(out: np.ndarray, a: np.ndarray, b: np.ndarray | None = None) -> None: ...
 def _task_grid(outer: int, channels: int, inner: int) -> tuple[int, int, int]: ...
 def moments(
-    shape: Shape3, x: np.ndarray, xs: Strides2, count: np.ndarray, mean: np.ndarray, m2: np.ndarray
+    shape: Shape3, x: np.ndarray, xs: Strides2, count: np.ndarray, mean: np.ndarray, m2: np.ndarray,
+    keys: Keys = (),
 ) -> None: ...
 def forward_train(
     shape: Shape3,
@@ -36,6 +40,7 @@ def forward_train(
     eps: float,
     save_mean: np.ndarray,
     save_invstd: np.ndarray,
+    keys: Keys = (),
 ) -> None: ...
 def inference(
     shape: Shape3,
@@ -57,12 +62,13 @@ def backward(
     xs: Strides2,
     grad_in: np.ndarray,
     gis: Strides2,
-    save_mean: np.ndarray,
+    save_mean: np.ndarray | None,
     save_invstd: np.ndarray,
     weight: np.ndarray | None,
     training: bool,
     grad_weight: np.ndarray,
     grad_bias: np.ndarray,
+    keys: Keys = (),
 ) -> None: ...
 
 # fast path: results for canonical arguments, None for anything else

@@ -197,6 +197,7 @@ def _int(value, name: str) -> int:
 
 def _normalized_shape(normalized_shape, x: np.ndarray) -> tuple:
     """``normalized_shape`` as a tuple that matches x's trailing dims."""
+    shape: tuple[int, ...]
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         shape = (int(normalized_shape),)
     else:

@@ -679,18 +679,18 @@ class Module:
                 p.grad[...] = 0
 
     # ------------------------------------------------------------------ computation
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> np.ndarray:
         """Compute the module's output; every subclass implements it.
 
         Parameters
         ----------
         *args, **kwargs
-            The inputs.
+            The inputs (bnfast's layers take one array).
 
         Returns
         -------
-        object
-            The output (usually a ``numpy.ndarray``).
+        numpy.ndarray
+            The output.
 
         Raises
         ------
@@ -702,7 +702,7 @@ class Module:
             "subclasses of bnfast.nn.Module implement forward(x) (and backward(grad_out))"
         )
 
-    def backward(self, grad_out: Any) -> Any:
+    def backward(self, grad_out: Any) -> np.ndarray:
         """Back-propagate: the gradient w.r.t. the input of the last :meth:`forward`.
 
         Subclasses implement it and store the gradient of each of their
@@ -728,7 +728,7 @@ class Module:
             "bnfast has no autograd, so each layer implements backward(grad_out) -> grad_input"
         )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         return self.forward(*args, **kwargs)
 
     # ------------------------------------------------------------------ state

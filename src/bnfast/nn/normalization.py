@@ -1033,10 +1033,10 @@ class _InstanceNorm(_FamilyNorm):
 
     def reset_running_stats(self) -> None:
         """Running mean to zeros and running variance to ones (in place)."""
-        if self.track_running_stats:
-            self._buffers["running_mean"][...] = 0
-            self._buffers["running_var"][...] = 1
-            self._buffers["num_batches_tracked"][...] = 0
+        for name, value in (("running_mean", 0), ("running_var", 1), ("num_batches_tracked", 0)):
+            buffer = self._buffers[name]
+            if buffer is not None:
+                buffer[...] = value
 
     def reset_parameters(self) -> None:
         """Running statistics reset; weight to ones and bias to zeros (in place)."""
@@ -1093,6 +1093,7 @@ class _InstanceNorm(_FamilyNorm):
             )
             self._saved = (xb, mean, invstd, True)
         else:
+            assert rv is not None  # kept together with running_mean
             y = batch_norm_inference(xb, rm, rv, w, b, eps=self.eps, axis=self._axis)
             with np.errstate(divide="ignore", invalid="ignore"):
                 invstd = (1.0 / np.sqrt(rv.astype(np.float64) + self.eps)).astype(self._dtype)
@@ -1221,10 +1222,7 @@ class FilterResponseNorm2d(_FamilyNorm):
         self.weight = Parameter(np.ones(C, dtype=dt), "weight")
         self.bias = Parameter(np.zeros(C, dtype=dt), "bias")
         self.tau = Parameter(np.zeros(C, dtype=dt), "tau")
-        if self.learnable_eps:
-            self.eps = Parameter(np.full(1, eps, dtype=dt), "eps")
-        else:
-            self.eps = eps
+        self.eps: float | Parameter = Parameter(np.full(1, eps, dtype=dt), "eps") if self.learnable_eps else eps
 
     @property
     def axis(self) -> int:
@@ -1232,7 +1230,7 @@ class FilterResponseNorm2d(_FamilyNorm):
         return self._axis
 
     def _eps_value(self) -> float:
-        return float(self._parameters["eps"][0]) if self.learnable_eps else self.eps
+        return float(self.eps[0]) if isinstance(self.eps, Parameter) else float(self.eps)
 
     def reset_parameters(self) -> None:
         """Weight to ones, bias and tau to zeros (in place)."""
