@@ -6,7 +6,7 @@ with one-pass Welford statistics merged by Chan's formula; layer, RMS, group,
 instance and filter response normalization on the same kernels.
 """
 
-from ._version import __version__
+from ._version import __version__ as __version__  # re-exported (also for mypy --strict)
 from ._config import show_config
 from ._functional import (
     batch_norm,
@@ -58,7 +58,6 @@ from . import _threadpool
 _threadpool.register()  # threadpoolctl sees and limits bnfast's threads, when it is installed
 
 __all__ = [
-    "__version__",
     "nn",
     "testing",
     "Module",
