@@ -18,6 +18,7 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, "include")
@@ -93,6 +94,19 @@ class BuildExt(build_ext):
                 f.write(text)
 
 
+class BuildPy(build_py):
+    """build_py that also ships the C headers as package data, bnfast/include/bnfast/*.h,
+    where bnfast.get_include() finds them in an installed package."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "bnfast", "include", "bnfast")
+        os.makedirs(target, exist_ok=True)
+        for name in sorted(os.listdir(os.path.join(INCLUDE, "bnfast"))):
+            if name.endswith(".h"):
+                self.copy_file(os.path.join(INCLUDE, "bnfast", name), os.path.join(target, name))
+
+
 extensions = [
     Extension(
         "bnfast._kernels",
@@ -105,5 +119,5 @@ extensions = [
 
 setup(
     ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}),
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

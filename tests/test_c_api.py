@@ -1,10 +1,12 @@
-"""The headers in include/bnfast are a self-contained C (and C++) API: a
-program that includes bnfast.h alone, built with the system compiler with and
-without OpenMP, gives the Python API's results."""
+"""The headers (bnfast.get_include()) are a self-contained C (and C++) API: the
+example program examples/c/normalize_nchw.c, which includes bnfast.h alone,
+built with the system compiler with and without OpenMP, gives the Python API's
+results; the version macros are the package's."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -14,12 +16,12 @@ import pytest
 import bnfast
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-INCLUDE = os.path.join(os.path.dirname(HERE), "include")
-SOURCE = os.path.join(HERE, "c", "forward_nchw.c")
+INCLUDE = bnfast.get_include()
+SOURCE = os.path.join(os.path.dirname(HERE), "examples", "c", "normalize_nchw.c")
 COMPILERS = [(cc, lang) for cc, lang in (("cc", "c"), ("c++", "c++")) if shutil.which(cc)]
 
 
-@pytest.mark.skipif(not COMPILERS or not os.path.isdir(INCLUDE), reason="needs a C compiler and the headers")
+@pytest.mark.skipif(not COMPILERS or not os.path.isfile(SOURCE), reason="needs a C compiler and the example")
 @pytest.mark.parametrize("cc,lang", COMPILERS)
 @pytest.mark.parametrize("openmp", [True, False])
 def test_c_program_matches_python(tmp_path, cc, lang, openmp):
@@ -41,3 +43,12 @@ def test_c_program_matches_python(tmp_path, cc, lang, openmp):
     np.testing.assert_array_equal(values[: x.size].reshape(x.shape), y)
     np.testing.assert_array_equal(values[x.size :: 2], mean)
     np.testing.assert_array_equal(values[x.size + 1 :: 2], invstd)
+
+
+def test_get_include_has_the_headers_and_the_version_is_the_packages():
+    header = os.path.join(INCLUDE, "bnfast", "bnfast.h")
+    assert os.path.isfile(header)
+    text = open(header).read()
+    numbers = {k: int(v) for k, v in re.findall(r"#define BNFAST_VERSION_(MAJOR|MINOR|PATCH) (\d+)", text)}
+    assert f"{numbers['MAJOR']}.{numbers['MINOR']}.{numbers['PATCH']}" == bnfast.__version__
+    assert f'#define BNFAST_VERSION "{bnfast.__version__}"' in text

@@ -4,6 +4,15 @@
  * streaming, interruption) in bn_run (parallel.h). */
 #ifndef BNFAST_H
 #define BNFAST_H
+
+/* The version of this API, the package's (src/bnfast/_version.py; a test
+ * keeps them equal).  BNFAST_VERSION_HEX compares: 0xMMmmpp. */
+#define BNFAST_VERSION_MAJOR 0
+#define BNFAST_VERSION_MINOR 1
+#define BNFAST_VERSION_PATCH 0
+#define BNFAST_VERSION "0.1.0"
+#define BNFAST_VERSION_HEX ((BNFAST_VERSION_MAJOR << 16) | (BNFAST_VERSION_MINOR << 8) | BNFAST_VERSION_PATCH)
+
 #include "kernels.h"
 
 /* The entry points: one per operation, taking its argument struct (ops.h)

@@ -7,7 +7,7 @@ instance and filter response normalization on the same kernels.
 """
 
 from ._version import __version__ as __version__  # re-exported (also for mypy --strict)
-from ._config import show_config
+from ._config import get_include, show_config
 from ._functional import (
     batch_norm,
     batch_norm_backward,
@@ -99,4 +99,5 @@ __all__ = [
     "filter_response_norm_forward",
     "filter_response_norm_backward",
     "show_config",
+    "get_include",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import platform
 import sys
 from typing import IO, Any
@@ -94,3 +96,29 @@ def show_config(file: IO[str] | None = None) -> None:
         if key.startswith("cache_") or key == "stream_threshold":
             value = format_bytes(value) + ("" if value is None else f" ({value} bytes)")
         print(f"{key:>16}: {value}", file=out)
+
+
+def get_include() -> str:
+    """Return the directory that holds bnfast's C headers (``bnfast/bnfast.h``).
+
+    The C API is header-only: add this directory to the include path of a C,
+    C++ or Cython build (as ``numpy.get_include()`` for NumPy's headers) and
+    include ``"bnfast/bnfast.h"``.
+
+    Returns
+    -------
+    str
+        ``bnfast/include`` inside the installed package, or the source tree's
+        ``include`` directory for an in-place build.
+
+    Examples
+    --------
+    >>> import os, bnfast
+    >>> os.path.isfile(os.path.join(bnfast.get_include(), "bnfast", "bnfast.h"))
+    True
+    """
+    package = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(package, "include"), os.path.join(package, "..", "..", "include")):
+        if os.path.isfile(os.path.join(candidate, "bnfast", "bnfast.h")):
+            return os.path.normpath(candidate)
+    raise FileNotFoundError(f"bnfast's C headers are not installed beside {package}")

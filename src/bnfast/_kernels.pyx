@@ -17,94 +17,45 @@ from cpython.exc cimport PyErr_Occurred
 
 cnp.import_array()
 
+# the public C API, declared once in capi.pxd
+from bnfast.capi cimport (
+    bn_geometry,
+    bn_array,
+    bn_keys,
+    bn_dtype,
+    BN_FLOAT32,
+    BN_FLOAT64,
+    bn_run,
+    BN_OK,
+    BN_ERR_NOMEM,
+    BN_ERR_INTERRUPTED,
+    BN_ERR_ISA,
+    bn_moments_args,
+    bn_forward_args,
+    bn_inference_args,
+    bn_backward_args,
+    bn_moments,
+    bn_forward_train,
+    bn_inference,
+    bn_backward,
+    bn_default_threads,
+    bn_openmp_enabled,
+    bn_simd_compiled,
+    bn_isa_name,
+    bn_isa_mask,
+    bn_isa_available,
+    bn_isa_best,
+    BN_ISA_BASELINE,
+    BN_ISA_AVX2,
+    BN_ISA_AVX512,
+)
+
 cdef extern from "bnfast/bnfast.h" nogil:
-    ctypedef struct bn_geometry:
-        Py_ssize_t outer
-        Py_ssize_t channels
-        Py_ssize_t inner
-    ctypedef struct bn_array:
-        void *data
-        Py_ssize_t outer_stride
-        Py_ssize_t channel_stride
-        Py_ssize_t batch_stride
-    ctypedef struct bn_keys:
-        Py_ssize_t batch
-        Py_ssize_t group
-        int uncentered
-        int affine_inner
-    ctypedef enum bn_dtype:
-        BN_FLOAT32
-        BN_FLOAT64
-    ctypedef struct bn_run:
-        int nthreads
-        int isa
-        long long stream_bytes
-        int (*interrupted)(void *) noexcept nogil
-        void *arg
-    int BN_OK
-    int BN_ERR_NOMEM
-    int BN_ERR_INTERRUPTED
-    int BN_ERR_ISA
     ctypedef struct bn_grid:
         Py_ssize_t ntasks
         Py_ssize_t partial_rows
     bn_grid bn_make_grid(const bn_geometry *)
     int BN_PARALLEL_MIN_ELEMS
-    # the operations' argument structs (ops.h), field for field
-    ctypedef struct bn_moments_args:
-        bn_dtype dtype
-        bn_geometry geo
-        bn_array x
-        double *count
-        double *mean
-        double *m2
-        bn_keys keys
-    ctypedef struct bn_forward_args:
-        bn_dtype dtype
-        bn_geometry geo
-        bn_array x, y
-        const void *weight
-        const void *bias
-        void *running_mean
-        void *running_var
-        double momentum, eps
-        void *save_mean
-        void *save_invstd
-        bn_keys keys
-    ctypedef struct bn_inference_args:
-        bn_dtype dtype
-        bn_geometry geo
-        bn_array x, y
-        const void *running_mean
-        const void *running_var
-        const void *weight
-        const void *bias
-        double eps
-    ctypedef struct bn_backward_args:
-        bn_dtype dtype
-        bn_geometry geo
-        bn_array grad_out, x, grad_in
-        const void *save_mean
-        const void *save_invstd
-        const void *weight
-        int training
-        void *grad_weight
-        void *grad_bias
-        bn_keys keys
-    int bn_moments(const bn_moments_args *, const bn_run *)
-    int bn_forward_train(const bn_forward_args *, const bn_run *)
-    int bn_inference(const bn_inference_args *, const bn_run *)
-    int bn_backward(const bn_backward_args *, const bn_run *)
-    int bn_default_threads()
-    int bn_openmp_enabled()
-    const char *bn_simd_compiled()
-    const char *bn_isa_name(int)
-    unsigned bn_isa_mask()
-    int bn_isa_available(int)
-    int bn_isa_best()
-    int BN_ISA_BASELINE
-    int BN_ISA_AVX2
-    int BN_ISA_AVX512
     ctypedef struct bn_cache_sizes:
         size_t l1d
         size_t l2

@@ -484,7 +484,7 @@ class Module:
         Parameters
         ----------
         memo : set of int, optional
-            ``id``s of modules already visited (internal, as in PyTorch).
+            The ``id()`` of each module already visited (internal, as in PyTorch).
         prefix : str, default ""
             Name of this module; children are named ``prefix + "." + name``.
         remove_duplicate : bool, default True

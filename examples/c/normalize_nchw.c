@@ -1,10 +1,20 @@
-/* Training forward on an NCHW float buffer through the C API alone: reads
- * N C HW and then the N*C*HW input values from stdin, prints the outputs,
- * the batch means and invstd, one per line (%.9g). */
+/* Batch normalization (training forward) of an NCHW float buffer through the
+ * C API alone: reads N C HW and then the N*C*HW input values from stdin,
+ * prints the outputs, the batch means and invstd, one per line (%.9g).
+ *
+ * Build (header-only; the headers are at `python -c "import bnfast; print(bnfast.get_include())"`):
+ *   cc -O2 -fopenmp -I"$(python -c 'import bnfast; print(bnfast.get_include())')" \
+ *      normalize_nchw.c -o normalize_nchw -lm
+ * (without -fopenmp: the serial kernels).  tests/test_c_api.py builds it with
+ * cc and c++, with and without OpenMP, and checks it against the Python API. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "bnfast/bnfast.h"
+
+#if BNFAST_VERSION_HEX < 0x000100
+#error "needs bnfast 0.1.0 or newer"
+#endif
 
 int main(void)
 {
