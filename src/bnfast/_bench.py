@@ -425,6 +425,11 @@ def _parser() -> argparse.ArgumentParser:
         help="time the normalization family (layer/RMS/group/instance norm, forward and backward, "
              "float32) against PyTorch instead of batch norm",
     )  # fmt: skip
+    parser.add_argument(
+        "--jax", action="store_true",
+        help="time bnfast.contrib.jax.batch_norm against jax.numpy batch norm (jit, forward+backward, "
+             "float32 32x64x56x56 or the first of --shapes; needs jax)",
+    )  # fmt: skip
     parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2 (default 1,2)")
     parser.add_argument("--ops", default=",".join(OPS), help="train,inference,backward")
     parser.add_argument("--dtypes", default=None, help="float32,float64 (quick: float32)")
@@ -450,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; the exit status is 0, or 2 for bad arguments or a missing matplotlib."""
     parser = _parser()
     args = parser.parse_args(None if argv is None else list(argv))
+    if args.jax:
+        from ._bench_jax import main_jax  # noqa: PLC0415
+
+        return main_jax(args)
 
     try:
         threads = _parse_list(args.threads, cast=int)

@@ -1,0 +1,1 @@
+"""Adapters of bnfast's kernels for other frameworks (optional dependencies)."""
