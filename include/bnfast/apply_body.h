@@ -99,11 +99,10 @@ static void BN_AFN(rows_)(const bn_context *k, ptrdiff_t t)
     const bn_array xa = k->BN_APPLY_X;
     const ptrdiff_t C = k->geo.channels, R = k->coef_rows;
     ptrdiff_t r = u.row0;
-    if (!BN_APPLY_G && R > 1 && xa.outer_stride == C && k->y.outer_stride == C && (!BN_APPLY_G || k->g.outer_stride == C)) {
+    if (!BN_APPLY_G && R > 1 && xa.outer_stride == C && k->y.outer_stride == C) {
         for (; r < u.row1; r += R) {
             const ptrdiff_t rows = bn_min(R, u.row1 - r);
-            const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + r * C : NULL;
-            BN_AFN(span_)(k, g, (const BN_T *)xa.data + r * C, (BN_T *)k->y.data + r * C, rows * C,
+            BN_AFN(span_)(k, NULL, (const BN_T *)xa.data + r * C, (BN_T *)k->y.data + r * C, rows * C,
                           0, 1, NULL, NULL);
         }
     }

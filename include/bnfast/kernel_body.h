@@ -960,36 +960,6 @@ static inline bn_array BN_FN(sample_)(bn_array a, ptrdiff_t b)
     return a;
 }
 
-/* Per-channel sums (in key order) of the contexts' per-key doubles. */
-typedef struct {
-    double *a, *b;
-    double stack[2 * BN_FINISH_BLOCK];
-    ptrdiff_t channels;
-} BN_FN(acc_);
-
-static int BN_FN(acc_init_)(BN_FN(acc_) *acc, ptrdiff_t channels)
-{
-    acc->channels = channels;
-    acc->a = channels <= BN_FINISH_BLOCK ? acc->stack : (double *)malloc(sizeof(double) * 2 * (size_t)channels);
-    if (!acc->a) return BN_ERR_NOMEM;
-    acc->b = acc->a + channels;
-    for (ptrdiff_t c = 0; c < 2 * channels; c++) acc->a[c] = 0.0;
-    return BN_OK;
-}
-
-static void BN_FN(acc_add_)(BN_FN(acc_) *acc, const bn_context *k)
-{
-    for (ptrdiff_t j = 0; j < k->geo.channels; j++) {
-        acc->a[j % acc->channels] += k->next_mean[j];
-        acc->b[j % acc->channels] += k->next_var[j];
-    }
-}
-
-static void BN_FN(acc_free_)(BN_FN(acc_) *acc)
-{
-    if (acc->a != acc->stack) free(acc->a);
-}
-
 /* The keyed view's settings of a context (C: channels per sample). */
 static void BN_FN(set_keys_)(bn_context *k, const bn_keys *keys, ptrdiff_t C)
 {
@@ -1001,17 +971,22 @@ static void BN_FN(set_keys_)(bn_context *k, const bn_keys *keys, ptrdiff_t C)
 
 /* Sets up the context of sample b of an op's call (its arguments `args`). */
 typedef void (*BN_FN(init_fn_))(bn_context *k, ptrdiff_t b, const void *args);
+/* Writes an op's per-channel results, given the per-key doubles of every
+ * context (next_mean, next_var) summed per channel in key order. */
+typedef void (*BN_FN(write_back_fn_))(const double *a, const double *b, const void *args);
 
 /* Builds the call's contexts -- one over every key when `flat`, else one per
- * sample of `batch` -- runs them, and adds their per-key outputs to `acc`
- * (if not NULL) in sample order. */
+ * sample of `batch` -- runs them, and on success hands write_back (if not
+ * NULL) the sums per channel (C = sample_geo->channels) of their per-key
+ * outputs, folded in key order into the first context's arrays (no scratch
+ * of its own: a call with one sample and one context adds nothing). */
 static int BN_FN(run_keyed_)(const bn_geometry *sample_geo, bn_array x, ptrdiff_t batch, int flat,
                              const bn_run *run, int partials, BN_FN(init_fn_) init, const void *args,
-                             BN_FN(acc_) *acc)
+                             BN_FN(write_back_fn_) write_back)
 {
     bn_geometry geo = *sample_geo;
     if (flat) geo.channels *= batch;
-    const ptrdiff_t n = flat ? 1 : batch;
+    const ptrdiff_t n = flat ? 1 : batch, C = sample_geo->channels;
     bn_context one, *ks = &one;
     double stack_[BN_STACK_DOUBLES]; /* small calls (one context) never touch malloc */
     if (n > 1 && !(ks = (bn_context *)malloc(sizeof(bn_context) * (size_t)n))) return BN_ERR_NOMEM;
@@ -1028,10 +1003,16 @@ static int BN_FN(run_keyed_)(const bn_geometry *sample_geo, bn_array x, ptrdiff_
         init(k, made, args);
     }
     if (status == BN_OK) status = BN_FN(exec_all_)(ks, n);
-    for (ptrdiff_t i = 0; i < made; i++) {
-        if (status == BN_OK && acc) BN_FN(acc_add_)(acc, &ks[i]);
-        bn_context_free(&ks[i]);
+    if (status == BN_OK && write_back) {
+        double *sa = ks[0].next_mean, *sb = ks[0].next_var; /* key j adds to channel j % C */
+        for (ptrdiff_t i = 0; i < n; i++)
+            for (ptrdiff_t j = i ? 0 : C; j < geo.channels; j++) {
+                sa[j % C] += ks[i].next_mean[j];
+                sb[j % C] += ks[i].next_var[j];
+            }
+        write_back(sa, sb, args);
     }
+    for (ptrdiff_t i = 0; i < made; i++) bn_context_free(&ks[i]);
     if (ks != &one) free(ks);
     return status;
 }
@@ -1070,25 +1051,24 @@ static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->save_invstd = (BN_T *)a->save_invstd + b * C / G;
 }
 
+/* The running statistics: the mean of the samples' updates (one sample: itself). */
+static void BN_FN(write_running_)(const double *a, const double *b, const void *args)
+{
+    const bn_forward_args *f = (const bn_forward_args *)args;
+    const double B = (double)bn_keys_batch(&f->keys);
+    BN_T *rm = (BN_T *)f->running_mean, *rv = (BN_T *)f->running_var;
+    for (ptrdiff_t c = 0; c < f->geo.channels; c++) {
+        rm[c] = (BN_T)(a[c] / B);
+        rv[c] = (BN_T)(b[c] / B);
+    }
+}
+
 static int BN_FN(forward_train_)(const bn_forward_args *a, const bn_run *run)
 {
     const ptrdiff_t B = bn_keys_batch(&a->keys), C = a->geo.channels;
     const int flat = B == 1 || (bn_keys_flat(&a->x, C) && bn_keys_flat(&a->y, C));
-    BN_FN(acc_) acc;
-    if (a->running_mean && BN_FN(acc_init_)(&acc, C) != BN_OK) return BN_ERR_NOMEM;
-    const int status = BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_forward_), a,
-                                         a->running_mean ? &acc : NULL);
-    if (a->running_mean) {
-        if (status == BN_OK) { /* the mean of the samples' updates (one sample: itself) */
-            BN_T *rm = (BN_T *)a->running_mean, *rv = (BN_T *)a->running_var;
-            for (ptrdiff_t c = 0; c < C; c++) {
-                rm[c] = (BN_T)(acc.a[c] / (double)B);
-                rv[c] = (BN_T)(acc.b[c] / (double)B);
-            }
-        }
-        BN_FN(acc_free_)(&acc);
-    }
-    return status;
+    return BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_forward_), a,
+                             a->running_mean ? BN_FN(write_running_) : NULL);
 }
 
 static void BN_FN(init_inference_)(bn_context *k, ptrdiff_t b, const void *args)
@@ -1129,29 +1109,26 @@ static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
     if (!a->training) k->ax = k->g; /* the affine phase reads g (with mean 0) */
 }
 
+/* grad_weight and grad_bias per channel: the sums of the keys' shares. */
+static void BN_FN(write_grads_)(const double *a, const double *b, const void *args)
+{
+    const bn_backward_args *g = (const bn_backward_args *)args;
+    for (ptrdiff_t c = 0; c < g->geo.channels; c++) {
+        ((BN_T *)g->grad_weight)[c] = (BN_T)a[c];
+        ((BN_T *)g->grad_bias)[c] = (BN_T)b[c];
+    }
+}
+
 static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 {
     const ptrdiff_t B = bn_keys_batch(&a->keys), C = a->geo.channels;
     const int flat = B == 1 || (bn_keys_flat(&a->x, C) && bn_keys_flat(&a->grad_out, C)
                                 && bn_keys_flat(&a->grad_in, C));
-    const int per_channel = !a->keys.affine_inner; /* else the column sums write them */
-    BN_FN(acc_) acc;
-    if (per_channel && BN_FN(acc_init_)(&acc, C) != BN_OK) return BN_ERR_NOMEM;
-    const int status = BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_backward_), a,
-                                         per_channel ? &acc : NULL);
-    if (per_channel) {
-        if (status == BN_OK)
-            for (ptrdiff_t c = 0; c < C; c++) {
-                ((BN_T *)a->grad_weight)[c] = (BN_T)acc.a[c];
-                ((BN_T *)a->grad_bias)[c] = (BN_T)acc.b[c];
-            }
-        BN_FN(acc_free_)(&acc);
-    }
-    return status;
+    /* affine_inner: the column sums write grad_weight and grad_bias */
+    return BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_backward_), a,
+                             a->keys.affine_inner ? NULL : BN_FN(write_grads_));
 }
 
-#undef BN_COL_UNIT_ELEMS
-#undef BN_BLOCK_ELEMS
 #undef BN_ROW_BLOCK
 #undef BN_SUM_ROWS
 #undef BN_LINE_T

@@ -109,7 +109,9 @@ def _settle(x: np.ndarray, plan_of: Callable[[np.ndarray], Optional[_KeyedPlan]]
     """The plan of ``x`` if its outputs (fresh arrays in x's memory order) fit
     it too, else the plan of a contiguous copy."""
     plan = plan_of(x)
-    if plan is None or plan.fit(np.empty_like(x)) is None:
+    # a C-contiguous x's fresh outputs are C-contiguous too: only other
+    # layouts need the (allocating) probe
+    if plan is None or (not x.flags.c_contiguous and plan.fit(np.empty_like(x)) is None):
         plan = plan_of(np.ascontiguousarray(x))
     assert plan is not None
     return plan
