@@ -34,6 +34,7 @@ from ._normalization import (
     rms_norm_backward,
     rms_norm_forward,
 )
+from ._double_backward import batch_norm_double_backward
 from ._moments import Moments
 from ._parameter import Parameter
 from .nn.module import Module
@@ -78,6 +79,7 @@ __all__ = [
     "Parameter",
     "batch_norm",
     "batch_norm_backward",
+    "batch_norm_double_backward",
     "batch_norm_forward",
     "batch_norm_inference",
     "get_num_threads",

@@ -19,6 +19,7 @@ __all__ = [
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_norm_backward",
+    "batch_norm_double_backward",
     "moments",
     "layer_norm_forward",
     "layer_norm_backward",
@@ -259,6 +260,69 @@ def batch_norm_backward(grad_out, x, save_mean, save_invstd, weight=None, *,
     else:
         grad_input = g_rows * (w * invstd)
     return _from_rows(grad_input, shape_moved, ax), grad_weight, grad_bias
+
+
+def batch_norm_double_backward(grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out, x,
+                               save_mean, save_invstd, weight=None, *, training=True, axis=1):
+    """Gradients of :func:`batch_norm_backward`'s outputs w.r.t. x, grad_out and weight, in float64.
+
+    With ``P(a) = a - mean(a) - x_hat * mean(a * x_hat)`` per channel,
+    ``G = grad_grad_input``, ``gw = grad_grad_weight``, ``gb = grad_grad_bias``
+    (zeros when None) and ``s = save_invstd``:
+
+    - ``training=True``: ``grad_x = gw s P(g) - w s**2 (x_hat mean(G P(g))
+      + mean(G x_hat) P(g) + mean(g x_hat) P(G))``, ``grad_grad_out = w s P(G)
+      + gw x_hat + gb``, ``grad_weight = s sum(G P(g))``;
+    - ``training=False``: ``grad_x = gw s g``, ``grad_grad_out = w s G + gw
+      x_hat + gb``, ``grad_weight = s sum(G g)``.
+
+    Parameters
+    ----------
+    grad_grad_input : array_like or None
+        Gradient w.r.t. grad_input; shape of ``x``.
+    grad_grad_weight, grad_grad_bias : array_like, shape (C,), or None
+        Gradients w.r.t. grad_weight and grad_bias.
+    grad_out, x : array_like
+        The arguments of the first backward.
+    save_mean, save_invstd : array_like, shape (C,)
+        The statistics of the first backward.
+    weight : array_like, shape (C,), optional
+        ``None`` means ones.
+    training : bool, optional
+        Whether the statistics are functions of x. Default True.
+    axis : int, optional
+        Channel axis (negative allowed). Default 1.
+
+    Returns
+    -------
+    grad_x : ndarray of float64, shape of x
+    grad_grad_out : ndarray of float64, shape of x
+    grad_weight : ndarray of float64, shape (C,)
+    """
+    g, shape_moved, ax = _as_rows(grad_out, axis)
+    xr, _, _ = _as_rows(x, axis)
+    n, channels = xr.shape
+    G = np.zeros_like(g) if grad_grad_input is None else _as_rows(grad_grad_input, axis)[0]
+    gw = _vector(grad_grad_weight, channels, 0.0, "grad_grad_weight")
+    gb = _vector(grad_grad_bias, channels, 0.0, "grad_grad_bias")
+    s = _vector(save_invstd, channels, 1.0, "save_invstd")
+    w = _vector(weight, channels, 1.0, "weight")
+    x_hat = (xr - _vector(save_mean, channels, 0.0, "save_mean")) * s
+    if training:
+        def P(a):
+            return a - a.mean(axis=0) - x_hat * (a * x_hat).mean(axis=0)
+
+        Pg, PG = P(g), P(G)
+        cross = (G * Pg).mean(axis=0)
+        grad_x = gw * s * Pg - w * s**2 * (x_hat * cross + (G * x_hat).mean(axis=0) * Pg
+                                           + (g * x_hat).mean(axis=0) * PG)
+        grad_grad_out = w * s * PG + gw * x_hat + gb
+        grad_weight = s * (G * Pg).sum(axis=0)
+    else:
+        grad_x = gw * s * g
+        grad_grad_out = w * s * G + gw * x_hat + gb
+        grad_weight = s * (G * g).sum(axis=0)
+    return (_from_rows(grad_x, shape_moved, ax), _from_rows(grad_grad_out, shape_moved, ax), grad_weight)
 
 
 # ----------------------------------------------------- the normalization family
