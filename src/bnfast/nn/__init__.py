@@ -40,6 +40,7 @@ from .losses import CrossEntropyLoss, MSELoss
 from .optim import SGD, Adam, Optimizer, clip_grad_norm_
 from .schedulers import CosineAnnealingLR, LRScheduler, StepLR
 from .training import evaluate, fit, predict
+from . import utils
 
 __all__ = [
     "Module",
@@ -77,4 +78,5 @@ __all__ = [
     "fit",
     "evaluate",
     "predict",
+    "utils",
 ]

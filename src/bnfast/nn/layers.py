@@ -139,7 +139,9 @@ class _WeightBiasLayer(Module):
         return self._weight_parameter().grad
 
     def _weight_parameter(self) -> Parameter:
-        w = self._parameters["weight"]
+        # By attribute: the registered Parameter, or the weight a reparametrization
+        # (bnfast.nn.utils.weight_norm / spectral_norm) computes before each forward.
+        w = self.weight
         if w is None:
             raise AttributeError(f"{type(self).__name__}.weight was set to None")
         return w

@@ -19,6 +19,12 @@ Differences from PyTorch, all deliberate:
 * No autograd: a layer implements ``forward`` *and* ``backward``;
   ``backward(grad_out)`` returns the gradient w.r.t. the input of the last
   ``forward`` and stores parameter gradients in ``Parameter.grad``.
+* Hooks (``register_forward_pre_hook``, ``register_forward_hook``,
+  ``register_full_backward_pre_hook``, ``register_full_backward_hook``, each
+  returning a :class:`RemovableHandle`) run around ``forward`` when the module
+  is called and around every ``backward`` call: each subclass's ``backward``
+  is wrapped once, when the class is created.  Backward hooks see one-element
+  tuples ``(grad,)`` and run after the parameters' ``.grad`` are stored.
 * The walkers (``parameters``, ``named_modules``, ...) return lists, not
   generators: they can be indexed, measured and iterated twice.
 * Assigning an array to an attribute that holds a registered parameter or
@@ -34,7 +40,10 @@ Differences from PyTorch, all deliberate:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
+import weakref
 from collections import OrderedDict, namedtuple
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Callable, Iterable, TypeVar
@@ -43,7 +52,7 @@ import numpy as np
 
 from .._parameter import Parameter, _copy_into
 
-__all__ = ["Module", "IncompatibleKeys", "StateDictError"]
+__all__ = ["Module", "IncompatibleKeys", "StateDictError", "RemovableHandle"]
 
 T = TypeVar("T", bound="Module")
 
@@ -125,6 +134,86 @@ def _state_array(value: Any, key: str) -> np.ndarray:
         raise TypeError(f"state_dict[{key!r}] cannot be converted to a NumPy array: {exc}") from exc
 
 
+class RemovableHandle:
+    """The handle a ``register_*hook`` method returns: ``handle.remove()`` unregisters the hook.
+
+    Like ``torch.utils.hooks.RemovableHandle``; also a context manager that
+    removes the hook on exit.  Removing twice, or after the module is gone,
+    does nothing.
+
+    Parameters
+    ----------
+    hooks_dict : collections.OrderedDict
+        The registry the hook is stored in, under :attr:`id`.
+
+    Attributes
+    ----------
+    id : int
+        The hook's key in its registry (unique in the process).
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, hooks_dict: "OrderedDict[int, Callable[..., Any]]") -> None:
+        self.hooks_dict_ref = weakref.ref(hooks_dict)
+        self.id = next(RemovableHandle._ids)
+
+    def remove(self) -> None:
+        """Unregister the hook (nothing happens if it is already gone)."""
+        hooks = self.hooks_dict_ref()
+        if hooks is not None:
+            hooks.pop(self.id, None)
+
+    def __enter__(self) -> "RemovableHandle":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.remove()
+
+
+_HOOK_REGISTRIES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+                    "_state_dict_hooks")
+
+
+def _one(result: Any) -> Any:
+    """A hook's replacement for a one-element tuple of arrays: the array."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _with_backward_hooks(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``backward`` so the module's backward hooks run around it.
+
+    Applied once per class by :meth:`Module.__init_subclass__`.  Only the
+    outermost call on an instance runs the hooks (a ``super().backward``
+    inside a hooked ``backward`` does not run them again); without hooks the
+    wrapper adds one dictionary lookup.
+    """
+
+    @functools.wraps(backward)
+    def hooked(self: "Module", grad_out: Any, *args: Any, **kwargs: Any) -> Any:
+        d = self.__dict__
+        pre, post = d.get("_backward_pre_hooks"), d.get("_backward_hooks")
+        if not (pre or post) or d.get("_running_backward_hooks"):
+            return backward(self, grad_out, *args, **kwargs)
+        d["_running_backward_hooks"] = True
+        try:
+            for hook in list(pre.values()) if pre else ():
+                result = hook(self, (grad_out,))
+                if result is not None:
+                    grad_out = _one(result)
+            grad_in = backward(self, grad_out, *args, **kwargs)
+            for hook in list(post.values()) if post else ():
+                result = hook(self, (grad_in,), (grad_out,))
+                if result is not None:
+                    grad_in = _one(result)
+        finally:
+            del d["_running_backward_hooks"]
+        return grad_in
+
+    hooked._bnfast_backward_hooks = True  # type: ignore[attr-defined]
+    return hooked
+
+
 class Module:
     """Base class of every bnfast layer; subclass it for layers of your own.
 
@@ -179,6 +268,17 @@ class Module:
         d["_buffers"] = OrderedDict()
         d["_non_persistent_buffers_set"] = set()
         d["_modules"] = OrderedDict()
+        for registry in _HOOK_REGISTRIES:
+            d[registry] = OrderedDict()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Each class that defines backward gets it wrapped once, so that the
+        # backward hooks of an instance run whoever calls backward (Sequential,
+        # fit, user code): the class-level counterpart of __call__ for forward.
+        super().__init_subclass__(**kwargs)
+        backward = cls.__dict__.get("backward")
+        if callable(backward) and not getattr(backward, "_bnfast_backward_hooks", False):
+            cls.backward = _with_backward_hooks(backward)  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ registration
     def _check_new_attribute(self, name: str, store: str) -> None:
@@ -729,7 +829,154 @@ class Module:
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        return self.forward(*args, **kwargs)
+        d = self.__dict__
+        pre, post = d.get("_forward_pre_hooks"), d.get("_forward_hooks")
+        if not (pre or post):
+            return self.forward(*args, **kwargs)
+        for hook in list(pre.values()) if pre else ():
+            result = hook(self, args)
+            if result is not None:
+                args = result if isinstance(result, tuple) else (result,)
+        out = self.forward(*args, **kwargs)
+        for hook in list(post.values()) if post else ():
+            result = hook(self, args, out)
+            if result is not None:
+                out = result
+        return out
+
+    # ------------------------------------------------------------------ hooks
+    def _add_hook(self, registry: str, hook: Any, prepend: bool) -> RemovableHandle:
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        d = self.__dict__
+        if registry not in d:  # a module unpickled from before hooks existed
+            if "_parameters" not in d:
+                raise AttributeError("cannot register a hook before Module.__init__() call")
+            d[registry] = OrderedDict()
+        hooks = d[registry]
+        handle = RemovableHandle(hooks)
+        hooks[handle.id] = hook
+        if prepend:
+            hooks.move_to_end(handle.id, last=False)
+        return handle
+
+    def _register_state_dict_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """Register ``hook(module, state_dict, prefix, local_metadata)``, run by :meth:`state_dict`.
+
+        Called after the module's own entries are written (PyTorch's private
+        hook of the same name); ``local_metadata`` is this module's entry of
+        ``state_dict._metadata``.  :func:`bnfast.nn.utils.spectral_norm`
+        records its state-dict version there.
+        """
+        return self._add_hook("_state_dict_hooks", hook, False)
+
+    def register_forward_pre_hook(self, hook: Callable[..., Any], *, prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(module, args)``, called by ``module(*args)`` before :meth:`forward`.
+
+        Hooks run in registration order; each may return None or new
+        positional arguments (a tuple, or a single value that is wrapped in
+        one).  Calling ``module.forward(x)`` directly runs no hooks, as in
+        PyTorch.  Reparametrizations use this point:
+        :func:`bnfast.nn.utils.weight_norm` computes the weight here.
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(module, args) -> None or args``.
+        prepend : bool, default False
+            Run before the hooks already registered.
+
+        Returns
+        -------
+        RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+
+        Raises
+        ------
+        TypeError
+            ``hook`` is not callable.
+        """
+        return self._add_hook("_forward_pre_hooks", hook, prepend)
+
+    def register_forward_hook(self, hook: Callable[..., Any], *, prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(module, args, output)``, called by ``module(*args)`` after :meth:`forward`.
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(module, args, output) -> None or output``; a value other
+            than None replaces the output.
+        prepend : bool, default False
+            Run before the hooks already registered.
+
+        Returns
+        -------
+        RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+
+        Raises
+        ------
+        TypeError
+            ``hook`` is not callable.
+        """
+        return self._add_hook("_forward_hooks", hook, prepend)
+
+    def register_full_backward_pre_hook(self, hook: Callable[..., Any], *,
+                                        prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(module, grad_output)``, called when :meth:`backward` starts.
+
+        ``grad_output`` is a one-element tuple ``(grad_out,)`` (PyTorch passes
+        a tuple of tensors); the hook may return None or a replacement (a
+        tuple, or a bare array).  Runs on every call of ``module.backward``:
+        each subclass's ``backward`` is wrapped once, at class creation.
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(module, grad_output) -> None or grad_output``.
+        prepend : bool, default False
+            Run before the hooks already registered.
+
+        Returns
+        -------
+        RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+
+        Raises
+        ------
+        TypeError
+            ``hook`` is not callable.
+        """
+        return self._add_hook("_backward_pre_hooks", hook, prepend)
+
+    def register_full_backward_hook(self, hook: Callable[..., Any], *, prepend: bool = False) -> RemovableHandle:
+        """Register ``hook(module, grad_input, grad_output)``, called after :meth:`backward`.
+
+        Both are one-element tuples; the parameters' ``.grad`` are already
+        stored when the hook runs, so it may read or change them (this is
+        where :func:`bnfast.nn.utils.weight_norm` turns the gradient of the
+        computed weight into those of ``weight_g`` and ``weight_v``).  A
+        return value other than None replaces ``grad_input`` (a tuple or a
+        bare array).
+
+        Parameters
+        ----------
+        hook : callable
+            ``hook(module, grad_input, grad_output) -> None or grad_input``.
+        prepend : bool, default False
+            Run before the hooks already registered.
+
+        Returns
+        -------
+        RemovableHandle
+            ``handle.remove()`` unregisters the hook.
+
+        Raises
+        ------
+        TypeError
+            ``hook`` is not callable.
+        """
+        return self._add_hook("_backward_hooks", hook, prepend)
 
     # ------------------------------------------------------------------ state
     def _save_to_state_dict(self, destination: MutableMapping[str, Any], prefix: str, keep_vars: bool) -> None:
@@ -778,9 +1025,12 @@ class Module:
             destination = OrderedDict()
             destination._metadata = OrderedDict()  # type: ignore[attr-defined]
         metadata = getattr(destination, "_metadata", None)
+        local_metadata: dict[str, Any] = {"version": self._version}
         if metadata is not None:
-            metadata[prefix[:-1]] = {"version": self._version}
+            metadata[prefix[:-1]] = local_metadata
         self._save_to_state_dict(destination, prefix, keep_vars)
+        for hook in self.__dict__.get("_state_dict_hooks", {}).values():
+            hook(self, destination, prefix, local_metadata)
         for name, module in self._modules.items():
             if module is not None:
                 module.state_dict(destination=destination, prefix=prefix + name + ".", keep_vars=keep_vars)
