@@ -52,9 +52,11 @@ def _public_objects():
     root = importlib.import_module("bnfast")
     modules = [root] + [getattr(root, n) for n in root.__all__ if isinstance(getattr(root, n), types.ModuleType)]
     seen: set[int] = set()
-    for mod in modules:
+    for mod in modules:  # grows by the submodules listed in an __all__ (bnfast.nn.utils)
         for name in mod.__all__:
             obj = getattr(mod, name)
+            if isinstance(obj, types.ModuleType) and obj not in modules:
+                modules.append(obj)
             if isinstance(obj, types.ModuleType) or id(obj) in seen:
                 continue  # modules are walked themselves; re-exports validated once
             seen.add(id(obj))

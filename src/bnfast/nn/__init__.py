@@ -20,7 +20,7 @@ Examples
 """
 
 from .._parameter import Parameter
-from .module import IncompatibleKeys, Module, StateDictError
+from .module import IncompatibleKeys, Module, RemovableHandle, StateDictError
 from .normalization import (
     BatchNorm,
     BatchNorm1d,
@@ -47,6 +47,7 @@ __all__ = [
     "Parameter",
     "IncompatibleKeys",
     "StateDictError",
+    "RemovableHandle",
     "Linear",
     "Conv2d",
     "ReLU",
