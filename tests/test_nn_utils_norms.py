@@ -131,10 +131,11 @@ def test_weight_norm_gradients_finite_differences(make, xshape, dim):
         np.testing.assert_allclose(analytic, _numeric(loss, p), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("dim", [None, 1])
 @pytest.mark.parametrize("make,xshape", _layers())
-def test_spectral_norm_gradients_finite_differences_eval(make, xshape):
+def test_spectral_norm_gradients_finite_differences_eval(make, xshape, dim):
     """In eval mode u and v are constants, so sigma = u.Wv is the whole dependence on W."""
-    layer = spectral_norm(make(), rng=2)
+    layer = spectral_norm(make(), rng=2, dim=dim)
     layer(np.zeros(xshape))  # one training step of power iteration
     layer.eval()
     rng = np.random.default_rng(3)
@@ -226,13 +227,14 @@ def test_weight_norm_matches_torch(kind, dim):
     np.testing.assert_allclose(b.weight, t.weight.detach().numpy(), rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("n_power_iterations", [1, 3])
+@pytest.mark.parametrize("n_power_iterations,dim", [(1, None), (3, None), (2, 1)])
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_spectral_norm_matches_torch(kind, n_power_iterations):
+def test_spectral_norm_matches_torch(kind, n_power_iterations, dim):
     torch = _torch()
     t, b, xshape = _pair(torch, kind, 1)
-    torch.nn.utils.spectral_norm(t, n_power_iterations=n_power_iterations)
-    spectral_norm(b, n_power_iterations=n_power_iterations, rng=5)
+    torch.nn.utils.spectral_norm(t, n_power_iterations=n_power_iterations, dim=dim)
+    spectral_norm(b, n_power_iterations=n_power_iterations, dim=dim, rng=5)
+    assert b.weight_u.shape == tuple(t.weight_u.shape) and b.weight_v.shape == tuple(t.weight_v.shape)
     sd = t.state_dict()
     assert list(b.state_dict()) == list(sd) == ["bias", "weight_orig", "weight_u", "weight_v"]
     b.load_state_dict(sd)
