@@ -78,6 +78,14 @@ def test_backward_hooks_run_once_around_every_backward(cls):
     assert m.backward(np.array([1.0]))[0] == 4.0 and seen == [("pre", 1.0)]
 
 
+def test_backward_hooks_with_keyword_gradient():
+    fc, seen = nn.Linear(2, 2, rng=0, dtype=np.float64), []
+    fc(np.ones((1, 2)))
+    fc.register_full_backward_pre_hook(lambda mod, go: seen.append(go[0].shape))
+    fc.backward(grad_out=np.ones((1, 2)))
+    assert seen == [(1, 2)]
+
+
 def test_hooks_survive_deepcopy_and_pickle_of_weight_norm():
     fc = weight_norm(nn.Linear(3, 2, rng=0, dtype=np.float64))
     for clone in (copy.deepcopy(fc), pickle.loads(pickle.dumps(fc))):

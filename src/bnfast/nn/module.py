@@ -190,11 +190,18 @@ def _with_backward_hooks(backward: Callable[..., Any]) -> Callable[..., Any]:
     """
 
     @functools.wraps(backward)
-    def hooked(self: "Module", grad_out: Any, *args: Any, **kwargs: Any) -> Any:
+    def hooked(self: "Module", *args: Any, **kwargs: Any) -> Any:
         d = self.__dict__
         pre, post = d.get("_backward_pre_hooks"), d.get("_backward_hooks")
         if not (pre or post) or d.get("_running_backward_hooks"):
-            return backward(self, grad_out, *args, **kwargs)
+            return backward(self, *args, **kwargs)
+        if args:  # the gradient: the first argument (or the keyword grad_out)
+            grad_out, args = args[0], args[1:]
+        elif "grad_out" in kwargs:
+            grad_out = kwargs.pop("grad_out")
+        else:
+            raise TypeError(f"{type(self).__name__}.backward: backward hooks need the gradient as its "
+                            "first argument")
         d["_running_backward_hooks"] = True
         try:
             for hook in list(pre.values()) if pre else ():

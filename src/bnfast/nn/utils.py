@@ -51,7 +51,22 @@ def _set_computed(module: Module, name: str, weight: np.ndarray) -> None:
 
 
 def _computed(module: Module, name: str) -> Parameter:
-    return module.__dict__[name]
+    """The weight the last forward computed (the plain attribute)."""
+    w: Parameter = module.__dict__[name]
+    return w
+
+
+def _param(module: Module, key: str) -> Parameter:
+    """A parameter the reparametrization registered (present while it is applied)."""
+    p = module._parameters[key]
+    assert p is not None
+    return p
+
+
+def _buffer(module: Module, key: str) -> np.ndarray:
+    b = module._buffers[key]
+    assert b is not None
+    return b
 
 
 def _parameter(module: Any, name: Any, who: str) -> Parameter:
@@ -78,11 +93,12 @@ def _dim(dim: Any, ndim: int, who: str, *, whole: bool) -> int | None:
         return None if whole else 0
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"{who}: dim must be an integer or None, got {dim!r}")
-    if whole and dim == -1:  # PyTorch's weight_norm: -1 is the norm over the whole tensor
+    d = int(dim)
+    if whole and d == -1:  # PyTorch's weight_norm: -1 is the norm over the whole tensor
         return None
-    if not -ndim <= dim < max(ndim, 1):
-        raise ValueError(f"{who}: dim {dim} is out of range for a parameter of {ndim} dimensions")
-    return int(dim) % max(ndim, 1)
+    if not -ndim <= d < max(ndim, 1):
+        raise ValueError(f"{who}: dim {d} is out of range for a parameter of {ndim} dimensions")
+    return d % max(ndim, 1)
 
 
 def _detach(module: Module, fn: Any) -> None:
@@ -94,13 +110,14 @@ def _detach(module: Module, fn: Any) -> None:
                 del hooks[key]
 
 
-def _find(module: Any, cls: type, name: str, who: str) -> Any:
+def _find(module: Any, cls: Any, name: str, who: str) -> Any:
     if not isinstance(module, Module):
         raise TypeError(f"{who}: module must be a bnfast.nn.Module, got {type(module).__name__}")
+    hook: Any
     for hook in module.__dict__.get("_forward_pre_hooks", {}).values():
         if isinstance(hook, cls) and hook.name == name:
             return hook
-    raise ValueError(f"{who}: {cls._what} of {name!r} not found in {type(module).__name__}")
+    raise ValueError(f"{who}: {getattr(cls, '_what')} of {name!r} not found in {type(module).__name__}")
 
 
 # ------------------------------------------------------------------- weight norm
@@ -123,8 +140,8 @@ class _WeightNorm:
         return np.sqrt(np.sum(v * v, axis=axes, keepdims=True))
 
     def compute_weight(self, module: Module) -> tuple[np.ndarray, np.ndarray]:
-        g = module._parameters[self.name + "_g"].data
-        v = module._parameters[self.name + "_v"].data
+        g = _param(module, self.name + "_g").data
+        v = _param(module, self.name + "_v").data
         norm = self._v_norm(v)
         return v * (g / norm), norm
 
@@ -136,7 +153,7 @@ class _WeightNorm:
         grad = _computed(module, self.name).grad
         if grad is None or self._norm is None:
             return
-        g_p, v_p = module._parameters[self.name + "_g"], module._parameters[self.name + "_v"]
+        g_p, v_p = _param(module, self.name + "_g"), _param(module, self.name + "_v")
         g, v, norm = g_p.data, v_p.data, self._norm
         axes = None if self.dim is None else tuple(i for i in range(v.ndim) if i != self.dim)
         # d/dg: <grad, v> / ||v||;  d/dv: (g / ||v||) (grad - v <grad, v> / ||v||^2)
@@ -270,8 +287,8 @@ class _SpectralNorm:
         return w.reshape(w.shape[0], -1)
 
     def compute_weight(self, module: Module, do_power_iteration: bool) -> tuple[np.ndarray, Any]:
-        w = module._parameters[self.name + "_orig"].data
-        u, v = module._buffers[self.name + "_u"], module._buffers[self.name + "_v"]
+        w = _param(module, self.name + "_orig").data
+        u, v = _buffer(module, self.name + "_u"), _buffer(module, self.name + "_v")
         mat = self._matrix(w)
         if do_power_iteration:  # updates the buffers in place, as PyTorch does
             for _ in range(self.n_power_iterations):
@@ -289,7 +306,7 @@ class _SpectralNorm:
         grad = _computed(module, self.name).grad
         if grad is None or self._last is None:
             return
-        orig = module._parameters[self.name + "_orig"]
+        orig = _param(module, self.name + "_orig")
         sigma, u, v = self._last
         # u and v are constants (PyTorch: computed under no_grad); sigma = u^T W v, so
         # d/dW of L(W / sigma) = grad / sigma - <grad, W> / sigma^2 * u v^T
