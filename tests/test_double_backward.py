@@ -73,7 +73,8 @@ def test_any_grad_grad_may_be_none(which, training):
 
 
 def test_large_mean_float32_centred():
-    """float32 input with a mean far larger than the spread: the centred sums keep it accurate."""
+    """float32 input with a mean far larger than the spread: within ~1e-7 of the float64 reference
+    (the sums in float64 around the mean, the outputs in the centred form)."""
     x, g, mean, invstd, w, G, gw, gb = problem((16, 4, 64), 1, 3, np.float64, offset=1e4)
     x32 = x.astype(np.float32)
     _, mean, invstd = ref.batch_norm_forward(x32, axis=1, eps=EPS)[:3]
@@ -83,7 +84,7 @@ def test_large_mean_float32_centred():
                                             mean.astype(np.float32), invstd.astype(np.float32),
                                             w.astype(np.float32))
     for a, e in zip(got, expected):
-        np.testing.assert_allclose(a, e, rtol=2e-3, atol=2e-3 * np.abs(e).max())
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6 * np.abs(e).max())
 
 
 @settings(max_examples=20)
