@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .. import _functional as F
+from .._functional import _eps
 from .._parameter import Parameter
 from .module import Module
 
@@ -395,7 +395,7 @@ def spectral_norm(module: M, name: str = "weight", n_power_iterations: int = 1, 
         raise TypeError(f"spectral_norm: n_power_iterations must be an integer, got {n_power_iterations!r}")
     if n_power_iterations <= 0:
         raise ValueError(f"spectral_norm: expected n_power_iterations to be positive, got {n_power_iterations}")
-    eps = F._eps(eps)
+    eps = _eps(eps)
     if weight.ndim == 0:
         raise ValueError(f"spectral_norm: parameter {name!r} must have at least one dimension")
     fn = _SpectralNorm(name, int(n_power_iterations), _dim(dim, weight.ndim, "spectral_norm", whole=False), eps)
