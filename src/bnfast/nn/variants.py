@@ -68,13 +68,15 @@ class _StatisticsNorm(BatchNorm):
         _rank_check(self, ndim)
 
     def _batch_statistics(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Per-channel batch mean, biased variance (float64) and values per channel."""
+        """Per-channel batch mean, biased variance (float64) and values per channel
+        (the sum of squared deviations kept for the running update)."""
         m = moments(x, axis=self._axis)
         n = int(m.count[0])
         if n == 0:
             raise ValueError(f"cannot compute batch statistics of an empty batch (input shape {x.shape})")
         if n == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        self.__dict__["_m2"] = m.m2
         return m.mean, m.m2 / n, n
 
     def _update_running(self, factor: float, mean: np.ndarray, var: np.ndarray, n: int) -> None:
@@ -83,7 +85,7 @@ class _StatisticsNorm(BatchNorm):
         if rm is None or rv is None:
             return
         new_mean = (1.0 - factor) * rm.astype(_F64) + factor * mean
-        new_var = (1.0 - factor) * rv.astype(_F64) + factor * (var * (n / (n - 1.0)))
+        new_var = (1.0 - factor) * rv.astype(_F64) + factor * (self.__dict__.pop("_m2") / (n - 1.0))
         rm[...] = new_mean
         rv[...] = new_var
 
