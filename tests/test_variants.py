@@ -461,3 +461,34 @@ def test_variants_bit_identical_for_any_thread_count(make):
         results.append(out)
     for other in results[1:]:
         assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis,shape", LAYOUTS)
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_shared_statistics_backward_kernel(dtype, axis, shape, with_ref):
+    """The backward kernel with a share and a reference mean against the closed form in float64."""
+    from bnfast._variants import shared_batch_norm_backward
+
+    x = _data(shape, dtype)
+    g = _data(shape, dtype, seed=1, shift=0.0)
+    mean = np.array([0.5, -0.2, 1.1], dtype)
+    invstd = np.array([0.7, 1.3, 0.4], dtype)
+    w = np.array([1.5, -0.5, 0.8], dtype)
+    ref_mean = np.array([1.0, 0.3, -0.4]) if with_ref else None
+    gx, gw, gb = shared_batch_norm_backward(g, x, mean, invstd, w, 0.3, ref_mean, axis=axis)
+    rows = np.moveaxis(x.astype(np.float64), axis, -1)
+    gr = np.moveaxis(g.astype(np.float64), axis, -1)
+    s, m = invstd.astype(np.float64), mean.astype(np.float64)
+    xh = (rows - m) * s
+    n = rows.size // 3
+    r = m if ref_mean is None else ref_mean
+    mg, mgx = gr.reshape(-1, 3).mean(0), (gr * xh).reshape(-1, 3).mean(0)
+    expect = w * s * (gr - 0.3 * mg - 0.3 * s * (rows - r) * mgx)
+    np.testing.assert_allclose(gx, np.moveaxis(expect, -1, axis), rtol=1e-4 if dtype == np.float32 else 1e-11,
+                               atol=1e-4 if dtype == np.float32 else 1e-11)
+    np.testing.assert_allclose(gw, (gr * xh).reshape(-1, 3).sum(0), rtol=1e-4 if dtype == np.float32 else 1e-11)
+    np.testing.assert_allclose(gb, gr.reshape(-1, 3).sum(0), rtol=1e-4 if dtype == np.float32 else 1e-11)
+    assert n > 0
+    with pytest.raises(ValueError, match="share"):
+        shared_batch_norm_backward(g, x, mean, invstd, w, 0.0, axis=axis)

@@ -694,10 +694,13 @@ static void BN_FN(finish_grads_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
     for (ptrdiff_t c = c0; c < c1; c++) {
         const double w = weight && !k->affine_inner ? (double)weight[c % k->affine_period] : 1.0;
         const double s = w * invstd;
-        if (k->training) /* s * (g - mean(g) - xhat * mean(g * xhat)), means over the group */
-            BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, -invstd * sum_gx * invstd / n,
-                             k->uncentered ? 0.0 : -invstd * sum_g / n);
-        else
+        if (k->training) { /* s * (g - mean(g) - xhat * mean(g * xhat)), means over the group */
+            const double share = k->share != 0.0 ? k->share : 1.0;
+            const double k1 = -share * invstd * sum_gx * invstd / n;
+            double k0 = k->uncentered ? 0.0 : -share * invstd * sum_g / n;
+            if (k->ref_mean) k0 += (k->mean[c] - k->ref_mean[c]) * invstd * k1; /* (x - ref) */
+            BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, k1, k0);
+        } else
             /* constants: grad_in = g * weight * invstd through the affine
              * phase on g with mean 0 (x is not read: an inf in x must
              * not turn into 0 * inf) */
@@ -1103,6 +1106,8 @@ static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->training = a->training;
     k->grad_weight = a->grad_weight;
     k->grad_bias = a->grad_bias;
+    k->share = a->share;
+    k->ref_mean = a->ref_mean;
     const BN_T *save_mean = (const BN_T *)a->save_mean + b * C / G;
     for (ptrdiff_t c = 0; c < k->geo.channels; c++)
         k->mean[c] = k->uncentered ? 0.0 : (double)save_mean[c / G];

@@ -92,6 +92,8 @@ typedef struct {
     double momentum, eps;
     int training;
     double *out_count, *out_mean, *out_m2;
+    double share;            /* backward: the batch's share of the statistics (0: 1) */
+    const double *ref_mean;  /* backward: the variance's reference mean, or NULL */
 } bn_context;
 
 /* The apply phase's per-channel coefficients (see kernel_body.h), and the

@@ -76,6 +76,14 @@ typedef struct {
     int training;
     void *grad_weight, *grad_bias;
     bn_keys keys; /* as in the forward call; training = 1 unless batch norm */
+    /* Statistics of which the batch is a share (momentum and cross-iteration
+     * batch norm; training = 1, batch norm keys): the statistics' terms of
+     * grad_in scaled by `share` (0 means 1) and, when ref_mean (double, per
+     * channel) is not NULL, the variance's dependence on x centred on it:
+     * grad_in = s * (g - share * mean(g) - share * invstd * (x - ref_mean) *
+     * mean(g * xhat)), s = weight * invstd, xhat = (x - save_mean) * invstd. */
+    double share;
+    const double *ref_mean;
 } bn_backward_args;
 
 /* The kernels of one instantiation; the [dtype][isa] table holds one each. */

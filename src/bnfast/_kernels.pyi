@@ -69,6 +69,8 @@ def backward(
     grad_weight: np.ndarray,
     grad_bias: np.ndarray,
     keys: Keys = (),
+    share: float = 1.0,
+    ref_mean: np.ndarray | None = None,
 ) -> None: ...
 
 # fast path: results for canonical arguments, None for anything else

@@ -413,10 +413,13 @@ cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, ob
 
 cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array x, bn_array grad_in,
                        object save_mean, object save_invstd, object weight, bint training,
-                       cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys) except -1:
+                       cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys,
+                       double share=1.0, object ref_mean=None) except -1:
     cdef bn_backward_args a
     memset(&a, 0, sizeof(a))
     a.keys = keys
+    a.share = share
+    a.ref_mean = <const double *>_data(ref_mean)
     a.dtype, a.geo, a.grad_out, a.x, a.grad_in = dt, geo, grad_out, x, grad_in
     a.save_mean, a.save_invstd, a.weight = _data(save_mean), _data(save_invstd), _data(weight)
     a.training = training
@@ -461,11 +464,12 @@ def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
 def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple xs,
              cnp.ndarray grad_in, tuple gis, cnp.ndarray save_mean, cnp.ndarray save_invstd,
              weight, bint training, cnp.ndarray grad_weight, cnp.ndarray grad_bias,
-             tuple keys=()):
-    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``."""
+             tuple keys=(), double share=1.0, ref_mean=None):
+    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``; ``share`` and the float64
+    ``ref_mean`` (C,) for statistics of which the batch is a share (bn_backward_args)."""
     _run_backward(_geometry(shape), _dtype_of(x), _operand(grad_out, gs), _operand(x, xs),
                   _operand(grad_in, gis), save_mean, save_invstd, weight, training, grad_weight,
-                  grad_bias, _keys(keys))
+                  grad_bias, _keys(keys), share, ref_mean)
 
 # ---- fast path: calls whose arguments are already canonical -------------
 #

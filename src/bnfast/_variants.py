@@ -15,7 +15,8 @@ import numbers
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._functional import _channel_axis, _float_array
+from . import _kernels
+from ._functional import _channel_axis, _finish, _float_array, _input, _output, _plan, _vector
 from ._normalization import instance_norm_backward, instance_norm_forward
 
 __all__: list[str] = []
@@ -138,3 +139,70 @@ def ghost_batch_norm_backward(
     gx, gw, gb = instance_norm_backward(grad_out.reshape(shape), x.reshape(shape), mean, invstd, weight,
                                         axis=ax + 1)
     return gx.reshape(x.shape), gw, gb
+
+
+def shared_batch_norm_backward(
+    grad_out: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike, weight: ArrayLike | None, share: float,
+    ref_mean: ArrayLike | None = None, *, axis: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch-norm backward for statistics of which the batch is a share.
+
+    When the normalizing mean is ``... + share * batch_mean`` and the variance
+    changes by ``share * 2 (x_i - ref_mean) / n`` per value (momentum batch
+    norm: the batch variance about the batch mean; cross-iteration batch
+    norm: ``ref_mean`` the pooled mean),
+    ``grad_input = s * (g - share * mean(g) - share * invstd * (x - ref_mean) * mean(g * x_hat))``
+    with ``s = weight * invstd`` and ``x_hat = (x - mean) * invstd`` -- the
+    batch-norm backward kernel with scaled statistics terms (one call, one
+    pass over the data as for batch norm).
+
+    Parameters
+    ----------
+    grad_out, x : numpy.ndarray
+        Same shape and dtype (float32/float64).
+    mean, invstd : array_like of shape (C,)
+        The statistics the forward normalized with.
+    weight : array_like of shape (C,) or None
+        ``None`` means 1.
+    share : float in (0, 1]
+        The batch's share of the statistics.
+    ref_mean : array_like of shape (C,), optional
+        Float64 reference mean of the variance term; ``None`` means ``mean``.
+    axis : int, default 1
+        The channel axis.
+
+    Returns
+    -------
+    grad_input : numpy.ndarray
+    grad_weight, grad_bias : numpy.ndarray of shape (C,)
+        ``sum(g * x_hat)`` and ``sum(g)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For bad dtypes or shapes, or a share outside (0, 1].
+    """
+    x = _float_array(x, "x")
+    grad_out = _float_array(grad_out, "grad_out")
+    ax = _channel_axis(x, axis)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have the shape of x {x.shape}, got {grad_out.shape}")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
+    share = float(share)
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    channels = x.shape[ax]
+    mean = _vector(mean, "mean", channels, x.dtype)
+    invstd = _vector(invstd, "invstd", channels, x.dtype)
+    weight = _vector(weight, "weight", channels, x.dtype)
+    ref = None if ref_mean is None else _vector(ref_mean, "ref_mean", channels, np.dtype(np.float64))
+    grad_weight, grad_bias = np.zeros(channels, x.dtype), np.zeros(channels, x.dtype)
+    if x.size == 0:
+        return np.empty_like(x), grad_weight, grad_bias
+    plan = _plan(x, ax)
+    g, gs = _input(plan, grad_out)
+    grad_in, gis = _output(plan, None, (plan.x, g))
+    _kernels.backward(plan.shape, g, gs, plan.x, plan.xs, grad_in, gis, mean, invstd, weight, True,
+                      grad_weight, grad_bias, (), share, ref)
+    return _finish(grad_in, None), grad_weight, grad_bias

@@ -13,7 +13,9 @@ kernel, with the statistics it treats as constants taken out in closed form:
   ``bias + weight * d``, ``r`` and ``d`` constants;
 * Momentum BN and cross-iteration BN: statistics of which the current batch
   is a share ``c`` (``1 - lambda``, ``1 / k``); the gradient is
-  ``s*w*(g - c*mean(g) - c*s*(x - m_ref)*mean(g*x_hat))`` per channel.
+  ``s*w*(g - c*mean(g) - c*s*(x - m_ref)*mean(g*x_hat))`` per channel, the
+  backward kernel's own expression with its statistics terms scaled
+  (``bn_backward_args.share``, ``ref_mean``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._functional import _eps, _momentum, _real, batch_norm_backward, batch_norm_inference, moments
+from .._variants import shared_batch_norm_backward
 from .layers import Conv2d, Linear
 from .normalization import BatchNorm, _plain
 
@@ -45,12 +48,6 @@ def _rank_check(layer: BatchNorm, ndim: int) -> None:
     if ndim not in ranks:
         want = " or ".join(f"{r}D" for r in ranks)
         raise ValueError(f"expected {want} input (got {ndim}D input)")
-
-
-def _channel_shape(x: np.ndarray, axis: int) -> tuple[int, ...]:
-    shape = [1] * x.ndim
-    shape[axis % x.ndim] = x.shape[axis % x.ndim]
-    return tuple(shape)
 
 
 class _StatisticsNorm(BatchNorm):
@@ -164,7 +161,7 @@ class _StatisticsNorm(BatchNorm):
         if share == 1.0:  # the statistics are the batch's: batch norm's backward
             gx, gw, gb = batch_norm_backward(grad_out, x, mean, invstd, w_eff_t, training=True, axis=self._axis)
         else:
-            gx, gw, gb = _shared_statistics_backward(grad_out, x, mean, invstd, w_eff_t, share, ref, self._axis)
+            gx, gw, gb = shared_batch_norm_backward(grad_out, x, mean, invstd, w_eff_t, share, ref, axis=self._axis)
         if weight is not None:
             gw64 = gw.astype(_F64)
             if r is not None:  # d y / d weight = x_hat * r + d
@@ -173,28 +170,6 @@ class _StatisticsNorm(BatchNorm):
         if bias is not None:
             bias.grad = gb
         return gx
-
-
-def _shared_statistics_backward(grad_out: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
-                                weight: np.ndarray | None, share: float, ref: np.ndarray, axis: int):
-    """Gradient when the batch is a share ``c`` of the normalizing statistics.
-
-    With ``mean_used = ... + c * mean_batch`` and ``var_used`` changing by
-    ``c * 2 (x_i - ref) / n`` per value, the input's gradient is
-    ``s*w*(g - c*mean(g) - c*s*(x - ref)*mean(g*x_hat))``: the constant-statistics
-    gradient ``s*w*g`` of the backward kernel (which also returns ``sum(g)``
-    and ``sum(g*x_hat)``) plus a per-channel affine function of ``x``.
-    """
-    gx, gw, gb = batch_norm_backward(grad_out, x, mean, invstd, weight, training=False, axis=axis)
-    n = x.size // x.shape[axis % x.ndim]
-    s = invstd.astype(_F64)
-    wv = 1.0 if weight is None else weight.astype(_F64)
-    slope = -share * s * s * wv * (gw.astype(_F64) / n)
-    offset = -share * s * wv * (gb.astype(_F64) / n) - slope * ref
-    shape = _channel_shape(x, axis)
-    gx += slope.astype(x.dtype).reshape(shape) * x
-    gx += offset.astype(x.dtype).reshape(shape)
-    return gx, gw, gb
 
 
 # ---------------------------------------------------------------------- Batch Renorm
