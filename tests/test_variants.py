@@ -365,6 +365,9 @@ def test_cross_iteration_compensation_matches_finite_difference(axis):
     mu0, nu0, y0 = stats()
     cols = conv._cache[0]
     dmu, dnu = _moment_gradients(cols, np.moveaxis(y0, axis, -1).reshape(-1, 3))
+    if axis == 1:  # the layer's channels-first form gives the same derivatives
+        d2 = _moment_gradients(cols, y0.reshape(2, 3, -1))
+        np.testing.assert_allclose(d2[1], dnu, rtol=1e-12)
     W0 = conv.weight.data.reshape(3, -1).copy()
     b0 = conv.bias.data.copy()
     errors = []
@@ -492,3 +495,55 @@ def test_shared_statistics_backward_kernel(dtype, axis, shape, with_ref):
     assert n > 0
     with pytest.raises(ValueError, match="share"):
         shared_batch_norm_backward(g, x, mean, invstd, w, 0.0, axis=axis)
+
+
+@settings(max_examples=12)
+@given(n=st.integers(2, 5), c=st.integers(1, 4), spatial=st.integers(1, 3), last=st.booleans(),
+       f64=st.booleans(), r_max=st.floats(1.0, 4.0), d_max=st.floats(0.0, 3.0))
+def test_batch_renorm_hypothesis(n, c, spatial, last, f64, r_max, d_max):
+    dtype = np.float64 if f64 else np.float32
+    shape, axis = ((n, spatial, c), -1) if last else ((n, c, spatial), 1)
+    x = _data(shape, dtype, seed=n * 31 + c * 7 + spatial)
+    brn = bnfast.BatchRenorm1d(c, momentum=0.3, r_max=r_max, d_max=d_max, axis=axis, dtype=dtype)
+    brn.running_mean[...] = np.linspace(-2, 2, c)
+    brn.running_var[...] = np.linspace(0.2, 5, c)
+    y_ref, _, _, rm, rv = ref.batch_renorm_forward(x, None, None, brn.running_mean, brn.running_var, momentum=0.3,
+                                                   eps=1e-5, r_max=r_max, d_max=d_max, axis=axis)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(brn(x), y_ref, **tol)
+    np.testing.assert_allclose(brn.running_var, rv, **tol)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bnfast.BatchRenorm2d(3),
+    lambda: bnfast.MomentumBatchNorm2d(3, total_steps=5),
+    lambda: bnfast.BatchNorm2d(3, virtual_batch_size=2),
+])
+def test_bad_input_leaves_variant_state_untouched(make):
+    layer = make()
+    layer(_data((4, 3, 2, 2), np.float32))
+    before = _state(layer)
+    for bad, err in ((np.zeros((4, 3, 2, 2), np.float64), TypeError), (np.zeros((4, 5, 2, 2), np.float32), ValueError),
+                     (np.zeros((4, 3, 2), np.float32), ValueError), (np.zeros((1, 3, 1, 1), np.float32), ValueError)):
+        with pytest.raises(err):
+            layer(bad)
+        assert _same_state(_state(layer), before)
+    layer.eps = -1.0
+    with pytest.raises(ValueError):
+        layer(_data((4, 3, 2, 2), np.float32))
+    layer.eps = 1e-5
+    assert _same_state(_state(layer), before)
+
+
+def test_cross_iteration_bit_identical_for_any_thread_count():
+    results = []
+    for threads in (1, 2, 3):
+        bnfast.set_num_threads(threads)
+        model = _conv_model(1, dtype=np.float32, burn_in=0, window_size=3)
+        out = []
+        for step in range(3):
+            y = model(_data((4, 2, 6, 6), np.float32, seed=step))
+            out += [y, model.backward(np.ones_like(y)), model[1].weight.grad]
+        results.append(out + list(_state(model).values()))
+    for other in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], other))

@@ -480,7 +480,8 @@ class _CrossIterationBatchNorm(_StatisticsNorm):
         elif isinstance(layer, Conv2d) and x.ndim == 4 and layer._cache is not None \
                 and layer.axis % 4 == self._axis % 4:
             cols = layer._cache[0]
-            y2 = (x.transpose(0, 2, 3, 1) if self._axis % 4 == 1 else x).reshape(-1, x.shape[self._axis])
+            # NCHW: (N, C, HW) against cols as (N, HW, fan_in), no transposed copy of x
+            y2 = x.reshape(x.shape[0], x.shape[1], -1) if self._axis % 4 == 1 else x.reshape(-1, x.shape[3])
         else:
             raise RuntimeError(
                 f"{name} in training must directly follow a Linear (2-D input) or a Conv2d (the same axis) "
@@ -540,11 +541,15 @@ class _CrossIterationBatchNorm(_StatisticsNorm):
 def _moment_gradients(cols: np.ndarray, y2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``d mu_j / d W_j`` (the same for every j: the mean row of ``cols``) and
     ``d nu_j / d W_j = 2/M * sum_i y_ij cols_i`` (one matrix product, like the
-    layer's weight gradient), for ``y = cols @ W.T + b`` of M rows."""
+    layer's weight gradient), for ``y = cols @ W.T + b`` of M rows; ``y2`` is
+    ``y`` as (M, C), or as (N, C, positions) for a channels-first output."""
     m = cols.shape[0]
     dmu = cols.sum(axis=0, dtype=_F64) / m
-    dnu = (y2.T @ cols).astype(_F64) * (2.0 / m)
-    return dmu, dnu
+    if y2.ndim == 3:  # (N, C, HW): channels-first output, cols rows in (n, position) order
+        prod = (y2 @ cols.reshape(y2.shape[0], y2.shape[2], -1)).sum(axis=0, dtype=_F64)
+    else:
+        prod = (y2.T @ cols).astype(_F64)
+    return dmu, prod * (2.0 / m)
 
 
 def _compensated(mu: np.ndarray, nu: np.ndarray, dmu: np.ndarray, dnu: np.ndarray, dW: np.ndarray,
