@@ -547,3 +547,11 @@ def test_cross_iteration_bit_identical_for_any_thread_count():
         results.append(out + list(_state(model).values()))
     for other in results[1:]:
         assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
+
+
+def test_variants_refuse_ghost_batches():
+    brn = bnfast.BatchRenorm1d(3)
+    brn.virtual_batch_size = 2
+    with pytest.raises(ValueError, match="virtual_batch_size"):
+        brn(_data((4, 3), np.float32))
+    assert int(brn.num_batches_tracked) == 0

@@ -117,6 +117,8 @@ class _StatisticsNorm(BatchNorm):
         if not self.training or self._moment_sink is not None:
             return super().forward(x)
         x = self._check_input(x)
+        if self.virtual_batch_size is not None:
+            raise ValueError(f"{type(self).__name__} does not support virtual_batch_size (set it to None)")
         params = self._parameters
         w, b = _plain(params["weight"]), _plain(params["bias"])
         factor, count = self._factor()
@@ -233,9 +235,10 @@ class _BatchRenorm(_StatisticsNorm):
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
 
-_RENORM_DOC = """Batch Renormalization of {shape} input (Ioffe, "Batch Renormalization:
-    Towards Reducing Minibatch Dependence in Batch-Normalized Models", NeurIPS 2017).
+_RENORM_DOC = """Batch Renormalization of {shape} input (Ioffe 2017).
 
+    Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+    Batch-Normalized Models", NeurIPS 2017.
     In training, with the batch mean and standard deviation ``mu_B``,
     ``sigma_B = sqrt(var_B + eps)`` and the running ``mu``,
     ``sigma = sqrt(running_var + eps)``::
@@ -348,7 +351,7 @@ class _MomentumBatchNorm(_StatisticsNorm):
         self.register_buffer("momentum_var", np.ones(C, dtype=dt))
 
     def reset_running_stats(self) -> None:
-        """BatchNorm's reset, and the momentum statistics to 0 and 1 (in place)."""
+        """Reset as BatchNorm does, and the momentum statistics to 0 and 1 (in place)."""
         super().reset_running_stats()
         self._buffers["momentum_mean"].fill(0)
         self._buffers["momentum_var"].fill(1)
@@ -381,10 +384,10 @@ class _MomentumBatchNorm(_StatisticsNorm):
         return f"{super().extra_repr()}, total_steps={self.total_steps}, ideal_batch_size={self.ideal_batch_size}"
 
 
-_MBN_DOC = """Momentum Batch Normalization of {shape} input (Yong, Huang, Meng, Hua and
-    Zhang, "Momentum Batch Normalization for Deep Learning with Small Batch
-    Size", ECCV 2020).
+_MBN_DOC = """Momentum Batch Normalization of {shape} input (Yong et al. 2020).
 
+    Yong, Huang, Meng, Hua and Zhang, "Momentum Batch Normalization for Deep
+    Learning with Small Batch Size", ECCV 2020.
     In training the batch statistics are averaged with the history::
 
         mu_M  = lambda * mu_M  + (1 - lambda) * mu_B
@@ -415,7 +418,7 @@ _MBN_DOC = """Momentum Batch Normalization of {shape} input (Yong, Huang, Meng, 
     total_steps : int >= 2
         T, in training steps (keyword only).
     ideal_batch_size : int, default 32
-        m0 (keyword only).
+        The paper's m0 (keyword only).
     axis : int, default 1
         The channel axis (keyword only).
     dtype : float32 or float64, default float32
@@ -466,7 +469,7 @@ class _CrossIterationBatchNorm(_StatisticsNorm):
         self.__dict__["_preceding"] = layer
 
     def reset_running_stats(self) -> None:
-        """BatchNorm's reset; the cross-iteration history is dropped."""
+        """Reset as BatchNorm does, and drop the cross-iteration history."""
         super().reset_running_stats()
         self.__dict__["_history"] = []
 
@@ -563,9 +566,10 @@ def _compensated(mu: np.ndarray, nu: np.ndarray, dmu: np.ndarray, dnu: np.ndarra
     return mu_c, nu_c
 
 
-_CBN_DOC = """Cross-iteration batch normalization of {shape} input (Yao, Cao, Zheng,
-    Huang and Lin, "Cross-Iteration Batch Normalization", CVPR 2021).
+_CBN_DOC = """Cross-iteration batch normalization of {shape} input (Yao et al. 2021).
 
+    Yao, Cao, Zheng, Huang and Lin, "Cross-Iteration Batch Normalization",
+    CVPR 2021.
     For a batch normalization directly after a {layer} in a
     :class:`~bnfast.nn.Sequential`.  In training, after ``burn_in`` steps of
     plain batch normalization, the statistics are pooled over the current
@@ -601,7 +605,7 @@ _CBN_DOC = """Cross-iteration batch normalization of {shape} input (Yao, Cao, Zh
     affine : bool, default True
         Learn ``weight`` and ``bias``.
     window_size : int >= 1, default 4
-        k, the iterations pooled including the current one (keyword only).
+        The paper's k: iterations pooled, the current one included (keyword only).
     burn_in : int >= 0, default 100
         Training steps of plain batch normalization first (keyword only).
     axis : int, default 1
