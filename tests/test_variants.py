@@ -111,10 +111,7 @@ def test_batch_renorm_finite_differences(axis, shape):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("axis,shape", LAYOUTS)
 def test_batch_renorm_with_unit_clips_is_batch_norm(dtype, axis, shape):
-    """r_max=1, d_max=0: gradients bit for bit; outputs and running statistics to round-off.
-
-    (The running update is the kernel's float64 formula, evaluated in NumPy: the
-    C compiler may contract it into fused multiply-adds, so the last bit can differ.)"""
+    """r_max=1, d_max=0: outputs, running statistics and gradients bit for bit."""
     bn = bnfast.BatchNorm2d(3, momentum=0.1, axis=axis, dtype=dtype)
     brn = bnfast.BatchRenorm2d(3, momentum=0.1, r_max=1.0, d_max=0.0, axis=axis, dtype=dtype)
     for layer in (bn, brn):
@@ -123,11 +120,8 @@ def test_batch_renorm_with_unit_clips_is_batch_norm(dtype, axis, shape):
     for step in range(3):
         x = _data(shape, dtype, seed=step, scale=step + 1.0)
         g = _data(shape, dtype, seed=10 + step, shift=0.0)
-        eps = np.finfo(dtype).eps
-        np.testing.assert_allclose(brn(x), bn(x), rtol=0, atol=64 * eps)
-        np.testing.assert_allclose(brn.running_mean, bn.running_mean, rtol=4 * eps, atol=4 * eps)
-        np.testing.assert_allclose(brn.running_var, bn.running_var, rtol=4 * eps)
-        brn.running_mean[...], brn.running_var[...] = bn.running_mean, bn.running_var  # same r, d next step
+        assert np.array_equal(brn(x), bn(x))
+        assert _same_state(_state(brn), _state(bn))
         assert np.array_equal(brn.backward(g), bn.backward(g))
         assert np.array_equal(brn.weight.grad, bn.weight.grad)
         assert np.array_equal(brn.bias.grad, bn.bias.grad)
@@ -555,3 +549,21 @@ def test_variants_refuse_ghost_batches():
     with pytest.raises(ValueError, match="virtual_batch_size"):
         brn(_data((4, 3), np.float32))
     assert int(brn.num_batches_tracked) == 0
+
+
+def test_statistics_forward_arguments():
+    from bnfast._variants import statistics_forward
+
+    x = _data((4, 3), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="prior_mean and prior_var"):
+        statistics_forward(x, None, None, rm, rv, momentum=0.1, eps=1e-5, prior_mean=np.zeros(3))
+    with pytest.raises(ValueError, match="momentum"):
+        statistics_forward(x, None, None, rm, rv, momentum=2.0, eps=1e-5)
+    assert np.array_equal(rm, np.zeros(3)) and np.array_equal(rv, np.ones(3))
+    y, mean, invstd, stats = statistics_forward(x, None, None, rm, rv, momentum=0.1, eps=1e-5)
+    y_bn, mean_bn, invstd_bn = bnfast.batch_norm_forward(x, None, None, np.zeros(3, np.float32),
+                                                         np.ones(3, np.float32), momentum=0.1)
+    assert np.array_equal(y, y_bn) and np.array_equal(mean, mean_bn) and np.array_equal(invstd, invstd_bn)
+    np.testing.assert_allclose(stats[0], x.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats[1], x.astype(np.float64).var(0), rtol=1e-5)

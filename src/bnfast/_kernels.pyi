@@ -41,6 +41,7 @@ def forward_train(
     save_mean: np.ndarray,
     save_invstd: np.ndarray,
     keys: Keys = (),
+    statistics: tuple | None = None,
 ) -> None: ...
 def inference(
     shape: Shape3,

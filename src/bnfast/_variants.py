@@ -16,7 +16,21 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from . import _kernels
-from ._functional import _channel_axis, _finish, _float_array, _input, _output, _plan, _vector
+from ._functional import (
+    _channel_axis,
+    _check_out,
+    _check_state_aliasing,
+    _eps,
+    _finish,
+    _float_array,
+    _input,
+    _momentum,
+    _output,
+    _plan,
+    _state_buffer,
+    _state_vector,
+    _vector,
+)
 from ._normalization import instance_norm_backward, instance_norm_forward
 
 __all__: list[str] = []
@@ -206,3 +220,97 @@ def shared_batch_norm_backward(
     _kernels.backward(plan.shape, g, gs, plan.x, plan.xs, grad_in, gis, mean, invstd, weight, True,
                       grad_weight, grad_bias, (), share, ref)
     return _finish(grad_in, None), grad_weight, grad_bias
+
+
+def statistics_forward(
+    x: ArrayLike, weight: ArrayLike | None, bias: ArrayLike | None, running_mean: np.ndarray,
+    running_var: np.ndarray, *, momentum: float, eps: float, axis: int = 1, share: float = 1.0,
+    prior_mean: np.ndarray | None = None, prior_var: np.ndarray | None = None, prior_moments: bool = False,
+    r_max: float = 0.0, d_max: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training forward normalizing with statistics other than the batch's, in one kernel call.
+
+    The batch statistics update the running statistics as `bnfast.batch_norm_forward`
+    does; the normalization uses (``bn_forward_args`` in ``ops.h``):
+
+    * with ``prior_mean``/``prior_var``: ``mean' = share * mean + prior_mean`` and
+      ``var' = share * var + prior_var`` (or, ``prior_moments``, with second
+      moments: ``var' = max(share * (var + mean**2) + prior_var - mean'**2, 0)``);
+    * with ``r_max >= 1``: batch renormalization against the running statistics
+      before the update, ``r`` clipped to ``[1/r_max, r_max]`` and ``d`` to
+      ``[-d_max, d_max]``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+        Input.
+    weight, bias : array_like of shape (C,) or None
+        Affine parameters.
+    running_mean, running_var : numpy.ndarray of shape (C,)
+        Updated in place with the batch statistics.
+    momentum : float in [0, 1]
+        Their update factor.
+    eps : float >= 0
+        Added to the variances.
+    axis : int, default 1
+        The channel axis.
+    share : float, default 1.0
+        The batch's share of the prior-mixed statistics.
+    prior_mean, prior_var : numpy.ndarray of shape (C,) float64, optional
+        The statistics' other part (pass both or neither).
+    prior_moments : bool, default False
+        Whether ``prior_var`` is a second moment (see above).
+    r_max, d_max : float, default 0
+        Batch renormalization's clips (``r_max`` 0: none).
+
+    Returns
+    -------
+    y : numpy.ndarray
+        Normalized input.
+    save_mean, save_invstd : numpy.ndarray of shape (C,)
+        The statistics used (the batch's for renormalization), x's dtype.
+    stats : numpy.ndarray of shape (4, C), float64
+        Batch mean, batch biased variance, then ``mean'`` and ``var'`` (prior) or
+        ``r`` and ``d`` (renormalization).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `bnfast.batch_norm_forward`; nothing is modified then.
+    """
+    source = x
+    x = _float_array(x, "x")
+    ax = _channel_axis(x, axis)
+    channels = x.shape[ax]
+    weight = _vector(weight, "weight", channels, x.dtype)
+    bias = _vector(bias, "bias", channels, x.dtype)
+    running_mean = _state_vector(running_mean, "running_mean", channels, x.dtype)
+    running_var = _state_vector(running_var, "running_var", channels, x.dtype)
+    momentum, eps = _momentum(momentum), _eps(eps)
+    _check_out(None, x)
+    _check_state_aliasing({"running_mean": running_mean, "running_var": running_var},
+                          {"x": source, "weight": weight, "bias": bias})
+    f64 = np.dtype(np.float64)
+    if (prior_mean is None) != (prior_var is None):
+        raise ValueError("pass both prior_mean and prior_var, or neither")
+    pm = None if prior_mean is None else _vector(prior_mean, "prior_mean", channels, f64)
+    pv = None if prior_var is None else _vector(prior_var, "prior_var", channels, f64)
+    per_channel = x.size // channels if channels else 0
+    if per_channel == 0:
+        raise ValueError(f"cannot compute batch statistics of an empty batch (input shape {x.shape})")
+    if per_channel == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    save_mean, save_invstd = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
+    stats = np.zeros((4, channels), f64)
+    plan = _plan(x, ax)
+    y, ys = _output(plan, None, (plan.x,), (weight, bias))
+    rm, rv = _state_buffer(running_mean, x.dtype), _state_buffer(running_var, x.dtype)
+    _kernels.forward_train(
+        plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd, (),
+        (float(share), float(r_max), float(d_max), pm, pv, int(bool(prior_moments)), stats),
+    )
+    if rm is not running_mean:
+        running_mean[...] = rm
+    if rv is not running_var:
+        running_var[...] = rv
+    return _finish(y, None), save_mean, save_invstd, stats

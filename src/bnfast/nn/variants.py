@@ -3,11 +3,12 @@ Momentum Batch Normalization and Cross-Iteration Batch Normalization.
 
 All three are :class:`~bnfast.nn.BatchNorm` layers (same parameters, buffers,
 eval mode and ``state_dict`` keys, plus their own) that normalize in training
-with statistics other than the batch's alone.  Each forward is one pass of
-the ``moments`` kernel for the batch statistics and one of the ``inference``
-kernel with the statistics and affine step it decides -- the cost of a
-batch-norm forward -- and each backward one call of the batch-norm backward
-kernel, with the statistics it treats as constants taken out in closed form:
+with statistics other than the batch's alone.  Each forward is one call of
+the batch-norm training-forward kernel, whose finish step turns the batch
+statistics into the ones used (``bn_forward_args``: a prior mixed in, or
+batch renormalization's clipped correction), and each backward one call of
+the batch-norm backward kernel, with the statistics it treats as constants
+taken out in closed form:
 
 * Batch Renorm: the batch statistics with weight ``weight * r`` and bias
   ``bias + weight * d``, ``r`` and ``d`` constants;
@@ -24,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .._functional import _eps, _momentum, _real, batch_norm_backward, batch_norm_inference, moments
-from .._variants import shared_batch_norm_backward
+from .._functional import _momentum, _real, batch_norm_backward
+from .._variants import shared_batch_norm_backward, statistics_forward
 from .layers import Conv2d, Linear
 from .normalization import BatchNorm, _plain
 
@@ -64,30 +65,11 @@ class _StatisticsNorm(BatchNorm):
     def _check_rank(self, ndim: int) -> None:
         _rank_check(self, ndim)
 
-    def _batch_statistics(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """Per-channel batch mean, biased variance (float64) and values per channel
-        (the sum of squared deviations kept for the running update)."""
-        m = moments(x, axis=self._axis)
-        n = int(m.count[0])
-        if n == 0:
-            raise ValueError(f"cannot compute batch statistics of an empty batch (input shape {x.shape})")
-        if n == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-        self.__dict__["_m2"] = m.m2
-        return m.mean, m.m2 / n, n
-
-    def _update_running(self, factor: float, mean: np.ndarray, var: np.ndarray, n: int) -> None:
-        """PyTorch's running update with the batch statistics (the kernel's float64 arithmetic)."""
-        rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
-        if rm is None or rv is None:
-            return
-        new_mean = (1.0 - factor) * rm.astype(_F64) + factor * mean
-        new_var = (1.0 - factor) * rv.astype(_F64) + factor * (self.__dict__.pop("_m2") / (n - 1.0))
-        rm[...] = new_mean
-        rv[...] = new_var
-
-    def _invstd(self, var: np.ndarray, eps: float) -> np.ndarray:
-        return (1.0 / np.sqrt(var + eps)).astype(self._dtype)
+    def _kernel_forward(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, factor: float,
+                        **statistics: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One training-forward kernel call (`bnfast._variants.statistics_forward`)."""
+        return statistics_forward(x, w, b, self._buffers["running_mean"], self._buffers["running_var"],
+                                  momentum=factor, eps=self.eps, axis=self._axis, **statistics)
 
     def _train_forward(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None,
                        factor: float, count: int | None) -> np.ndarray:
@@ -209,19 +191,8 @@ class _BatchRenorm(_StatisticsNorm):
         self.__dict__["_d_max"] = v
 
     def _train_forward(self, x, w, b, factor, count):
-        eps = _eps(self.eps)
-        mean, var, n = self._batch_statistics(x)
-        rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
-        sigma_run = np.sqrt(rv.astype(_F64) + eps)
-        r = np.clip(np.sqrt(var + eps) / sigma_run, 1.0 / self.r_max, self.r_max)
-        d = np.clip((mean - rm.astype(_F64)) / sigma_run, -self.d_max, self.d_max)
-        gamma = 1.0 if w is None else w.astype(_F64)
-        beta = 0.0 if b is None else b.astype(_F64)
-        w_eff = gamma * r
-        b_eff = beta + gamma * d
-        y = batch_norm_inference(x, mean, var, w_eff, b_eff, eps=eps, axis=self._axis)
-        self._update_running(factor, mean, var, n)
-        self.__dict__["_saved"] = (x, mean.astype(self._dtype), self._invstd(var, eps), 1.0, None, r, d)
+        y, mean, invstd, stats = self._kernel_forward(x, w, b, factor, r_max=self.r_max, d_max=self.d_max)
+        self.__dict__["_saved"] = (x, mean, invstd, 1.0, None, stats[2].copy(), stats[3].copy())
         return y
 
     def extra_repr(self) -> str:
@@ -254,9 +225,8 @@ _RENORM_DOC = """Batch Renormalization of {shape} input (Ioffe 2017).
     variance; the paper averages ``sigma`` instead), after ``r`` and ``d``
     are computed from the previous ones.  Eval mode normalizes with the
     running statistics.  With ``r_max=1`` and ``d_max=0`` the layer is
-    batch normalization: the same running statistics and gradients, bit for
-    bit, and outputs equal to round-off (the forward applies the statistics
-    through the inference kernel).  ``r_max`` and ``d_max`` may be changed
+    batch normalization, bit for bit (outputs, running statistics,
+    gradients).  ``r_max`` and ``d_max`` may be changed
     between calls (the paper's warm-up: 1 and 0, relaxed to 3 and 5).
 
     Parameters
@@ -357,20 +327,16 @@ class _MomentumBatchNorm(_StatisticsNorm):
         self._buffers["momentum_var"].fill(1)
 
     def _train_forward(self, x, w, b, factor, count):
-        eps = _eps(self.eps)
-        mean, var, n = self._batch_statistics(x)
         step = count if count is not None else 1
         lam = mbn_lambda(step, self.total_steps, x.shape[0], self.ideal_batch_size)
         mm, mv = self._buffers["momentum_mean"], self._buffers["momentum_var"]
-        m_mean = lam * mm.astype(_F64) + (1.0 - lam) * mean
-        m_var = lam * mv.astype(_F64) + (1.0 - lam) * var
-        y = batch_norm_inference(x, m_mean, m_var, w, b, eps=eps, axis=self._axis)
-        self._update_running(factor, mean, var, n)
-        mm[...] = m_mean
-        mv[...] = m_var
+        y, mean, invstd, stats = self._kernel_forward(x, w, b, factor, share=1.0 - lam,
+                                                      prior_mean=lam * mm.astype(_F64),
+                                                      prior_var=lam * mv.astype(_F64))
+        mm[...] = stats[2]
+        mv[...] = stats[3]
         self.last_lambda = lam
-        self.__dict__["_saved"] = (x, m_mean.astype(self._dtype), self._invstd(m_var, eps), 1.0 - lam, mean,
-                                   None, None)
+        self.__dict__["_saved"] = (x, mean, invstd, 1.0 - lam, stats[0].copy(), None, None)
         return y
 
     def extra_repr(self) -> str:
@@ -497,37 +463,30 @@ class _CrossIterationBatchNorm(_StatisticsNorm):
         return cols, y2, w.reshape(w.shape[0], -1), (None if b is None else b.data)
 
     def _train_forward(self, x, w, b, factor, count):
-        eps = _eps(self.eps)
-        mean, var, n = self._batch_statistics(x)
         step = count if count is not None else 1
         history = self.__dict__["_history"]
         pooled = self.window_size > 1 and step > self.burn_in
         if not pooled:
-            used_mean, used_var, share, ref = mean, var, 1.0, None
-        else:
-            cols, y2, weight, bias = self._source(x)
-            nu = var + mean * mean
-            W = weight.astype(_F64)
-            bvec = None if bias is None else bias.astype(_F64)
-            mus, nus = [mean], [nu]
-            for mu_p, nu_p, dmu_p, dnu_p, W_p, b_p in history:
-                mu_c, nu_c = _compensated(mu_p, nu_p, dmu_p, dnu_p, W - W_p,
-                                          None if bvec is None else bvec - b_p)
-                mus.append(mu_c)
-                nus.append(np.maximum(nu_c, mu_c * mu_c))
-            k = len(mus)
-            used_mean = np.mean(mus, axis=0)
-            used_var = np.maximum(np.mean(nus, axis=0) - used_mean * used_mean, 0.0)
-            dmu, dnu = _moment_gradients(cols, y2)
-            entry = (mean, nu, dmu, dnu, W.copy(), None if bvec is None else bvec.copy())
-            share, ref = 1.0 / k, used_mean
-        y = batch_norm_inference(x, used_mean, used_var, w, b, eps=eps, axis=self._axis)
-        if pooled:
-            history.insert(0, entry)
-            del history[self.window_size - 1:]
-        self._update_running(factor, mean, var, n)
-        self.__dict__["_saved"] = (x, used_mean.astype(self._dtype), self._invstd(used_var, eps), share, ref,
-                                   None, None)
+            y, mean, invstd, stats = self._kernel_forward(x, w, b, factor)
+            self.__dict__["_saved"] = (x, mean, invstd, 1.0, None, None, None)
+            return y
+        cols, y2, weight, bias = self._source(x)
+        W = weight.astype(_F64)
+        bvec = None if bias is None else bias.astype(_F64)
+        k = 1 + len(history)
+        prior_mean = np.zeros(self.num_features)
+        prior_nu = np.zeros(self.num_features)
+        for mu_p, nu_p, dmu_p, dnu_p, W_p, b_p in history:  # newest first, a fixed order
+            mu_c, nu_c = _compensated(mu_p, nu_p, dmu_p, dnu_p, W - W_p, None if bvec is None else bvec - b_p)
+            prior_mean += mu_c
+            prior_nu += np.maximum(nu_c, mu_c * mu_c)
+        dmu, dnu = _moment_gradients(cols, y2)
+        y, mean, invstd, stats = self._kernel_forward(x, w, b, factor, share=1.0 / k, prior_mean=prior_mean / k,
+                                                      prior_var=prior_nu / k, prior_moments=True)
+        history.insert(0, (stats[0].copy(), stats[1] + stats[0] * stats[0], dmu, dnu, W.copy(),
+                           None if bvec is None else bvec.copy()))
+        del history[self.window_size - 1:]
+        self.__dict__["_saved"] = (x, mean, invstd, 1.0 / k, stats[2].copy(), None, None)
         return y
 
     def extra_repr(self) -> str:
