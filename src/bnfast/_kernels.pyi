@@ -41,7 +41,7 @@ def forward_train(
     save_mean: np.ndarray,
     save_invstd: np.ndarray,
     keys: Keys = (),
-    statistics: tuple | None = None,
+    statistics: tuple[float, float, float, np.ndarray | None, np.ndarray | None, int, np.ndarray] | None = None,
 ) -> None: ...
 def inference(
     shape: Shape3,
