@@ -54,9 +54,10 @@ def _rank_check(layer: BatchNorm, ndim: int) -> None:
 class _StatisticsNorm(BatchNorm):
     """A BatchNorm whose training forward picks its own statistics.
 
-    Subclasses implement ``_train_forward(x, w, b) -> (y, saved)``; the
-    ``saved`` tuple is ``(x, mean, invstd, share, reference_mean, r, d)`` in
-    the layer's dtype (mean, invstd) and float64 (the rest), read by the one
+    Subclasses implement ``_train_forward(x, w, b, factor, count) -> y``
+    (one kernel call, then their own state) and set ``_saved`` to
+    ``(x, mean, invstd, share, reference_mean, r, d)``: the statistics used
+    in the layer's dtype, the rest float64 or None, read by the one
     :meth:`backward`.
     """
 
