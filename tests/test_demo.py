@@ -65,3 +65,17 @@ def test_command_line_entry_point():
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "with BN" in proc.stdout and "without BN" in proc.stdout
+
+
+def test_demo_norms_quick(capsys, tmp_path):
+    from bnfast import _demo_norms
+
+    assert _demo.main(["--norms", "--quick"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("normalization"))
+    assert header.split()[1:] == ["batch", "2", "batch", "8", "batch", "32"]
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines() if line.split("  ")[0].strip() in
+            _demo_norms.NORMS}
+    assert set(rows) == set(_demo_norms.NORMS)
+    assert all(rows[name].count("%") == 3 for name in rows)
+    assert _demo.main(["--norms", "--epochs", "0"]) == 2

@@ -656,13 +656,43 @@ static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
     }
     /* uncentered: the mean square, m2 / n + mean^2, from the same state */
     const double var = k->uncentered ? m2 / n + mean * mean : m2 / n;
-    const double center = k->uncentered ? 0.0 : mean;
-    const double invstd = 1.0 / sqrt(var + k->eps);
+    double center = k->uncentered ? 0.0 : mean;
+    double invstd = 1.0 / sqrt(var + k->eps);
     const ptrdiff_t q = c0 / k->group;
-    ((BN_T *)k->save_mean)[q] = (BN_T)center;
-    ((BN_T *)k->save_invstd)[q] = (BN_T)invstd;
     const BN_T *weight = (const BN_T *)k->weight, *bias = (const BN_T *)k->bias;
     const BN_T *rm = (const BN_T *)k->running_mean, *rv = (const BN_T *)k->running_var;
+    double r = 1.0, d = 0.0; /* batch renormalization's correction (bn_forward_args) */
+    double *so = k->stats_out;
+    const ptrdiff_t SC = k->geo.channels;
+    if (so) {
+        so[q] = mean;
+        so[SC + q] = var;
+    }
+    if (k->prior_mean) {
+        const double used = k->share * mean + k->prior_mean[q];
+        double uvar = k->prior_moments
+                          ? k->share * (var + mean * mean) + k->prior_var[q] - used * used
+                          : k->share * var + k->prior_var[q];
+        if (!(uvar >= 0.0)) uvar = uvar != uvar ? uvar : 0.0; /* round-off below 0; NaN stays */
+        center = used;
+        invstd = 1.0 / sqrt(uvar + k->eps);
+        if (so) {
+            so[2 * SC + q] = used;
+            so[3 * SC + q] = uvar;
+        }
+    } else if (k->r_max >= 1.0 && rm) {
+        const double sigma = sqrt((double)rv[q] + k->eps);
+        r = sqrt(var + k->eps) / sigma;
+        r = r < 1.0 / k->r_max ? 1.0 / k->r_max : (r > k->r_max ? k->r_max : r);
+        d = (mean - (double)rm[q]) / sigma;
+        d = d < -k->d_max ? -k->d_max : (d > k->d_max ? k->d_max : d);
+        if (so) {
+            so[2 * SC + q] = r;
+            so[3 * SC + q] = d;
+        }
+    }
+    ((BN_T *)k->save_mean)[q] = (BN_T)center;
+    ((BN_T *)k->save_invstd)[q] = (BN_T)invstd;
     for (ptrdiff_t c = c0; c < c1; c++) {
         const ptrdiff_t p = c % k->affine_period;
         if (rm) { /* written back by the entry point once nothing can fail */
@@ -671,9 +701,12 @@ static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
             k->next_var[c] = (1.0 - mo) * (double)rv[p] + mo * (m2 / (n - 1.0));
         }
         if (k->affine_inner) BN_FN(set_coef_)(k, c, center, invstd, 0.0, 0.0, 0.0, 0.0, 0.0);
-        else
-            BN_FN(set_coef_)(k, c, center, (weight ? (double)weight[p] : 1.0) * invstd,
-                             bias ? (double)bias[p] : 0.0, 0.0, 0.0, 0.0, 0.0);
+        else {
+            const double w = weight ? (double)weight[p] : 1.0;
+            /* r = 1, d = 0 (no renormalization): batch norm's coefficients, bit for bit */
+            BN_FN(set_coef_)(k, c, center, w * invstd * r, (bias ? (double)bias[p] : 0.0) + w * d, 0.0,
+                             0.0, 0.0, 0.0);
+        }
     }
 }
 
@@ -694,10 +727,13 @@ static void BN_FN(finish_grads_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
     for (ptrdiff_t c = c0; c < c1; c++) {
         const double w = weight && !k->affine_inner ? (double)weight[c % k->affine_period] : 1.0;
         const double s = w * invstd;
-        if (k->training) /* s * (g - mean(g) - xhat * mean(g * xhat)), means over the group */
-            BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, -invstd * sum_gx * invstd / n,
-                             k->uncentered ? 0.0 : -invstd * sum_g / n);
-        else
+        if (k->training) { /* s * (g - mean(g) - xhat * mean(g * xhat)), means over the group */
+            const double share = k->share != 0.0 ? k->share : 1.0;
+            const double k1 = -share * invstd * sum_gx * invstd / n;
+            double k0 = k->uncentered ? 0.0 : -share * invstd * sum_g / n;
+            if (k->ref_mean) k0 += (k->mean[c] - k->ref_mean[c]) * invstd * k1; /* (x - ref) */
+            BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, k1, k0);
+        } else
             /* constants: grad_in = g * weight * invstd through the affine
              * phase on g with mean 0 (x is not read: an inf in x must
              * not turn into 0 * inf) */
@@ -1049,6 +1085,13 @@ static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->eps = a->eps;
     k->save_mean = (BN_T *)a->save_mean + b * C / G;
     k->save_invstd = (BN_T *)a->save_invstd + b * C / G;
+    k->share = a->share;
+    k->r_max = a->r_max;
+    k->d_max = a->d_max;
+    k->prior_mean = a->prior_mean;
+    k->prior_var = a->prior_var;
+    k->prior_moments = a->prior_moments;
+    k->stats_out = a->stats_out;
 }
 
 /* The running statistics: the mean of the samples' updates (one sample: itself). */
@@ -1103,6 +1146,8 @@ static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->training = a->training;
     k->grad_weight = a->grad_weight;
     k->grad_bias = a->grad_bias;
+    k->share = a->share;
+    k->ref_mean = a->ref_mean;
     const BN_T *save_mean = (const BN_T *)a->save_mean + b * C / G;
     for (ptrdiff_t c = 0; c < k->geo.channels; c++)
         k->mean[c] = k->uncentered ? 0.0 : (double)save_mean[c / G];

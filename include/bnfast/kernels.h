@@ -92,6 +92,13 @@ typedef struct {
     double momentum, eps;
     int training;
     double *out_count, *out_mean, *out_m2;
+    double share;            /* the batch's share of the statistics (backward: 0 means 1) */
+    const double *ref_mean;  /* backward: the variance's reference mean, or NULL */
+    /* forward: other normalizing statistics (bn_forward_args) */
+    double r_max, d_max;
+    const double *prior_mean, *prior_var;
+    int prior_moments;
+    double *stats_out;
 } bn_context;
 
 /* The apply phase's per-channel coefficients (see kernel_body.h), and the

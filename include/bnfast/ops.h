@@ -55,6 +55,25 @@ typedef struct {
     double momentum, eps;
     void *save_mean, *save_invstd;
     bn_keys keys; /* zero: batch norm */
+    /* Normalizing statistics other than the batch's (batch norm keys only;
+     * zero: the batch's).  The running statistics are updated with the
+     * batch's in every case.
+     *   prior_mean and prior_var (double, per channel) given: normalize with
+     *     mean' = share * mean + prior_mean and, prior_moments = 0,
+     *     var' = share * var + prior_var (momentum batch norm), or,
+     *     prior_moments = 1, var' = max(share * (var + mean^2) + prior_var
+     *     - mean'^2, 0) (second moments: cross-iteration batch norm);
+     *     save_mean and save_invstd hold mean' and 1 / sqrt(var' + eps).
+     *   r_max >= 1 (batch renormalization, running statistics required):
+     *     r = clip(sqrt(var + eps) / sqrt(running_var + eps), 1/r_max, r_max),
+     *     d = clip((mean - running_mean) / sqrt(running_var + eps), +-d_max),
+     *     y = ((x - mean) * invstd * r + d) * weight + bias.
+     * stats_out (double, 4 x channels), when not NULL: the batch mean and
+     * biased variance, then mean' and var', or r and d. */
+    double share, r_max, d_max;
+    const double *prior_mean, *prior_var;
+    int prior_moments;
+    double *stats_out;
 } bn_forward_args;
 
 /* Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. */
@@ -76,6 +95,14 @@ typedef struct {
     int training;
     void *grad_weight, *grad_bias;
     bn_keys keys; /* as in the forward call; training = 1 unless batch norm */
+    /* Statistics of which the batch is a share (momentum and cross-iteration
+     * batch norm; training = 1, batch norm keys): the statistics' terms of
+     * grad_in scaled by `share` (0 means 1) and, when ref_mean (double, per
+     * channel) is not NULL, the variance's dependence on x centred on it:
+     * grad_in = s * (g - share * mean(g) - share * invstd * (x - ref_mean) *
+     * mean(g * xhat)), s = weight * invstd, xhat = (x - save_mean) * invstd. */
+    double share;
+    const double *ref_mean;
 } bn_backward_args;
 
 /* The kernels of one instantiation; the [dtype][isa] table holds one each. */

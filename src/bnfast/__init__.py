@@ -51,6 +51,16 @@ from .nn.normalization import (
     InstanceNorm3d,
     FilterResponseNorm2d,
 )
+from .nn.variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    MomentumBatchNorm1d,
+    MomentumBatchNorm2d,
+    MomentumBatchNorm3d,
+)
 from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
@@ -102,4 +112,12 @@ __all__ = [
     "filter_response_norm_backward",
     "show_config",
     "get_include",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "MomentumBatchNorm1d",
+    "MomentumBatchNorm2d",
+    "MomentumBatchNorm3d",
+    "CrossIterationBatchNorm1d",
+    "CrossIterationBatchNorm2d",
 ]

@@ -430,6 +430,11 @@ def _parser() -> argparse.ArgumentParser:
         help="time bnfast.contrib.jax.batch_norm against jax.numpy batch norm (jit, forward+backward, "
              "float32 32x64x56x56 or the first of --shapes; needs jax)",
     )  # fmt: skip
+    parser.add_argument(
+        "--variants", action="store_true",
+        help="time Ghost BN, Batch Renorm, Momentum BN and cross-iteration BN (training forward and backward) "
+             "against plain BatchNorm2d on 32x64x56x56 float32, or the first of --shapes",
+    )  # fmt: skip
     parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2 (default 1,2)")
     parser.add_argument("--ops", default=",".join(OPS), help="train,inference,backward")
     parser.add_argument("--dtypes", default=None, help="float32,float64 (quick: float32)")
@@ -480,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.family:
         return _main_family(args, threads)
+    if args.variants:
+        return _main_variants(args, threads, layouts, shapes if args.shapes else None)
     torch = None if args.no_torch else _torch()
     print("bnfast bench")
     for line in header_lines(torch):
@@ -541,5 +548,29 @@ def _main_family(args: argparse.Namespace, threads: list[int]) -> int:
         meta = dict(machine_info(), numpy=np.__version__, torch=torch.__version__ if torch is not None else None)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
+        print(f"raw figures written to {args.json}")
+    return 0
+
+
+def _main_variants(args: argparse.Namespace, threads: list[int], layouts: list[str], shapes) -> int:
+    """``--variants``: each variant's forward and backward over plain BatchNorm2d's, JSON if asked."""
+    from . import _bench_variants as var  # noqa: PLC0415
+
+    shape = tuple(shapes[0]) if shapes else var.DEFAULT_SHAPE
+    dtype = (args.dtypes or "float32").split(",")[0]
+    print(f"bnfast bench --variants: {'x'.join(map(str, shape))} {dtype}, training mode")
+    for line in header_lines(None):
+        print("  " + line)
+    print("x BN: the variant's time / BatchNorm2d's on the same arrays and threads (bar: 1.3)")
+    print(var.VARIANTS_HEADER)
+    print("-" * len(var.VARIANTS_HEADER))
+    rows = var.run_variants(
+        shape, dtype, tuple(layouts), tuple(threads), min_rounds=max(args.rounds, 5),
+        budget=args.budget if args.budget is not None else 0.5,
+        progress=lambda r: print(var.format_variant_row(r), flush=True),
+    )  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": dict(machine_info(), numpy=np.__version__), "results": rows}, f, indent=1)
         print(f"raw figures written to {args.json}")
     return 0

@@ -244,6 +244,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"mini-batch size (default {DEFAULT_BATCH})")
     p.add_argument("--plot", metavar="FILE.png", help="save loss and accuracy curves of both runs (needs matplotlib)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    p.add_argument("--norms", action="store_true",
+                   help="instead, compare BatchNorm, Ghost BN, Batch Renorm, cross-iteration BN, GroupNorm, "
+                        "LayerNorm and none at batch sizes 2, 8, 32 (see --norms --help)")
     return p
 
 
@@ -262,8 +265,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         Exit status: 0 on success, 2 on bad arguments or a missing optional
         dependency.
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--norms" in argv:  # the normalization comparison has its own module
+        from . import _demo_norms
+
+        return _demo_norms.main(argv)
     try:
-        args = _parser().parse_args(list(argv) if argv is not None else None)
+        args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help and on errors
         return int(exc.code or 0)
     if args.epochs < 1 or args.batch_size < 2 or not args.lr > 0:

@@ -41,6 +41,7 @@ def forward_train(
     save_mean: np.ndarray,
     save_invstd: np.ndarray,
     keys: Keys = (),
+    statistics: tuple[float, float, float, np.ndarray | None, np.ndarray | None, int, np.ndarray] | None = None,
 ) -> None: ...
 def inference(
     shape: Shape3,
@@ -69,6 +70,8 @@ def backward(
     grad_weight: np.ndarray,
     grad_bias: np.ndarray,
     keys: Keys = (),
+    share: float = 1.0,
+    ref_mean: np.ndarray | None = None,
 ) -> None: ...
 
 # fast path: results for canonical arguments, None for anything else

@@ -381,10 +381,16 @@ cdef inline int _check(int status) except -1:
 cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object weight,
                             object bias, object running_mean, object running_var, double momentum,
                             double eps, cnp.ndarray save_mean, cnp.ndarray save_invstd,
-                            bn_keys keys) except -1:
+                            bn_keys keys, object statistics=None) except -1:
     cdef bn_forward_args a
     memset(&a, 0, sizeof(a))
     a.keys = keys
+    if statistics is not None:  # (share, r_max, d_max, prior_mean, prior_var, prior_moments, stats_out)
+        a.share, a.r_max, a.d_max = statistics[0], statistics[1], statistics[2]
+        a.prior_mean = <const double *>_data(statistics[3])
+        a.prior_var = <const double *>_data(statistics[4])
+        a.prior_moments = statistics[5]
+        a.stats_out = <double *>_data(statistics[6])
     a.dtype, a.geo, a.x, a.y = dt, geo, x, y
     a.weight, a.bias = _data(weight), _data(bias)
     a.running_mean, a.running_var = _data(running_mean), _data(running_var)
@@ -413,10 +419,13 @@ cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, ob
 
 cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array x, bn_array grad_in,
                        object save_mean, object save_invstd, object weight, bint training,
-                       cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys) except -1:
+                       cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys,
+                       double share=1.0, object ref_mean=None) except -1:
     cdef bn_backward_args a
     memset(&a, 0, sizeof(a))
     a.keys = keys
+    a.share = share
+    a.ref_mean = <const double *>_data(ref_mean)
     a.dtype, a.geo, a.grad_out, a.x, a.grad_in = dt, geo, grad_out, x, grad_in
     a.save_mean, a.save_invstd, a.weight = _data(save_mean), _data(save_invstd), _data(weight)
     a.training = training
@@ -447,10 +456,12 @@ def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray
 
 def forward_train(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
                   weight, bias, running_mean, running_var, double momentum, double eps,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd, tuple keys=()):
-    """Training forward: statistics, running update, normalize into ``y``."""
+                  cnp.ndarray save_mean, cnp.ndarray save_invstd, tuple keys=(), statistics=None):
+    """Training forward: statistics, running update, normalize into ``y``; ``statistics``:
+    (share, r_max, d_max, prior_mean, prior_var, prior_moments, stats_out), see bn_forward_args."""
     _run_forward_train(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), weight, bias,
-                       running_mean, running_var, momentum, eps, save_mean, save_invstd, _keys(keys))
+                       running_mean, running_var, momentum, eps, save_mean, save_invstd, _keys(keys),
+                       statistics)
 
 def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
               cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
@@ -461,11 +472,12 @@ def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
 def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple xs,
              cnp.ndarray grad_in, tuple gis, cnp.ndarray save_mean, cnp.ndarray save_invstd,
              weight, bint training, cnp.ndarray grad_weight, cnp.ndarray grad_bias,
-             tuple keys=()):
-    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``."""
+             tuple keys=(), double share=1.0, ref_mean=None):
+    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``; ``share`` and the float64
+    ``ref_mean`` (C,) for statistics of which the batch is a share (bn_backward_args)."""
     _run_backward(_geometry(shape), _dtype_of(x), _operand(grad_out, gs), _operand(x, xs),
                   _operand(grad_in, gis), save_mean, save_invstd, weight, training, grad_weight,
-                  grad_bias, _keys(keys))
+                  grad_bias, _keys(keys), share, ref_mean)
 
 # ---- fast path: calls whose arguments are already canonical -------------
 #

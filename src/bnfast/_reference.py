@@ -31,6 +31,10 @@ __all__ = [
     "instance_norm_backward",
     "filter_response_norm_forward",
     "filter_response_norm_backward",
+    "batch_renorm_forward",
+    "batch_renorm_backward",
+    "ghost_batch_norm_forward",
+    "pooled_batch_norm_forward",
 ]
 
 
@@ -511,3 +515,114 @@ def filter_response_norm_backward(grad_out, x, weight, bias, tau, eps=1e-6, *, a
     gz = np.moveaxis(np.where(above, gm, 0.0), 1, axis)
     dx, dw, db = group_norm_backward(gz, x, c, weight, abs(eps), axis=axis, centered=False)
     return dx, dw, db, grad_tau
+
+
+# ------------------------------------------------------- small-batch variants
+
+
+def batch_renorm_forward(x, weight, bias, running_mean, running_var, *, momentum, eps, r_max, d_max,
+                         axis=1):
+    """Batch Renormalization (Ioffe 2017) in training mode, float64.
+
+    Returns
+    -------
+    y : ndarray
+        ``weight * ((x - mean) / sigma_B * r + d) + bias``.
+    r, d : ndarray, shape (C,)
+        The clipped corrections from the running statistics before the update.
+    new_rm, new_rv : ndarray, shape (C,)
+        The running statistics after batch norm's update.
+    """
+    rows, shape_moved, ax = _as_rows(x, axis)
+    n, channels = rows.shape
+    w = _vector(weight, channels, 1.0, "weight")
+    b = _vector(bias, channels, 0.0, "bias")
+    rm = _vector(running_mean, channels, 0.0, "running_mean")
+    rv = _vector(running_var, channels, 1.0, "running_var")
+    mean = rows.mean(axis=0)
+    var = ((rows - mean) ** 2).mean(axis=0)
+    sigma_b, sigma = np.sqrt(var + eps), np.sqrt(rv + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d = np.clip((mean - rm) / sigma, -d_max, d_max)
+    y = w * ((rows - mean) / sigma_b * r + d) + b
+    new_rm = (1.0 - momentum) * rm + momentum * mean
+    new_rv = (1.0 - momentum) * rv + momentum * var * n / (n - 1.0)
+    return _from_rows(y, shape_moved, ax), r, d, new_rm, new_rv
+
+
+def batch_renorm_backward(grad_out, x, weight, r, d, *, eps, axis=1):
+    """Gradients of :func:`batch_renorm_forward` with r and d constant, float64.
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias : ndarray
+    """
+    rows, shape_moved, ax = _as_rows(x, axis)
+    g, _, _ = _as_rows(grad_out, axis)
+    n, channels = rows.shape
+    w = _vector(weight, channels, 1.0, "weight")
+    mean = rows.mean(axis=0)
+    invstd = 1.0 / np.sqrt(((rows - mean) ** 2).mean(axis=0) + eps)
+    x_hat = (rows - mean) * invstd
+    gx = w * r * invstd * (g - g.mean(axis=0) - x_hat * (g * x_hat).mean(axis=0))
+    return _from_rows(gx, shape_moved, ax), (g * (x_hat * r + d)).sum(axis=0), g.sum(axis=0)
+
+
+def ghost_batch_norm_forward(x, virtual_batch_size, weight=None, bias=None, running_mean=None,
+                             running_var=None, *, momentum=0.1, eps=1e-5, axis=1):
+    """Ghost batch normalization: batch norm of each consecutive chunk, float64.
+
+    Returns
+    -------
+    y : ndarray
+    new_rm, new_rv : ndarray or None
+        One update with the mean over the chunks of their means and unbiased
+        variances (Keras' rule).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    chunks = x.shape[0] // virtual_batch_size
+    ys, means, vars_ = [], [], []
+    for k in range(chunks):
+        part = x[k * virtual_batch_size:(k + 1) * virtual_batch_size]
+        y, mean, _, _, rv1 = batch_norm_forward(part, weight, bias, None, np.zeros(x.shape[axis]),
+                                                momentum=1.0, eps=eps, axis=axis)
+        ys.append(y)
+        means.append(mean)
+        vars_.append(rv1)
+    mean, var = np.mean(means, axis=0), np.mean(vars_, axis=0)
+    new_rm = None if running_mean is None else (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mean
+    new_rv = None if running_var is None else (1 - momentum) * np.asarray(running_var, np.float64) + momentum * var
+    return np.concatenate(ys, axis=0), new_rm, new_rv
+
+
+def pooled_batch_norm_forward(x, weight, bias, other_means, other_second_moments, *, share_mode, lam=0.0,
+                              eps=1e-5, axis=1):
+    """Normalization by statistics pooled from the batch and constants, float64.
+
+    ``share_mode="momentum"`` (Momentum BN): ``mean = lam * m0 + (1 - lam) * mean_B``
+    and ``var = lam * v0 + (1 - lam) * var_B`` with ``other_means = [m0]``,
+    ``other_second_moments = [v0]`` (a variance).  ``share_mode="window"``
+    (cross-iteration BN): the mean over the batch and the others of the
+    means and of ``max(nu, mu**2)``, ``var = nu_bar - mu_bar**2``.
+
+    Returns
+    -------
+    y, mean, var : ndarray
+    """
+    rows, shape_moved, ax = _as_rows(x, axis)
+    n, channels = rows.shape
+    w = _vector(weight, channels, 1.0, "weight")
+    b = _vector(bias, channels, 0.0, "bias")
+    mean_b = rows.mean(axis=0)
+    if share_mode == "momentum":
+        var_b = ((rows - mean_b) ** 2).mean(axis=0)
+        mean = lam * np.asarray(other_means[0]) + (1.0 - lam) * mean_b
+        var = lam * np.asarray(other_second_moments[0]) + (1.0 - lam) * var_b
+    else:
+        mus = [mean_b] + [np.asarray(m) for m in other_means]
+        nus = [(rows * rows).mean(axis=0)] + [np.maximum(np.asarray(v), np.asarray(m) ** 2)
+                                              for m, v in zip(other_means, other_second_moments)]
+        mean = np.mean(mus, axis=0)
+        var = np.maximum(np.mean(nus, axis=0) - mean * mean, 0.0)
+    y = (rows - mean) / np.sqrt(var + eps) * w + b
+    return _from_rows(y, shape_moved, ax), mean, var

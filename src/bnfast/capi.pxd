@@ -66,6 +66,13 @@ cdef extern from "bnfast/bnfast.h" nogil:
         void *save_mean
         void *save_invstd
         bn_keys keys
+        double share
+        double r_max
+        double d_max
+        const double *prior_mean
+        const double *prior_var
+        int prior_moments
+        double *stats_out
     ctypedef struct bn_inference_args:
         bn_dtype dtype
         bn_geometry geo
@@ -86,6 +93,8 @@ cdef extern from "bnfast/bnfast.h" nogil:
         void *grad_weight
         void *grad_bias
         bn_keys keys
+        double share
+        const double *ref_mean
     int bn_moments(const bn_moments_args *, const bn_run *)
     int bn_forward_train(const bn_forward_args *, const bn_run *)
     int bn_inference(const bn_inference_args *, const bn_run *)

@@ -34,6 +34,16 @@ from .normalization import (
     InstanceNorm3d,
     FilterResponseNorm2d,
 )
+from .variants import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    MomentumBatchNorm1d,
+    MomentumBatchNorm2d,
+    MomentumBatchNorm3d,
+)
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from .recalibration import recalibrate
 from .losses import CrossEntropyLoss, MSELoss
@@ -80,4 +90,12 @@ __all__ = [
     "evaluate",
     "predict",
     "utils",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "MomentumBatchNorm1d",
+    "MomentumBatchNorm2d",
+    "MomentumBatchNorm3d",
+    "CrossIterationBatchNorm1d",
+    "CrossIterationBatchNorm2d",
 ]

@@ -833,9 +833,14 @@ class Sequential(Module):
         numpy.ndarray
             Output of the last layer.
         """
+        previous = None
         for layer in self._modules.values():
             if layer is not None:
+                bind = getattr(type(layer), "_bind_preceding", None)  # cross-iteration BN reads its predecessor
+                if bind is not None:
+                    bind(layer, previous)
                 x = layer(x)
+                previous = layer
         return x
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:

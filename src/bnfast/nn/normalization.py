@@ -35,7 +35,9 @@ from .._normalization import (
     rms_norm_backward,
     rms_norm_forward,
 )
+from .._functional import _momentum
 from .._parameter import Parameter
+from .._variants import ghost_batch_norm_backward, ghost_batch_norm_forward
 from .module import Module
 
 __all__ = [
@@ -155,9 +157,12 @@ class BatchNorm(Module):
         Number of channels C, the length of ``x.shape[axis]``.
     eps : float, default 1e-5
         Added to the variance for numerical stability (must be >= 0).
-    momentum : float or None, default 0.1
+    momentum : float, callable or None, default 0.1
         Weight of the new batch in the running statistics, in [0, 1]; None
-        selects the cumulative moving average (factor ``1/num_batches_tracked``).
+        selects the cumulative moving average (factor ``1/num_batches_tracked``);
+        a callable is a schedule: ``momentum(step)`` gives the factor of the
+        ``step``-th training batch (``num_batches_tracked`` after it, 1 on the
+        first), so ``lambda step: 1 / step`` is the cumulative average.
     affine : bool, default True
         Learn a per-channel scale ``weight`` (initially 1) and shift ``bias``
         (initially 0).
@@ -177,6 +182,18 @@ class BatchNorm(Module):
         Keyword-only, as in recent PyTorch (2.13): with ``affine=True`` and
         ``bias=False`` the layer learns only ``weight`` (``bias`` is None and
         absent from the state dict).
+    virtual_batch_size : int or None, default None
+        Keyword-only.  Ghost batch normalization (Hoffer et al. 2017): in
+        training, each consecutive chunk of this many samples is normalized
+        by its own statistics (forward and backward per chunk), and the
+        running statistics are updated once per call with the mean over the
+        chunks of their means and of their unbiased variances -- Keras'
+        rule (one update from the averaged chunk statistics; Keras forms its
+        chunks by a reshape to ``(virtual_batch_size, -1, ...)``, bnfast of
+        consecutive samples, as Hoffer et al.).  Equal to the batch size it is
+        exactly batch normalization.  A batch size that is not a multiple
+        raises ValueError (state untouched).  Eval mode with running
+        statistics is unaffected.
 
     Attributes
     ----------
@@ -193,8 +210,10 @@ class BatchNorm(Module):
     training : bool
         Training mode (True after construction).
     eps : float
-    momentum : float or None
+    momentum : float, callable or None
         May be changed between calls, like PyTorch's attributes.
+    virtual_batch_size : int or None
+        Ghost batch size; may be changed between calls.
 
     Raises
     ------
@@ -247,10 +266,13 @@ class BatchNorm(Module):
         axis: int = 1,
         dtype: Any = np.float32,
         bias: bool = True,
+        virtual_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         C = _positive_int(num_features, "num_features")
         self._num_features = C
+        self.virtual_batch_size = None if virtual_batch_size is None else _positive_int(
+            virtual_batch_size, "virtual_batch_size")
         self._axis = _int_axis(axis)
         self._dtype = dt = _float_dtype(dtype)
         self._affine = bool(affine)
@@ -343,6 +365,45 @@ class BatchNorm(Module):
                                       unexpected_keys, error_msgs, assignments)
 
     # ------------------------------------------------------------------ compute
+    def _factor(self) -> tuple[float, int | None]:
+        """The running-statistics factor of the next training batch and the count it makes.
+
+        ``momentum`` None: ``1 / count`` (cumulative average); a callable: its
+        value at ``count`` (the step count, 1 on the first training batch);
+        else ``momentum``.  Raises (state untouched) for a bad counter or a
+        schedule value outside [0, 1].
+        """
+        nbt = self._buffers["num_batches_tracked"]
+        momentum = self.momentum
+        if nbt is None:  # no counter: PyTorch's factor
+            return (0.0 if momentum is None else momentum), None
+        count = int(nbt) + 1
+        if count < 1:
+            raise ValueError(
+                f"num_batches_tracked must be >= 0 (got {count - 1}); reset it with reset_running_stats()"
+            )
+        if momentum is None:
+            return 1.0 / count, count
+        if callable(momentum):
+            value = momentum(count)
+            try:
+                return _momentum(value), count
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"the momentum schedule returned {value!r} at step {count}: {e}") from None
+        return momentum, count
+
+    def _ghost_forward(self, x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None,
+                       rm: np.ndarray | None, rv: np.ndarray | None, factor: float,
+                       count: int | None) -> np.ndarray:
+        """Training forward over ghost batches of ``virtual_batch_size`` samples (Hoffer et al. 2017)."""
+        y, mean, invstd = ghost_batch_norm_forward(x, self.virtual_batch_size, w, b, rm, rv, momentum=factor,
+                                                   eps=self.eps, axis=self._axis)
+        nbt = self._buffers["num_batches_tracked"]
+        if count is not None and nbt is not None:
+            nbt[...] = count
+        self.__dict__["_saved"] = (x, mean, invstd, True)
+        return y
+
     def _check_rank(self, ndim: int) -> None:
         """Layer-specific rank check; the any-rank layer leaves it to the functional API."""
 
@@ -397,20 +458,14 @@ class BatchNorm(Module):
         if rm is None or rv is None or self.training:
             nbt = buffers["num_batches_tracked"]
             if self.training and rm is not None and rv is not None and self._track_running_stats:
-                momentum = self.momentum
-                if nbt is not None:
-                    count = int(nbt) + 1
-                    if count < 1:
-                        raise ValueError(
-                            f"num_batches_tracked must be >= 0 (got {count - 1}); reset it with "
-                            "reset_running_stats()"
-                        )
-                    factor = 1.0 / count if momentum is None else momentum
-                else:  # no counter: PyTorch's factor
-                    factor = 0.0 if momentum is None else momentum
+                factor, count = self._factor()
+                if self.virtual_batch_size is not None:
+                    return self._ghost_forward(x, w, b, rm, rv, factor, count)
                 y, mean, invstd = batch_norm_forward(x, w, b, rm, rv, momentum=factor, eps=self.eps, axis=self._axis)
                 if nbt is not None:
                     nbt[...] = count  # only after a successful update
+            elif self.virtual_batch_size is not None:
+                return self._ghost_forward(x, w, b, None, None, 0.0, None)
             else:
                 y, mean, invstd = batch_norm_forward(x, w, b, eps=self.eps, axis=self._axis)
             saved = (x, mean, invstd, True)
@@ -467,9 +522,12 @@ class BatchNorm(Module):
             )
         params = self._parameters
         weight, bias = params["weight"], params["bias"]
-        gx, gw, gb = batch_norm_backward(
-            grad_out, x, mean, invstd, _plain(weight), training=batch_stats, axis=self._axis
-        )
+        if batch_stats and mean.ndim == 2:  # ghost batches: statistics per (chunk, channel)
+            gx, gw, gb = ghost_batch_norm_backward(grad_out, x, mean, invstd, _plain(weight), axis=self._axis)
+        else:
+            gx, gw, gb = batch_norm_backward(
+                grad_out, x, mean, invstd, _plain(weight), training=batch_stats, axis=self._axis
+            )
         if weight is not None:
             weight.grad = gw
         if bias is not None:
@@ -555,6 +613,8 @@ class BatchNorm(Module):
             s += f", axis={self._axis}"
         if self._dtype != np.float32:
             s += f", dtype={self._dtype}"
+        if self.virtual_batch_size is not None:
+            s += f", virtual_batch_size={self.virtual_batch_size}"
         return s
 
 
@@ -567,9 +627,10 @@ _RANKED_BATCH_NORM_PARAMETERS = """    :class:`BatchNorm` describes the paramete
         Number of channels C, the length of ``x.shape[axis]``.
     eps : float, default 1e-5
         Added to the variance for numerical stability (must be >= 0).
-    momentum : float or None, default 0.1
+    momentum : float, callable or None, default 0.1
         Weight of the new batch in the running statistics, in [0, 1]; None
-        selects the cumulative moving average.
+        selects the cumulative moving average, a callable of the step count
+        a schedule.
     affine : bool, default True
         Learn a per-channel scale ``weight`` and shift ``bias``.
     track_running_stats : bool, default True
@@ -581,6 +642,9 @@ _RANKED_BATCH_NORM_PARAMETERS = """    :class:`BatchNorm` describes the paramete
         (keyword only).
     bias : bool, default True
         With ``affine=True``, whether the layer learns ``bias`` (keyword only).
+    virtual_batch_size : int or None, default None
+        Ghost batch size (keyword only): statistics per consecutive chunk of
+        this many samples in training.
 """
 
 
