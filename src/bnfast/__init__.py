@@ -49,10 +49,12 @@ from .nn.normalization import (
     InstanceNorm2d,
     InstanceNorm3d,
     FilterResponseNorm2d,
+    SyncBatchNorm,
 )
 from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
+from . import distributed
 from . import _threadpool
 
 _threadpool.register()  # threadpoolctl sees and limits bnfast's threads, when it is installed
@@ -72,6 +74,8 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "FilterResponseNorm2d",
+    "SyncBatchNorm",
+    "distributed",
     "fold_batch_norm",
     "recalibrate",
     "Moments",

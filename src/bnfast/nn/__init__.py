@@ -33,6 +33,7 @@ from .normalization import (
     InstanceNorm2d,
     InstanceNorm3d,
     FilterResponseNorm2d,
+    SyncBatchNorm,
 )
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from .recalibration import recalibrate
@@ -64,6 +65,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "FilterResponseNorm2d",
+    "SyncBatchNorm",
     "recalibrate",
     "CrossEntropyLoss",
     "MSELoss",
