@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -66,8 +67,8 @@ def test_mpi_checks(ranks):
     """SyncBatchNorm, allreduce_moments, errors, convert, recalibrate and fit on `ranks` processes."""
     r = _run_mpi(ranks, [str(HERE / "_mpi_checks.py"), str(ranks)])
     assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    ok = sorted(line.split()[1] for line in r.stdout.splitlines() if line.startswith("OK "))
-    assert ok == [str(i) for i in range(ranks)], r.stdout
+    ok = sorted(int(rank) for rank, _ in re.findall(r"OK (\d+) (\d+)", r.stdout))  # ranks' lines may interleave
+    assert ok == list(range(ranks)), r.stdout
     assert "max |SyncBatchNorm - BatchNorm|" in r.stdout
 
 
@@ -165,8 +166,8 @@ def test_one_rank_equals_batch_norm(dtype, axis, momentum):
     calls = comm.calls
     x = rng.standard_normal(shape).astype(dtype)
     ref.eval()
-    np.testing.assert_array_equal(sbn(x), ref(x))
-    np.testing.assert_array_equal(sbn.backward(x), ref.backward(x))
+    np.testing.assert_allclose(sbn(x), ref(x), rtol=0, atol=tol)  # running statistics equal to round-off
+    np.testing.assert_allclose(sbn.backward(x), ref.backward(x), rtol=0, atol=tol)
     assert comm.calls == calls  # eval mode: no communication
 
 
