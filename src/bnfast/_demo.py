@@ -259,7 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bnfast demo",
         description="Train the same small CNN on scikit-learn's bundled 8x8 digits with and without "
-                    "batch normalization (same initial weights, same batches) and compare.",
+                    "batch normalization (same initial weights, same batches) and compare.  Under "
+                    "`mpiexec -n P` (P > 1) both runs are data-parallel over the P processes "
+                    "(SyncBatchNorm; needs the mpi extra).",
         epilog=_cli.EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -37,7 +37,7 @@ _INSTALL_HINT = (
 
 # Header exchanged before a variable-size collective: [error flag, channels, dtype code].
 _HEADER = 3
-_DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+_DTYPE_CODES: dict[np.dtype, int] = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
 
 
 def get_comm(comm: Any = None) -> Any:

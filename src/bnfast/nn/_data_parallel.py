@@ -16,7 +16,7 @@ import numpy as np
 
 def _checksum(a: np.ndarray) -> int:
     """CRC-32 of an array's bytes (the ranks must all hold the same data set)."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return zlib.crc32(np.ascontiguousarray(a).data)
 
 
 class _Single:
@@ -53,8 +53,8 @@ class _Ranks:
         table = comm.allgather(mine)
         if any(t != table[0] for t in table):
             raise ValueError(
-                "fit: the ranks disagree on (samples, epochs, batch_size, drop_last, shuffle, no validation "
-                f"data, parameters, parameter elements, CRC-32 of X, of y): {table} (rank order); call fit "
+                "fit: the ranks disagree on (samples, epochs, batch_size, drop_last, shuffle, validation "
+                f"samples, parameters, parameter elements, CRC-32 of X, of y): {table} (rank order); call fit "
                 "with the same arguments, data and model on every rank"
             )
         self._broadcast_state(model, params)
@@ -74,10 +74,8 @@ class _Ranks:
     def seed(self, seed: Any) -> Any:
         """Rank 0's seed for every rank: an int (a Generator on rank 0 draws one; None: fresh entropy)."""
         if self.rank == 0:
-            if isinstance(seed, np.random.Generator):
-                seed = int(seed.integers(2**63))
-            elif seed is None:
-                seed = int(np.random.SeedSequence().entropy)
+            if seed is None or isinstance(seed, np.random.Generator):
+                seed = int(np.random.default_rng(seed).integers(2**63, size=1)[0])
         return self.comm.bcast(seed, root=0)
 
     def share(self, idx: np.ndarray) -> np.ndarray:
@@ -86,14 +84,23 @@ class _Ranks:
         return idx[m * self.rank // self.size:m * (self.rank + 1) // self.size]
 
     def sum_grads(self, params: list[Any]) -> None:
-        """Replace every ``p.grad`` by its sum over the ranks (one flat buffer, bit-identical everywhere)."""
-        flat = np.concatenate([
-            (np.zeros(p.size) if p.grad is None else np.asarray(p.grad, np.float64).ravel()) for p in params
-        ]) if params else np.zeros(0)
+        """Replace every ``p.grad`` by its sum over the ranks (one flat buffer, bit-identical everywhere).
+
+        A parameter without a gradient on every rank keeps ``grad = None``
+        (the optimizer skips it, as on one process); one flag per parameter
+        rides in the same buffer.
+        """
+        if not params:
+            return
+        flat = np.concatenate(
+            [np.array([p.grad is not None for p in params], np.float64)]
+            + [(np.zeros(p.size) if p.grad is None else np.asarray(p.grad, np.float64).ravel()) for p in params]
+        )
         total = self._sum_identical(self.comm, flat)
-        start = 0
-        for p in params:
-            p.grad = total[start:start + p.size].reshape(p.shape).astype(p.dtype)
+        start = len(params)
+        for i, p in enumerate(params):
+            if total[i] > 0:
+                p.grad = total[start:start + p.size].reshape(p.shape).astype(p.dtype)
             start += p.size
 
     def sum(self, values: list[float]) -> list[float]:

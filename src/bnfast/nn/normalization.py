@@ -1487,6 +1487,7 @@ class SyncBatchNorm(BatchNorm):
         if tracking:
             buffers = self._buffers
             rm, rv, nbt = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+            assert rm is not None and rv is not None
             rm[...] = (1.0 - factor) * rm.astype(np.float64) + factor * mean
             rv[...] = (1.0 - factor) * rv.astype(np.float64) + factor * (total.m2 / (n - 1.0))
             if nbt is not None:
@@ -1534,6 +1535,9 @@ class SyncBatchNorm(BatchNorm):
         w = _plain(weight)
         error: BaseException | None = None
         sums = np.zeros(2 * C)
+        x = partial = sum_g = sum_gx = np.zeros(0)
+        stats: _SyncStats | None = None
+        ax = 0
         try:
             if saved is None:
                 raise RuntimeError(
@@ -1551,6 +1555,7 @@ class SyncBatchNorm(BatchNorm):
         except Exception as exc:
             error = exc
         total = _sum_flagged(self._comm, sums, error)
+        assert stats is not None  # else _sum_flagged raised
         gx = _add_grad_through_stats(partial, x, stats.mean, stats.invstd, w, total[:C], total[C:],
                                      stats.count, ax)
         if weight is not None:

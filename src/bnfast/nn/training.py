@@ -209,7 +209,8 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
     classification = isinstance(loss, CrossEntropyLoss)
     n = len(X)
     dp: Any = _Single() if comm is None else _Ranks(
-        comm, model, optimizer, X, y, (n, epochs, batch_size, bool(drop_last), bool(shuffle), validation_data is None))
+        comm, model, optimizer, X, y,
+        (n, epochs, batch_size, bool(drop_last), bool(shuffle), None if validation_data is None else len(Xv)))
     rng = np.random.default_rng(dp.seed(seed))
     params = _params(optimizer) if comm is not None else []
     per_sample_mean = getattr(loss, "reduction", "mean") != "sum"
