@@ -260,3 +260,147 @@ def test_fit_and_recalibrate_on_one_rank_match_local():
     bnfast.recalibrate(b, batches, comm=OneRank())
     np.testing.assert_allclose(a[1].running_var, b[1].running_var, rtol=1e-14)
     assert int(b[1].num_batches_tracked) == 3
+
+
+# ---------------------------------------------------------------- several ranks as threads, no MPI
+class ThreadWorld:
+    """P ranks as threads of this process: mpi4py's collectives on a shared slot list and a barrier.
+
+    The barrier has a timeout, so a rank that skipped a collective breaks it
+    (threading.BrokenBarrierError) instead of hanging the test.
+    """
+
+    def __init__(self, size: int):
+        import threading
+
+        self.size = size
+        self.slots: list = [None] * size
+        self.barrier = threading.Barrier(size, timeout=60)
+
+    def comm(self, rank: int) -> "ThreadRank":
+        return ThreadRank(self, rank)
+
+    def run(self, fn):
+        """``fn(comm)`` on every rank; the results in rank order (a rank's exception re-raised)."""
+        import threading
+
+        results: list = [None] * self.size
+
+        def target(r):
+            try:
+                results[r] = ("ok", fn(self.comm(r)))
+            except BaseException as exc:  # noqa: BLE001 - handed back to the test
+                results[r] = ("error", exc)
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+
+class ThreadRank:
+    def __init__(self, world: ThreadWorld, rank: int):
+        self.world, self.rank = world, rank
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.world.size
+
+    def _exchange(self, value):
+        w = self.world
+        w.slots[self.rank] = value
+        w.barrier.wait()
+        table = list(w.slots)
+        w.barrier.wait()
+        return table
+
+    def Allgather(self, send, recv):
+        recv[...] = np.stack(self._exchange(np.array(send, copy=True))).reshape(recv.shape)
+
+    def Reduce(self, send, recv, root=0):
+        table = self._exchange(np.array(send, copy=True))
+        if self.rank == root:
+            recv[...] = sum(table[1:], table[0].copy())
+
+    def Bcast(self, buf, root=0):
+        buf[...] = self._exchange(np.array(buf, copy=True))[root]
+
+    def allgather(self, obj):
+        return self._exchange(obj)
+
+    def bcast(self, obj, root=0):
+        return self._exchange(obj)[root]
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(
+    sizes=st.lists(st.integers(0, 5), min_size=2, max_size=4).filter(lambda s: sum(s) >= 2),
+    axis=st.sampled_from([1, -1]),
+    spatial=st.sampled_from([(), (3,), (2, 3)]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_thread_ranks_equal_batch_norm_on_the_whole_batch(sizes, axis, spatial, dtype, seed):
+    """Uneven slices on 2-4 ranks (some empty) against BatchNorm on the concatenation."""
+    rng = np.random.default_rng(seed)
+    C, n = 3, sum(sizes)
+    shape = (n, C) + spatial if axis == 1 else (n,) + spatial + (C,)
+    if axis == -1 and not spatial:
+        shape = (n, C)
+    x = (20.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    # the float64 layer on the same (float32-valued) data is the reference for both dtypes
+    ref = BatchNorm(C, axis=axis, dtype=np.float64)
+    ref.weight[...] = [0.5, 2.0, -1.0]
+    y_ref = ref(x.astype(np.float64))
+    gx_ref = ref.backward(g.astype(np.float64))
+    ax = axis % x.ndim
+    invstd = 1.0 / np.sqrt(np.moveaxis(x.astype(np.float64), ax, -1).reshape(-1, C).var(axis=0) + 1e-5)
+    term = 2.0 * float(invstd.max()) * float(np.abs(g).max())  # size of the terms that cancel in grad_input
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+
+    def rank_step(comm):
+        lo, hi = starts[comm.rank], starts[comm.rank + 1]
+        bn = SyncBatchNorm(C, axis=axis, dtype=dtype, comm=comm)
+        bn.weight[...] = [0.5, 2.0, -1.0]
+        y = bn(x[lo:hi])
+        return y, bn.backward(g[lo:hi]), bn.weight.grad, bn.bias.grad, bn.running_var.copy()
+
+    results = ThreadWorld(len(sizes)).run(rank_step)
+    assert all(kind == "ok" for kind, _ in results), results
+    outs = [value for _, value in results]
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    gsum = float(np.abs(g).sum()) / C + 1.0  # size of the per-channel gradient sums
+    np.testing.assert_allclose(np.concatenate([o[0] for o in outs]), y_ref, rtol=0, atol=tol * 10)
+    np.testing.assert_allclose(np.concatenate([o[1] for o in outs]), gx_ref, rtol=0, atol=tol * term)
+    np.testing.assert_allclose(sum(o[2].astype(np.float64) for o in outs), ref.weight.grad, rtol=0, atol=tol * gsum * 4)
+    np.testing.assert_allclose(sum(o[3].astype(np.float64) for o in outs), ref.bias.grad, rtol=0, atol=tol * gsum)
+    for o in outs:
+        np.testing.assert_array_equal(o[4], outs[0][4])  # bit-identical on every rank
+        np.testing.assert_allclose(o[4], ref.running_var, rtol=tol)
+
+
+def test_thread_ranks_errors_raise_everywhere():
+    """A bad rank raises its own error, the others a ValueError naming it; nothing changes; no hang."""
+    world = ThreadWorld(3)
+
+    def rank_step(comm):
+        bn = SyncBatchNorm(2, dtype=np.float64, comm=comm)
+        x = np.ones((2, 3 if comm.rank == 1 else 2))
+        try:
+            bn(x)
+        except (ValueError, TypeError) as exc:
+            return type(exc).__name__, str(exc), int(bn.num_batches_tracked)
+        return "no error", "", int(bn.num_batches_tracked)
+
+    results = [value for _, value in world.run(rank_step)]
+    assert results[1][0] == "ValueError" and "channels" in results[1][1]
+    for r in (0, 2):
+        assert results[r][0] == "ValueError" and "rank(s) [1]" in results[r][1]
+    assert all(r[2] == 0 for r in results)
