@@ -50,6 +50,7 @@ from .nn.normalization import (
     InstanceNorm2d,
     InstanceNorm3d,
     FilterResponseNorm2d,
+    SyncBatchNorm,
 )
 from .nn.variants import (
     BatchRenorm1d,
@@ -64,6 +65,7 @@ from .nn.variants import (
 from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
 from . import nn, testing
+from . import distributed
 from . import _threadpool
 
 _threadpool.register()  # threadpoolctl sees and limits bnfast's threads, when it is installed
@@ -83,6 +85,8 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "FilterResponseNorm2d",
+    "SyncBatchNorm",
+    "distributed",
     "fold_batch_norm",
     "recalibrate",
     "Moments",

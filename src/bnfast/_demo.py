@@ -98,7 +98,7 @@ def build_model(batch_norm: bool, seed: int = DEFAULT_SEED, dtype: Any = np.floa
 
 
 def run(batch_norm: bool, data: tuple[np.ndarray, ...], *, epochs: int, lr: float, batch_size: int,
-        seed: int, progress: bool = False) -> dict[str, list[float]]:
+        seed: int, progress: bool = False, comm: Any = None) -> dict[str, list[float]]:
     """Train one model and return its ``fit`` history (validated on the test split).
 
     SGD with momentum 0.9 and weight decay 5e-4, learning rate annealed from
@@ -116,6 +116,10 @@ def run(batch_norm: bool, data: tuple[np.ndarray, ...], *, epochs: int, lr: floa
     seed : int
         Seed of the weights and of the shuffling.
     progress : bool, default False
+    comm : mpi4py.MPI.Comm, optional
+        Train data-parallel over its ranks: the BatchNorm layers become
+        :class:`~bnfast.SyncBatchNorm` and each rank takes ``batch_size /
+        ranks`` samples of every batch (rounded up).
 
     Returns
     -------
@@ -126,12 +130,34 @@ def run(batch_norm: bool, data: tuple[np.ndarray, ...], *, epochs: int, lr: floa
 
     X_train, y_train, X_test, y_test = data
     model = build_model(batch_norm, seed)
+    if comm is not None:
+        from .nn.normalization import SyncBatchNorm
+
+        model = SyncBatchNorm.convert_sync_batchnorm(model, comm)
+        batch_size = -(-batch_size // comm.Get_size())
     opt = nn.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     sched = nn.CosineAnnealingLR(opt, T_max=epochs)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), _one_blas_thread():
         return nn.fit(model, nn.CrossEntropyLoss(), opt, X_train, y_train, epochs=epochs,
                       batch_size=batch_size, validation_data=(X_test, y_test), scheduler=sched,
-                      progress=progress, seed=seed, drop_last=len(X_train) % batch_size == 1)
+                      progress=progress, seed=seed, comm=comm,
+                      drop_last=len(X_train) % (batch_size * (comm.Get_size() if comm else 1)) == 1)
+
+
+def _mpi_comm() -> Any:
+    """``MPI.COMM_WORLD`` when launched by ``mpiexec -n P`` with P > 1, else None.
+
+    The launcher is recognized by the world size it exports (``PMI_SIZE``:
+    MPICH and Intel MPI; ``OMPI_COMM_WORLD_SIZE``: Open MPI).
+    """
+    import os
+
+    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        if os.environ.get(var, "1").strip().isdigit() and int(os.environ.get(var, "1")) > 1:
+            from .distributed import get_comm
+
+            return get_comm()
+    return None
 
 
 def _one_blas_thread() -> Any:
@@ -233,7 +259,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bnfast demo",
         description="Train the same small CNN on scikit-learn's bundled 8x8 digits with and without "
-                    "batch normalization (same initial weights, same batches) and compare.",
+                    "batch normalization (same initial weights, same batches) and compare.  Under "
+                    "`mpiexec -n P` (P > 1) both runs are data-parallel over the P processes "
+                    "(SyncBatchNorm; needs the mpi extra).",
         epilog=_cli.EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -285,28 +313,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         data = load_data(args.seed)
+        comm = _mpi_comm()
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    lead = comm is None or comm.Get_rank() == 0
+    say = print if lead else (lambda *a, **k: None)
 
     n_train, n_test = len(data[0]), len(data[2])
-    print(f"digits: {n_train} training / {n_test} test images (8x8, 10 classes); "
+    if comm is not None:
+        per_rank = -(-args.batch_size // comm.Get_size())
+        say(f"data-parallel over {comm.Get_size()} processes (MPI): SyncBatchNorm, {per_rank} samples per "
+            f"process and step (global batch {per_rank * comm.Get_size()})")
+    say(f"digits: {n_train} training / {n_test} test images (8x8, 10 classes); "
           f"SGD lr={args.lr:g} (cosine) momentum={MOMENTUM} weight_decay={WEIGHT_DECAY:g}, batch {args.batch_size}, "
           f"{args.epochs} epochs, seed {args.seed}")
     results = []
     for name, bn in (("with BN", True), ("without BN", False)):
         t0 = time.perf_counter()
         hist = run(bn, data, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                   progress=args.progress)
-        print(f"  trained {name:<10} in {time.perf_counter() - t0:.1f} s", flush=True)
+                   progress=args.progress, comm=comm)
+        say(f"  trained {name:<10} in {time.perf_counter() - t0:.1f} s", flush=True)
         results.append((name, hist))
-    print()
-    print(_table(results))
-    print()
-    print(_verdict(results[0][1], results[1][1], args.lr))
-    if args.plot:
+    say()
+    say(_table(results))
+    say()
+    say(_verdict(results[0][1], results[1][1], args.lr))
+    if args.plot and lead:
         _plot(args.plot, results)
-        print(f"curves saved to {args.plot}")
+        say(f"curves saved to {args.plot}")
     return 0
 
 

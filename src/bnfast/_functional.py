@@ -781,3 +781,71 @@ def get_num_threads() -> int:
         At least 1; always 1 in a child made by ``os.fork()``.
     """
     return _kernels.get_num_threads() if _kernels.openmp_enabled() else 1
+
+
+# ------------------------------------------------- statistics from elsewhere
+#
+# Batch norm whose statistics are not those of the array at hand (SyncBatchNorm:
+# the global batch spread over processes), built from the kernels above: the
+# forward is an inference call, the backward a constant-statistics backward
+# call (which also gives the local sums) plus an inference call that adds the
+# terms through the statistics.  The statistics are float64; their mean is
+# carried as a pair ``mh + ml`` (mh of the input's dtype, ml the float64
+# rest), folded into the shift, so a large mean does not cancel in float32.
+# The callers have validated x (dtype, axis, channel count) and eps.
+
+
+def _split_mean(mean: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``mean`` (float64) as ``mh`` of ``dtype`` plus the float64 rest ``ml``."""
+    mh = mean.astype(dtype)
+    return mh, mean - mh.astype(np.float64)
+
+
+def _normalize_with(x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: np.ndarray | None,
+                    bias: np.ndarray | None, eps: float, axis: int) -> np.ndarray:
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` for float64 statistics (C,)."""
+    dt = x.dtype
+    mh, ml = _split_mean(mean, dt)
+    scale = (1.0 if weight is None else weight.astype(np.float64)) / np.sqrt(var + eps)
+    shift = (0.0 if bias is None else bias.astype(np.float64)) - ml * scale
+    return batch_norm_inference(x, mh, var.astype(dt), weight, np.asarray(shift, np.float64).astype(dt),
+                                eps=eps, axis=axis)
+
+
+def _local_grad_sums(grad_out: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
+                     weight: np.ndarray | None, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(grad_out * weight * invstd, sum(grad_out), sum(grad_out * xhat))`` per channel.
+
+    ``xhat = (x - mean) * invstd`` with the float64 statistics; the sums are
+    float64 and are what :func:`_add_grad_through_stats` needs once summed
+    over every part of the batch.
+    """
+    dt = x.dtype
+    mh, ml = _split_mean(mean, dt)
+    partial, sum_gx, sum_g = batch_norm_backward(grad_out, x, mh, invstd.astype(dt), weight,
+                                                 training=False, axis=axis)
+    sum_g = sum_g.astype(np.float64)
+    # the kernel's xhat uses mh: sum(g * (x - mh - ml) * invstd) = its sum - ml * invstd * sum(g)
+    sum_gx = sum_gx.astype(np.float64) - ml * invstd * sum_g
+    return partial, sum_g, sum_gx
+
+
+def _add_grad_through_stats(partial: np.ndarray, x: np.ndarray, mean: np.ndarray, invstd: np.ndarray,
+                            weight: np.ndarray | None, sum_g: np.ndarray, sum_gx: np.ndarray,
+                            count: int, axis: int) -> np.ndarray:
+    """Turn ``partial`` (from :func:`_local_grad_sums`) into the training grad_input, in place.
+
+    ``grad_input = weight * invstd * (g - sum_g / n - xhat * sum_gx / n)``
+    where ``sum_g``, ``sum_gx`` (float64, (C,)) and ``n = count`` are those
+    of the whole batch: ``partial`` holds the first term; the other two, an
+    affine function of ``x`` per channel, come from one inference call.
+    """
+    dt = x.dtype
+    mh, ml = _split_mean(mean, dt)
+    a = (1.0 if weight is None else weight.astype(np.float64)) * invstd
+    k0 = -a * sum_g / count  # + k1 * (x - mean)
+    k1 = -a * invstd * sum_gx / count
+    through = batch_norm_inference(x, mh, np.ones_like(mh), k1.astype(dt), (k0 - ml * k1).astype(dt),
+                                   eps=0.0, axis=axis)
+    np.add(partial, through, out=partial)
+    return partial

@@ -33,6 +33,7 @@ from .normalization import (
     InstanceNorm2d,
     InstanceNorm3d,
     FilterResponseNorm2d,
+    SyncBatchNorm,
 )
 from .variants import (
     BatchRenorm1d,
@@ -76,6 +77,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "FilterResponseNorm2d",
+    "SyncBatchNorm",
     "recalibrate",
     "CrossEntropyLoss",
     "MSELoss",

@@ -52,6 +52,7 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "FilterResponseNorm2d",
+    "SyncBatchNorm",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -1359,3 +1360,321 @@ class FilterResponseNorm2d(_FamilyNorm):
             current value when learnable) and ``learnable_eps``.
         """
         return f"{self.num_features}, eps={self._eps_value()}, learnable_eps={self.learnable_eps}"
+
+
+# ---------------------------------------------------------------------- SyncBatchNorm
+class _SyncStats:
+    """What a synchronized training forward keeps for its backward (global statistics)."""
+
+    __slots__ = ("mean", "invstd", "count")
+
+    def __init__(self, mean: np.ndarray, invstd: np.ndarray, count: int) -> None:
+        self.mean, self.invstd, self.count = mean, invstd, count
+
+
+class SyncBatchNorm(BatchNorm):
+    """Batch normalization with the statistics of the batch spread over every MPI rank.
+
+    ``torch.nn.SyncBatchNorm`` for NumPy over MPI (mpi4py).  In training
+    mode each rank passes its own slice of the global batch, of any size
+    (1 sample, or none); the slice is normalized with the mean and biased
+    variance of the *global* batch, obtained from every rank's per-channel
+    Welford state (:func:`bnfast.moments`) merged with Chan's formula in rank
+    order (:func:`bnfast.distributed.allreduce_moments`), so the statistics
+    are exact and bit-identical on every rank.  The running statistics are
+    updated, identically on every rank, with the global mean and the unbiased
+    global variance.  :meth:`backward` gives each rank the gradient of its
+    own slice of the global-batch function (one collective of the
+    per-channel sums of ``grad_out`` and ``grad_out * x_hat``);
+    ``weight.grad`` and ``bias.grad`` are this rank's contributions, so their
+    sum over ranks is the full-batch gradient (data-parallel training then
+    sums or averages them, as :func:`bnfast.nn.fit` does).  Eval mode is plain
+    :class:`BatchNorm` inference without communication (and so is a layer
+    without running statistics in eval mode, as in PyTorch).
+
+    Every rank of ``comm`` must call ``forward`` and ``backward`` of its
+    replica of the layer in the same order and mode.  Bad input on any rank
+    (wrong shape, dtype or channel count), ranks with different channel
+    counts or dtypes, or a global batch with one value per channel raise on
+    *every* rank (ValueError, or the rank's own error where its input was
+    bad) and change no state; no call hangs.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of channels C.
+    eps : float, default 1e-5
+        Added to the variance for numerical stability.
+    momentum : float or None, default 0.1
+        Weight of the new batch in the running statistics; None for the
+        cumulative average.
+    affine : bool, default True
+        Learn ``weight`` and ``bias``.
+    track_running_stats : bool, default True
+        Keep running statistics (used in eval mode).
+    axis : int, default 1
+        The channel axis (keyword only); ``-1`` for channels-last.  Any input
+        rank >= 2.
+    dtype : numpy dtype, default numpy.float32
+        Dtype of the parameters, buffers and inputs (keyword only).
+    comm : mpi4py.MPI.Comm, optional
+        Communicator of the data-parallel ranks (keyword only); default
+        ``mpi4py.MPI.COMM_WORLD``.
+    bias : bool, default True
+        With ``affine=True``, whether the layer learns ``bias`` (keyword only).
+
+    Attributes
+    ----------
+    comm : mpi4py.MPI.Comm
+        The communicator.
+
+    Raises
+    ------
+    ImportError
+        ``comm`` is None and mpi4py is not installed (``pip install "bnfast[mpi]"``).
+
+    See Also
+    --------
+    BatchNorm : The layer on one process; the other attributes are its.
+    bnfast.distributed.allreduce_moments : The statistics collective.
+
+    Notes
+    -----
+    Communication per training step, with P ranks and C channels: the
+    forward gathers a 24-byte header and then 24 C bytes (count, mean, m2)
+    from every rank (two ``Allgather`` calls); the backward gathers 16 C + 8
+    bytes (the two sums and an error flag) from every rank (one
+    ``Allgather``).  The computation on the local slice is that of a
+    :class:`BatchNorm` step: one statistics pass and one normalizing pass
+    forward; one constant-statistics backward pass and one pass adding the
+    terms through the statistics backward.
+
+    Examples
+    --------
+    Run under ``mpiexec -n 2 python script.py``; each rank holds its slice:
+
+    >>> import numpy as np, bnfast
+    >>> bn = bnfast.SyncBatchNorm(3)                      # doctest: +SKIP
+    >>> x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    >>> y = bn(x)                                         # doctest: +SKIP
+    >>> gx = bn.backward(np.ones_like(y))                 # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        axis: int = 1,
+        dtype: Any = np.float32,
+        comm: Any = None,
+        bias: bool = True,
+    ) -> None:
+        from ..distributed import get_comm
+
+        comm = get_comm(comm)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis=axis, dtype=dtype,
+                         bias=bias)
+        self.__dict__["_comm"] = comm
+
+    @property
+    def comm(self) -> Any:
+        """The MPI communicator of the data-parallel ranks."""
+        return self._comm
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Normalize this rank's slice ``x`` with the statistics of the global batch.
+
+        In training mode every rank of :attr:`comm` must call it (collective);
+        in eval mode (or while :func:`bnfast.recalibrate` collects moments)
+        it is :meth:`BatchNorm.forward`, without communication.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            This rank's slice of the batch: the layer's dtype, ``num_features``
+            channels on ``axis``, any number of samples (also 0).
+
+        Returns
+        -------
+        numpy.ndarray
+            Normalized slice, same shape and dtype as ``x``.
+
+        Raises
+        ------
+        TypeError
+            Input of another dtype on this rank.
+        ValueError
+            Bad input on this rank, a rank with bad input (on the others), ranks
+            with different channel counts or dtypes, or a global batch with
+            one value per channel.  Nothing is changed on any rank.
+        """
+        if self._moment_sink is not None or not self.training:
+            return super().forward(x)
+        from .._functional import _channel_axis, _eps, _momentum, _normalize_with
+        from ..distributed import _allreduce_moments
+
+        C, dt, tracking = self._num_features, self._dtype, self.running_mean is not None
+        error: BaseException | None = None
+        local = None
+        try:
+            x = self._check_input(x)
+            ax = _channel_axis(x, self._axis)
+            eps = _eps(self.eps)
+            factor, count = self._factor() if tracking else (0.0, 0)
+            factor = _momentum(factor)
+            local = moments(x, axis=ax)  # also refuses non-float input
+        except Exception as exc:  # this rank still joins the collective, carrying the error
+            error = exc
+        total = _allreduce_moments(self._comm, local, error, C, dt)
+        n = int(total.count[0]) if C else 0
+        if n <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got a global batch of "
+                f"{n} value(s) per channel over {self._comm.Get_size()} rank(s) (this rank's input "
+                f"shape {x.shape}); nothing was changed on any rank"
+            )
+        mean, var = total.mean, total.m2 / n
+        invstd = 1.0 / np.sqrt(var + eps)
+        params = self._parameters
+        y = _normalize_with(x, mean, var, _plain(params["weight"]), _plain(params["bias"]), eps, ax)
+        if tracking:
+            buffers = self._buffers
+            rm, rv, nbt = buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"]
+            assert rm is not None and rv is not None
+            rm[...] = (1.0 - factor) * rm.astype(np.float64) + factor * mean
+            rv[...] = (1.0 - factor) * rv.astype(np.float64) + factor * (total.m2 / (n - 1.0))
+            if nbt is not None:
+                nbt[...] = count
+        self.__dict__["_saved"] = (x, mean.astype(dt), invstd.astype(dt), _SyncStats(mean, invstd, n))
+        return y
+
+    def backward(self, grad_out: np.ndarray) -> np.ndarray:
+        """Gradient w.r.t. this rank's slice, through the global statistics.
+
+        After a training forward this is a collective: every rank must call
+        it.  It sets ``weight.grad`` and ``bias.grad`` to this rank's
+        contributions (their sum over ranks is the full-batch gradient).
+        After an eval-mode forward it is :meth:`BatchNorm.backward`.
+
+        Parameters
+        ----------
+        grad_out : numpy.ndarray
+            Gradient w.r.t. this rank's output, same shape and dtype as its input.
+
+        Returns
+        -------
+        numpy.ndarray
+            Gradient w.r.t. this rank's input.
+
+        Raises
+        ------
+        RuntimeError
+            No forward has been run yet on this rank.
+        ValueError, TypeError
+            ``grad_out`` of another shape or dtype on this rank; ValueError on
+            the other ranks.  No gradient is changed on any rank.
+        """
+        saved = self._saved
+        if saved is not None and not isinstance(saved[3], _SyncStats):
+            return super().backward(grad_out)
+        if saved is None and not self.training:
+            return super().backward(grad_out)  # raises: no forward
+        from .._functional import _add_grad_through_stats, _local_grad_sums
+        from ..distributed import _sum_flagged
+
+        C = self._num_features
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        w = _plain(weight)
+        error: BaseException | None = None
+        sums = np.zeros(2 * C)
+        x = partial = sum_g = sum_gx = np.zeros(0)
+        stats: _SyncStats | None = None
+        ax = 0
+        try:
+            if saved is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}.backward() called before forward(): run forward (or __call__) first"
+                )
+            x, stats = saved[0], saved[3]
+            grad_out = np.asarray(grad_out)
+            if grad_out.shape != x.shape:
+                raise ValueError(
+                    f"grad_out has shape {grad_out.shape} but the last input to forward had shape {x.shape}"
+                )
+            ax = self._axis % x.ndim
+            partial, sum_g, sum_gx = _local_grad_sums(grad_out, x, stats.mean, stats.invstd, w, ax)
+            sums[:C], sums[C:] = sum_g, sum_gx
+        except Exception as exc:
+            error = exc
+        total = _sum_flagged(self._comm, sums, error)
+        assert stats is not None  # else _sum_flagged raised
+        gx = _add_grad_through_stats(partial, x, stats.mean, stats.invstd, w, total[:C], total[C:],
+                                     stats.count, ax)
+        if weight is not None:
+            weight.grad = sum_gx.astype(self._dtype)
+        if bias is not None:
+            bias.grad = sum_g.astype(self._dtype)
+        return gx
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: Any, comm: Any = None) -> Any:
+        """Replace every BatchNorm layer of a model by a SyncBatchNorm with the same state.
+
+        Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers
+        take over the old ones' settings, parameter objects (so an optimizer
+        built before the conversion still updates them), buffers and mode.
+
+        Parameters
+        ----------
+        module : Module, BatchNorm, or list or tuple of them
+            A model (e.g. :class:`bnfast.nn.Sequential`; its children are
+            replaced in place, recursively), a single BatchNorm layer, or a
+            list or tuple of layers (a new one is returned).
+        comm : mpi4py.MPI.Comm, optional
+            Communicator of the new layers; default ``mpi4py.MPI.COMM_WORLD``.
+
+        Returns
+        -------
+        object
+            The converted model: ``module`` itself for a Module with children,
+            a new SyncBatchNorm for a BatchNorm, a new list or tuple for a
+            sequence; anything else unchanged.
+
+        Raises
+        ------
+        ImportError
+            ``comm`` is None and mpi4py is not installed.
+        """
+        from ..distributed import get_comm
+
+        return cls._convert(module, get_comm(comm), {})
+
+    @classmethod
+    def _convert(cls, module: Any, comm: Any, memo: dict[int, Any]) -> Any:
+        """:meth:`convert_sync_batchnorm`; ``memo`` maps a converted layer's id to its replacement."""
+        if isinstance(module, (list, tuple)):
+            return type(module)(cls._convert(m, comm, memo) for m in module)
+        if isinstance(module, BatchNorm) and not isinstance(module, SyncBatchNorm):
+            if id(module) not in memo:  # a layer used twice becomes one SyncBatchNorm used twice
+                new = cls(module.num_features, module.eps, module.momentum, module.affine,
+                          module.track_running_stats, axis=module.axis, dtype=module.dtype, comm=comm,
+                          bias=module._parameters["bias"] is not None)
+                for name, p in module._parameters.items():
+                    new._parameters[name] = p  # the same Parameter objects
+                for name, buf in module._buffers.items():
+                    new._buffers[name] = buf
+                new.train(module.training)
+                memo[id(module)] = new
+            return memo[id(module)]
+        if isinstance(module, Module):
+            for name, child in list(module._modules.items()):
+                if child is not None:
+                    converted = cls._convert(child, comm, memo)
+                    if converted is not child:
+                        module.add_module(name, converted)
+        return module

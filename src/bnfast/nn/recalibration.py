@@ -47,69 +47,8 @@ def _tracking(bn: BatchNorm) -> bool:
     )
 
 
-def recalibrate(layer_or_layers: Any, batches: Iterable[Any]) -> Any:
-    """Set running statistics to the exact pooled statistics of a stream of batches (AdaBN).
-
-    For each BatchNorm layer the per-channel moments of every input it sees
-    are merged with Chan's formula (:meth:`Moments.merge`), so the result
-    equals the mean and *unbiased* variance of the concatenation of all its
-    inputs (up to rounding) -- not an average of per-batch variances, which is
-    what ``momentum=None`` gives.  ``running_mean`` and ``running_var`` are
-    replaced (``momentum`` plays no part) and ``num_batches_tracked`` is set to
-    the number of batches the layer saw, as if it had been reset and trained
-    with ``momentum=None``.  Nothing is changed if an error occurs.
-
-    Parameters
-    ----------
-    layer_or_layers : BatchNorm, Module, or list or tuple of callables
-        * A single :class:`BatchNorm`: each batch is that layer's input.
-        * A :class:`~bnfast.nn.Module` (for example ``bnfast.nn.Sequential``):
-          called as ``model(x)``; its BatchNorm layers are those of
-          ``model.modules()``.
-        * A list or tuple of callables: run as a chain, ``x = f(x)`` for each
-          element in order; the BatchNorm layers are those of the
-          ``modules()`` of the elements that are Modules (plain functions
-          are run but not searched).
-
-        During the pass every BatchNorm layer found that tracks running
-        statistics gathers the statistics of its *own* inputs and returns
-        them normalized with the current *batch* statistics and its weight
-        and bias, without touching any state -- the same outputs as training
-        mode, which is what ``torch.optim.swa_utils.update_bn`` does.  The
-        pass is single, so ``batches`` may be a one-shot generator.  Other
-        layers run in whatever mode they are in (put dropout in eval mode
-        first if desired); BatchNorm layers without running statistics, and
-        layers reachable only through plain functions, behave as usual.
-        A layer called several times per batch pools all of its inputs.
-    batches : iterable of numpy.ndarray
-        Input batches (of the layer's dtype, with its channel axis).
-
-    Returns
-    -------
-    object
-        ``layer_or_layers``.
-
-    Raises
-    ------
-    ValueError
-        ``batches`` is empty, a BatchNorm layer received no input or only one
-        value per channel, a single layer does not track running statistics,
-        or a model contains no BatchNorm layer that tracks them.
-    TypeError
-        ``layer_or_layers`` is neither a Module nor a list or tuple of
-        callables, or an element of the sequence is not callable.
-
-    Examples
-    --------
-    >>> import numpy as np, bnfast
-    >>> from bnfast import nn
-    >>> model = nn.Sequential(nn.Linear(3, 4, rng=0), nn.BatchNorm1d(4))
-    >>> rng = np.random.default_rng(0)
-    >>> data = [rng.standard_normal((16, 3)).astype(np.float32) for _ in range(5)]
-    >>> _ = bnfast.recalibrate(model, data)
-    >>> int(model[1].num_batches_tracked)
-    5
-    """
+def _gather_moments(layer_or_layers: Any, batches: Iterable[Any]) -> list[tuple[BatchNorm, Moments, int, str]]:
+    """One pass: (layer, merged moments of its inputs, number of calls, its name) per BatchNorm layer."""
     if isinstance(layer_or_layers, BatchNorm):
         layer = layer_or_layers
         if not _tracking(layer):
@@ -120,7 +59,7 @@ def recalibrate(layer_or_layers: Any, batches: Iterable[Any]) -> Any:
             x = layer._check_input(x)
             acc = acc.merge(moments(x, axis=layer.axis))
             n += 1
-        updates = [_pooled_update(layer, acc, n, f"{layer!r}")]
+        return [(layer, acc, n, f"{layer!r}")]
     else:
         run: Callable[[Any], Any]
         if isinstance(layer_or_layers, Module):
@@ -157,10 +96,124 @@ def recalibrate(layer_or_layers: Any, batches: Iterable[Any]) -> Any:
             sinks = [stack.enter_context(bn._collecting_moments()) for bn in bns]
             for x in batches:
                 run(x)
-        updates = [
-            _pooled_update(bn, sink.moments, sink.calls, f"BatchNorm layer #{i} ({bn!r})")
+        return [
+            (bn, sink.moments, sink.calls, f"BatchNorm layer #{i} ({bn!r})")
             for i, (bn, sink) in enumerate(zip(bns, sinks))
         ]
+
+
+def _pool_over_ranks(layer_or_layers: Any, batches: Iterable[Any],
+                     comm: Any) -> list[tuple[BatchNorm, Moments, int, str]]:
+    """:func:`_gather_moments` on every rank, pooled over the ranks of ``comm``.
+
+    One collective for all layers: their states side by side in one
+    :class:`Moments`, plus one slot per layer whose count is the number of
+    calls; merged in rank order by :func:`bnfast.distributed._allreduce_moments`.
+    A rank whose pass fails still joins it, and then every rank raises.
+    """
+    from ..distributed import _allreduce_moments
+
+    error: BaseException | None = None
+    gathered: list[tuple[BatchNorm, Moments, int, str]] = []
+    try:
+        gathered = _gather_moments(layer_or_layers, batches)
+        states = [acc for _, acc, _, _ in gathered]
+        calls = np.array([c for _, _, c, _ in gathered], np.int64)
+        local = Moments(
+            np.concatenate([m.count for m in states] + [calls]),
+            np.concatenate([m.mean for m in states] + [np.zeros(len(calls))]),
+            np.concatenate([m.m2 for m in states] + [np.zeros(len(calls))]),
+        )
+        width = len(local)
+    except Exception as exc:
+        error, local, width = exc, None, -1
+    total = _allreduce_moments(comm, local, error, width)
+    pooled, start = [], 0
+    n_layers = len(gathered)
+    for i, (layer, acc, _, where) in enumerate(gathered):
+        stop = start + len(acc)
+        part = Moments(total.count[start:stop], total.mean[start:stop], total.m2[start:stop])
+        pooled.append((layer, part, int(total.count[width - n_layers + i]), where))
+        start = stop
+    return pooled
+
+
+def recalibrate(layer_or_layers: Any, batches: Iterable[Any], comm: Any = None) -> Any:
+    """Set running statistics to the exact pooled statistics of a stream of batches (AdaBN).
+
+    For each BatchNorm layer the per-channel moments of every input it sees
+    are merged with Chan's formula (:meth:`Moments.merge`), so the result
+    equals the mean and *unbiased* variance of the concatenation of all its
+    inputs (up to rounding) -- not an average of per-batch variances, which is
+    what ``momentum=None`` gives.  ``running_mean`` and ``running_var`` are
+    replaced (``momentum`` plays no part) and ``num_batches_tracked`` is set to
+    the number of batches the layer saw, as if it had been reset and trained
+    with ``momentum=None``.  Nothing is changed if an error occurs.
+
+    Parameters
+    ----------
+    layer_or_layers : BatchNorm, Module, or list or tuple of callables
+        * A single :class:`BatchNorm`: each batch is that layer's input.
+        * A :class:`~bnfast.nn.Module` (for example ``bnfast.nn.Sequential``):
+          called as ``model(x)``; its BatchNorm layers are those of
+          ``model.modules()``.
+        * A list or tuple of callables: run as a chain, ``x = f(x)`` for each
+          element in order; the BatchNorm layers are those of the
+          ``modules()`` of the elements that are Modules (plain functions
+          are run but not searched).
+
+        During the pass every BatchNorm layer found that tracks running
+        statistics gathers the statistics of its *own* inputs and returns
+        them normalized with the current *batch* statistics and its weight
+        and bias, without touching any state -- the same outputs as training
+        mode, which is what ``torch.optim.swa_utils.update_bn`` does.  The
+        pass is single, so ``batches`` may be a one-shot generator.  Other
+        layers run in whatever mode they are in (put dropout in eval mode
+        first if desired); BatchNorm layers without running statistics, and
+        layers reachable only through plain functions, behave as usual.
+        A layer called several times per batch pools all of its inputs.
+    batches : iterable of numpy.ndarray
+        Input batches (of the layer's dtype, with its channel axis).
+    comm : mpi4py.MPI.Comm, optional
+        Pool the statistics over every rank of this MPI communicator (AdaBN
+        on data spread over processes; every rank calls ``recalibrate`` with
+        its own ``batches``, possibly none, and gets the same statistics,
+        those of all ranks' data).  One collective for all layers, after
+        the local pass.  None (the default): this process's data only.
+
+    Returns
+    -------
+    object
+        ``layer_or_layers``.
+
+    Raises
+    ------
+    ValueError
+        ``batches`` is empty, a BatchNorm layer received no input or only one
+        value per channel, a single layer does not track running statistics,
+        or a model contains no BatchNorm layer that tracks them; with
+        ``comm``, on every rank when any rank failed or the ranks' models
+        differ in their BatchNorm channels.
+    TypeError
+        ``layer_or_layers`` is neither a Module nor a list or tuple of
+        callables, or an element of the sequence is not callable.
+
+    Examples
+    --------
+    >>> import numpy as np, bnfast
+    >>> from bnfast import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4, rng=0), nn.BatchNorm1d(4))
+    >>> rng = np.random.default_rng(0)
+    >>> data = [rng.standard_normal((16, 3)).astype(np.float32) for _ in range(5)]
+    >>> _ = bnfast.recalibrate(model, data)
+    >>> int(model[1].num_batches_tracked)
+    5
+    """
+    if comm is None:
+        gathered = _gather_moments(layer_or_layers, batches)
+    else:
+        gathered = _pool_over_ranks(layer_or_layers, batches, comm)
+    updates = [_pooled_update(layer, acc, calls, where) for layer, acc, calls, where in gathered]
     for layer, mean, var, n in updates:  # cannot fail: shapes and dtypes are the layers' own
         rm, rv, nbt = (layer._buffers[k] for k in ("running_mean", "running_var", "num_batches_tracked"))
         assert rm is not None and rv is not None and nbt is not None  # checked by _tracking

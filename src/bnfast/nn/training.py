@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ._data_parallel import _Ranks, _Single
 from .losses import CrossEntropyLoss
 
 __all__ = ["fit", "evaluate", "predict"]
@@ -118,7 +119,8 @@ def _format(entry: dict) -> str:
 
 def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, batch_size: int,
         shuffle: bool = True, validation_data: tuple | None = None, scheduler: Any = None,
-        progress: bool = True, seed: Any = None, drop_last: bool = False) -> dict[str, list[float]]:
+        progress: bool = True, seed: Any = None, drop_last: bool = False,
+        comm: Any = None) -> dict[str, list[float]]:
     """Train ``model`` with mini-batches and return the per-epoch history.
 
     Each step runs ``out = model(xb)``, ``loss(out, yb)``,
@@ -156,6 +158,24 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
     drop_last : bool, default False
         Skip the last batch when it is smaller than ``batch_size`` (useful
         with batch normalization when ``len(X) % batch_size == 1``).
+    comm : mpi4py.MPI.Comm, optional
+        Data-parallel training over the ranks of this MPI communicator
+        (None, the default: this process alone).  Every rank calls ``fit``
+        with the same arguments and the whole data set; ``batch_size`` is
+        then the batch *per rank*, so a step sees a global batch of
+        ``batch_size * comm.Get_size()`` samples.  The parameters and
+        buffers are first broadcast from rank 0 (same initial weights
+        everywhere); every rank draws the same permutation per epoch (the
+        seed is rank 0's) and takes its share of each global batch (a short
+        last batch is split as evenly as possible; a rank may get no sample).
+        Each rank's loss gradient is scaled by its share of the global batch
+        and the parameter gradients are summed over the ranks in one flat
+        buffer (Reduce and Bcast, bit-identical everywhere), so a step is
+        that of one process on the global batch -- exactly so when the model's
+        batch normalization is :class:`~bnfast.SyncBatchNorm`
+        (:meth:`~bnfast.SyncBatchNorm.convert_sync_batchnorm`).  Metrics are
+        reduced over the ranks, validation data are split among them, and
+        only rank 0 shows progress.
 
     Returns
     -------
@@ -187,11 +207,17 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
             raise ValueError("fit: validation_data must be a pair (X_val, y_val)")
         Xv, yv = _check_xy(validation_data[0], validation_data[1], "fit (validation_data)")
     classification = isinstance(loss, CrossEntropyLoss)
-    rng = np.random.default_rng(seed)
     n = len(X)
-    n_batches = n // batch_size if drop_last else -(-n // batch_size)
+    dp: Any = _Single() if comm is None else _Ranks(
+        comm, model, optimizer, X, y,
+        (n, epochs, batch_size, bool(drop_last), bool(shuffle), None if validation_data is None else len(Xv)))
+    rng = np.random.default_rng(dp.seed(seed))
+    params = _params(optimizer) if comm is not None else []
+    per_sample_mean = getattr(loss, "reduction", "mean") != "sum"
+    step = batch_size * dp.size  # the global batch
+    n_batches = n // step if drop_last else -(-n // step)
     if n_batches == 0:
-        raise ValueError(f"fit: drop_last=True with batch_size {batch_size} > {n} samples leaves no batch")
+        raise ValueError(f"fit: drop_last=True with batch_size {step} > {n} samples leaves no batch")
     keys = ["loss"] + (["accuracy"] if classification else [])
     if validation_data is not None:
         keys += ["val_loss"] + (["val_accuracy"] if classification else [])
@@ -201,30 +227,39 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
             model.train()
             lr = float(optimizer.param_groups[0]["lr"])
             order = rng.permutation(n) if shuffle else np.arange(n)
-            bar = _Progress(progress, n_batches, f"Epoch {epoch + 1}/{epochs}")
+            bar = _Progress(progress and dp.rank == 0, n_batches, f"Epoch {epoch + 1}/{epochs}")
             t0 = time.perf_counter()
             total_loss = 0.0
             correct = 0
             seen = 0
             for b in range(n_batches):
-                idx = order[b * batch_size:(b + 1) * batch_size]
+                batch = order[b * step:(b + 1) * step]
+                idx = dp.share(batch)
                 xb, yb = X[idx], y[idx]
                 out = model(xb)
-                value = loss(out, yb)
+                if len(idx):
+                    value = loss(out, yb)
+                    grad = loss.backward()
+                    if dp.size > 1 and per_sample_mean:  # this rank's share of the global mean
+                        grad = grad * (len(idx) / len(batch))
+                else:  # a rank without samples still takes part in the model's collectives
+                    value, grad = 0.0, np.zeros_like(out)
                 optimizer.zero_grad()
-                model.backward(loss.backward())
+                model.backward(grad)
+                dp.sum_grads(params)
                 optimizer.step()
                 total_loss += value * len(idx)
                 seen += len(idx)
-                if classification:
+                if classification and len(idx):
                     correct += _n_correct(out, yb)
                 bar.update(value)
             seconds = time.perf_counter() - t0
+            total_loss, correct, seen = dp.sum([total_loss, correct, seen])
             entry: dict[str, float] = {"loss": total_loss / seen}
             if classification:
                 entry["accuracy"] = correct / seen
             if validation_data is not None:
-                val = evaluate(model, loss, Xv, yv, batch_size=max(batch_size, 256))
+                val = _evaluate_shared(model, loss, Xv, yv, max(batch_size, 256), dp)
                 entry["val_loss"] = val["loss"]
                 if classification:
                     entry["val_accuracy"] = val["accuracy"]
@@ -236,6 +271,23 @@ def fit(model: Any, loss: Any, optimizer: Any, X: Any, y: Any, *, epochs: int, b
             if scheduler is not None:
                 scheduler.step()
     return history
+
+
+def _params(optimizer: Any) -> list[Any]:
+    """The parameters an optimizer updates, group by group."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _evaluate_shared(model: Any, loss: Any, X: np.ndarray, y: np.ndarray, batch_size: int,
+                     dp: Any) -> dict[str, float]:
+    """:func:`evaluate` with the samples split among the ranks and the sums reduced over them."""
+    idx = dp.share(np.arange(len(X)))
+    total, correct = _evaluate_sums(model, loss, X[idx], y[idx], batch_size) if len(idx) else (0.0, 0)
+    total, correct, count = dp.sum([total, correct, len(idx)])
+    result = {"loss": total / count}
+    if isinstance(loss, CrossEntropyLoss):
+        result["accuracy"] = correct / count
+    return result
 
 
 def evaluate(model: Any, loss: Any, X: Any, y: Any, batch_size: int = 256) -> dict[str, float]:
@@ -260,6 +312,15 @@ def evaluate(model: Any, loss: Any, X: Any, y: Any, batch_size: int = 256) -> di
     """
     X, y = _check_xy(X, y, "evaluate")
     batch_size = _check_batch_size(batch_size, "evaluate")
+    total, correct = _evaluate_sums(model, loss, X, y, batch_size)
+    result = {"loss": total / len(X)}
+    if isinstance(loss, CrossEntropyLoss):
+        result["accuracy"] = correct / len(X)
+    return result
+
+
+def _evaluate_sums(model: Any, loss: Any, X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, int]:
+    """(summed loss, correct predictions) over ``X`` in evaluation mode; the mode is restored."""
     classification = isinstance(loss, CrossEntropyLoss)
     total = 0.0
     correct = 0
@@ -271,10 +332,7 @@ def evaluate(model: Any, loss: Any, X: Any, y: Any, batch_size: int = 256) -> di
             total += loss(out, yb) * len(xb)
             if classification:
                 correct += _n_correct(out, yb)
-    result = {"loss": total / len(X)}
-    if classification:
-        result["accuracy"] = correct / len(X)
-    return result
+    return total, correct
 
 
 def predict(model: Any, X: Any, batch_size: int = 256) -> np.ndarray:
