@@ -629,6 +629,129 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 #undef BN_APPLY_G
 #undef BN_GRAD_EXPR
 
+/* ---- fused activations: y = act(BN(x) [+ residual]) (bn_act, ops.h) ------
+ * The affine expression above, then the activation, in BN_T; the residual is
+ * the template's second input g.  Each activation is a scalar function (the
+ * tails) and a vector one of the same arithmetic, chosen by _Generic on the
+ * operand's type, so that one expression serves both: relu and leaky_relu by
+ * a compare mask (branch-free), elu by expm1 lane by lane (libm; the affine
+ * part stays vectorized). */
+#define BN_AFFINE_EXPR(x, K) ((((x) - (K).mh) - (K).ml) * (K).s + (K).b)
+
+static inline BN_T BN_FN(relu_s_)(BN_T v) { return v < (BN_T)0 ? (BN_T)0 : v; }
+static inline BN_T BN_FN(leaky_s_)(BN_T v, BN_T s) { return v < (BN_T)0 ? v * s : v; }
+static inline BN_T BN_FN(elu_s_)(BN_T v)
+{
+#if BN_T_IS_FLOAT
+    return v < 0.0f ? expm1f(v) : v;
+#else
+    return v < 0.0 ? expm1(v) : v;
+#endif
+}
+
+#if BN_VECTORS
+#if BN_T_IS_FLOAT
+typedef int BN_FN(vi_) __attribute__((vector_size(BN_VEC_BYTES)));
+#else
+typedef long long BN_FN(vi_) __attribute__((vector_size(BN_VEC_BYTES)));
+#endif
+static inline BN_FN(va_) BN_FN(relu_v_)(BN_FN(va_) v)
+{
+    const BN_FN(vi_) neg = v < BN_SPLATA(0);
+    return (BN_FN(va_))((BN_FN(vi_))v & ~neg);
+}
+static inline BN_FN(va_) BN_FN(leaky_v_)(BN_FN(va_) v, BN_FN(va_) s)
+{
+    const BN_FN(vi_) neg = v < BN_SPLATA(0);
+    return (BN_FN(va_))(((BN_FN(vi_))(v * s) & neg) | ((BN_FN(vi_))v & ~neg));
+}
+static inline BN_FN(va_) BN_FN(elu_v_)(BN_FN(va_) v)
+{
+    for (ptrdiff_t l = 0; l < WA; l++) v[l] = BN_FN(elu_s_)(v[l]);
+    return v;
+}
+#define BN_ACT_FN_(name, v) _Generic((v), BN_T: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
+#else
+#define BN_ACT_FN_(name, v) BN_FN(BN_CAT(name, s_))
+#endif
+#define BN_RELU(v) BN_ACT_FN_(relu_, v)(v)
+/* leaky_relu's slope is coefficient a (unused by the forward ops; see
+ * set_act_): hoisted with the others, never reloaded from the context */
+#define BN_LEAKY(v, K) BN_ACT_FN_(leaky_, v)(v, (K).a)
+#define BN_ELU(v) BN_ACT_FN_(elu_, v)(v)
+
+#define BN_APPLY_X ax
+#define BN_APPLY_INNER 0
+#define BN_APPLY_G 0
+#define BN_APPLY relu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_RELU(BN_AFFINE_EXPR(x, K))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY leaky
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_LEAKY(BN_AFFINE_EXPR(x, K), K)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY elu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_ELU(BN_AFFINE_EXPR(x, K))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#undef BN_APPLY_G
+#define BN_APPLY_G 1
+#define BN_APPLY add
+#define BN_APPLY_EXPR(g, x, K, wi, bi) (BN_AFFINE_EXPR(x, K) + (g))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY add_relu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_RELU(BN_AFFINE_EXPR(x, K) + (g))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY add_leaky
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_LEAKY(BN_AFFINE_EXPR(x, K) + (g), K)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY add_elu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_ELU(BN_AFFINE_EXPR(x, K) + (g))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#undef BN_APPLY_G
+#undef BN_APPLY_INNER
+#undef BN_APPLY_X
+#undef BN_RELU
+#undef BN_LEAKY
+#undef BN_ELU
+#undef BN_ACT_FN_
+#undef BN_AFFINE_EXPR
+
+/* The fused op of a context (k->act, k->residual), chosen once per task:
+ * the inner loops are the instantiations above.  NONE, and identity without
+ * a residual, are the plain affine op. */
+#define BN_ACT_SWITCH_(phase, args)                                                        \
+    switch (k->act * 2 + (k->residual != 0)) {                                            \
+    case BN_ACT_IDENTITY * 2 + 1: BN_FN(BN_CAT(apply_add_, phase)) args; break;          \
+    case BN_ACT_RELU * 2: BN_FN(BN_CAT(apply_relu_, phase)) args; break;                 \
+    case BN_ACT_RELU * 2 + 1: BN_FN(BN_CAT(apply_add_relu_, phase)) args; break;         \
+    case BN_ACT_LEAKY_RELU * 2: BN_FN(BN_CAT(apply_leaky_, phase)) args; break;          \
+    case BN_ACT_LEAKY_RELU * 2 + 1: BN_FN(BN_CAT(apply_add_leaky_, phase)) args; break;  \
+    case BN_ACT_ELU * 2: BN_FN(BN_CAT(apply_elu_, phase)) args; break;                   \
+    case BN_ACT_ELU * 2 + 1: BN_FN(BN_CAT(apply_add_elu_, phase)) args; break;           \
+    default: BN_FN(BN_CAT(apply_affine_, phase)) args;                                    \
+    }
+
+static void BN_FN(apply_act_planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
+{
+    BN_ACT_SWITCH_(planar_, (k, c0, c1, t))
+}
+
+static void BN_FN(apply_act_rows_)(const bn_context *k, ptrdiff_t t) { BN_ACT_SWITCH_(rows_, (k, t)) }
+#undef BN_ACT_SWITCH_
+
 /* ---- per-key finishing steps between the phases --------------------------
  * Keys [c0, c1), whole groups: merge the partials of every key in partial
  * order (the weights are shared, so the loop runs across keys), pool each
@@ -673,7 +796,7 @@ static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
         if (k->affine_inner) BN_FN(set_coef_)(k, c, center, invstd, 0.0, 0.0, 0.0, 0.0, 0.0);
         else
             BN_FN(set_coef_)(k, c, center, (weight ? (double)weight[p] : 1.0) * invstd,
-                             bias ? (double)bias[p] : 0.0, 0.0, 0.0, 0.0, 0.0);
+                             bias ? (double)bias[p] : 0.0, k->slope, 0.0, 0.0, 0.0);
     }
 }
 
@@ -779,6 +902,7 @@ static void BN_FN(apply_planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1
         else BN_FN(apply_affine_inner_planar_)(k, c0, c1, t);
     } else {
         if (grad) BN_FN(apply_grad_planar_)(k, c0, c1, t);
+        else if (k->act) BN_FN(apply_act_planar_)(k, c0, c1, t);
         else BN_FN(apply_affine_planar_)(k, c0, c1, t);
     }
 }
@@ -868,6 +992,7 @@ static void BN_FN(exec_body_)(bn_context *k)
             if (bn_stopped(k)) continue;
             if (k->grid.channels_last) {
                 if (grad) BN_FN(apply_grad_rows_)(k, t);
+                else if (k->act) BN_FN(apply_act_rows_)(k, t);
                 else BN_FN(apply_affine_rows_)(k, t);
             } else {
                 BN_FN(apply_planar_)(k, c0, c1, t, grad);
@@ -1034,6 +1159,16 @@ static int BN_FN(moments_)(const bn_moments_args *a, const bn_run *run)
     return BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_moments_), a, NULL);
 }
 
+/* The fused activation of a forward/inference context (bn_act); before the
+ * coefficients are set: leaky_relu's slope goes into coefficient a. */
+static void BN_FN(set_act_)(bn_context *k, const bn_act *act, ptrdiff_t b)
+{
+    k->act = (int)act->kind;
+    k->slope = act->negative_slope;
+    k->residual = act->residual.data != NULL;
+    if (k->residual) k->g = BN_FN(sample_)(act->residual, b);
+}
+
 static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
 {
     const bn_forward_args *a = (const bn_forward_args *)args;
@@ -1049,6 +1184,7 @@ static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->eps = a->eps;
     k->save_mean = (BN_T *)a->save_mean + b * C / G;
     k->save_invstd = (BN_T *)a->save_invstd + b * C / G;
+    BN_FN(set_act_)(k, &a->act, b);
 }
 
 /* The running statistics: the mean of the samples' updates (one sample: itself). */
@@ -1079,10 +1215,11 @@ static void BN_FN(init_inference_)(bn_context *k, ptrdiff_t b, const void *args)
     (void)b;
     k->op = BN_OP_INFERENCE;
     k->y = a->y;
+    BN_FN(set_act_)(k, &a->act, 0);
     for (ptrdiff_t c = 0; c < a->geo.channels; c++)
         BN_FN(set_coef_)(k, c, (double)rm[c],
                          (weight ? (double)weight[c] : 1.0) / sqrt((double)rv[c] + a->eps),
-                         bias ? (double)bias[c] : 0.0, 0.0, 0.0, 0.0, 0.0);
+                         bias ? (double)bias[c] : 0.0, k->slope, 0.0, 0.0, 0.0);
 }
 
 static int BN_FN(inference_)(const bn_inference_args *a, const bn_run *run)

@@ -92,6 +92,10 @@ typedef struct {
     double momentum, eps;
     int training;
     double *out_count, *out_mean, *out_m2;
+    /* fused activation of the forward/inference apply (bn_act): its kind,
+     * slope, and whether g is a residual added before it */
+    int act, residual;
+    double slope;
 } bn_context;
 
 /* The apply phase's per-channel coefficients (see kernel_body.h), and the

@@ -34,6 +34,27 @@ typedef struct {
     int uncentered, affine_inner;
 } bn_keys;
 
+/* A fused activation of the training forward and inference ops (batch norm
+ * only): y = act(BN(x) + residual), in one pass over x (and the residual).
+ * kind BN_ACT_NONE (the zero-initialized struct) is plain batch norm;
+ * leaky_relu(v) = v < 0 ? v * negative_slope : v, elu(v) = v < 0 ? expm1(v)
+ * : v (alpha 1), relu(v) = v < 0 ? 0 : v (NaN stays NaN).  residual.data
+ * NULL: no residual, else an operand of x's geometry (it may be y element
+ * for element). */
+typedef enum {
+    BN_ACT_NONE = 0,
+    BN_ACT_IDENTITY = 1,
+    BN_ACT_RELU = 2,
+    BN_ACT_LEAKY_RELU = 3,
+    BN_ACT_ELU = 4
+} bn_activation;
+
+typedef struct {
+    bn_activation kind;
+    double negative_slope;
+    bn_array residual;
+} bn_act;
+
 /* Per-channel (or per-key) Welford state of x into count/mean/m2 (float64). */
 typedef struct {
     bn_dtype dtype;
@@ -55,6 +76,7 @@ typedef struct {
     double momentum, eps;
     void *save_mean, *save_invstd;
     bn_keys keys; /* zero: batch norm */
+    bn_act act;   /* zero: no activation (batch norm only, keys zero) */
 } bn_forward_args;
 
 /* Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. */
@@ -64,6 +86,7 @@ typedef struct {
     bn_array x, y;
     const void *running_mean, *running_var, *weight, *bias;
     double eps;
+    bn_act act; /* zero: no activation */
 } bn_inference_args;
 
 /* Backward: grad_in (may alias grad_out or x element for element),

@@ -41,6 +41,7 @@ def forward_train(
     save_mean: np.ndarray,
     save_invstd: np.ndarray,
     keys: Keys = (),
+    act: tuple[int, float, np.ndarray | None, Strides2 | None] | None = None,
 ) -> None: ...
 def inference(
     shape: Shape3,
@@ -53,6 +54,7 @@ def inference(
     weight: np.ndarray | None,
     bias: np.ndarray | None,
     eps: float,
+    act: tuple[int, float, np.ndarray | None, Strides2 | None] | None = None,
 ) -> None: ...
 def backward(
     shape: Shape3,

@@ -34,6 +34,8 @@ from bnfast.capi cimport (
     bn_forward_args,
     bn_inference_args,
     bn_backward_args,
+    bn_act,
+    bn_activation,
     bn_moments,
     bn_forward_train,
     bn_inference,
@@ -358,6 +360,19 @@ cdef inline bn_keys _keys(tuple keys):
     return q
 
 
+cdef inline bn_act _act(object act):
+    """``act``: None (plain batch norm), or (kind, negative_slope, residual or
+    None, the residual's kernel strides or None); kind is a BN_ACT_* code."""
+    cdef bn_act f
+    memset(&f, 0, sizeof(f))
+    if act is not None:
+        kind, slope, z, zs = act
+        f.kind, f.negative_slope = <bn_activation><int>kind, slope
+        if z is not None:
+            f.residual = _operand(<cnp.ndarray>z, zs)
+    return f
+
+
 cdef inline bn_geometry _geometry(tuple shape):
     cdef bn_geometry geo
     geo.outer, geo.channels, geo.inner = shape
@@ -381,10 +396,10 @@ cdef inline int _check(int status) except -1:
 cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object weight,
                             object bias, object running_mean, object running_var, double momentum,
                             double eps, cnp.ndarray save_mean, cnp.ndarray save_invstd,
-                            bn_keys keys) except -1:
+                            bn_keys keys, bn_act act) except -1:
     cdef bn_forward_args a
     memset(&a, 0, sizeof(a))
-    a.keys = keys
+    a.keys, a.act = keys, act
     a.dtype, a.geo, a.x, a.y = dt, geo, x, y
     a.weight, a.bias = _data(weight), _data(bias)
     a.running_mean, a.running_var = _data(running_mean), _data(running_var)
@@ -398,9 +413,11 @@ cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y
 
 
 cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object running_mean,
-                        object running_var, object weight, object bias, double eps) except -1:
+                        object running_var, object weight, object bias, double eps,
+                        bn_act act) except -1:
     cdef bn_inference_args a
     memset(&a, 0, sizeof(a))
+    a.act = act
     a.dtype, a.geo, a.x, a.y = dt, geo, x, y
     a.running_mean, a.running_var = _data(running_mean), _data(running_var)
     a.weight, a.bias, a.eps = _data(weight), _data(bias), eps
@@ -447,16 +464,20 @@ def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray
 
 def forward_train(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
                   weight, bias, running_mean, running_var, double momentum, double eps,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd, tuple keys=()):
-    """Training forward: statistics, running update, normalize into ``y``."""
+                  cnp.ndarray save_mean, cnp.ndarray save_invstd, tuple keys=(), act=None):
+    """Training forward: statistics, running update, normalize into ``y``
+    (then the fused activation ``act``, see _act)."""
     _run_forward_train(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), weight, bias,
-                       running_mean, running_var, momentum, eps, save_mean, save_invstd, _keys(keys))
+                       running_mean, running_var, momentum, eps, save_mean, save_invstd, _keys(keys),
+                       _act(act))
 
 def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
-              cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
-    """Inference: normalize ``x`` into ``y`` with the given statistics."""
+              cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps,
+              act=None):
+    """Inference: normalize ``x`` into ``y`` with the given statistics (then
+    the fused activation ``act``, see _act)."""
     _run_inference(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), running_mean,
-                   running_var, weight, bias, eps)
+                   running_var, weight, bias, eps, _act(act))
 
 def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple xs,
              cnp.ndarray grad_in, tuple gis, cnp.ndarray save_mean, cnp.ndarray save_invstd,
@@ -610,7 +631,7 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     cdef cnp.ndarray save_invstd = cnp.PyArray_EMPTY(1, &channels, t, 0)
     _run_forward_train(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
                        weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd,
-                       _keys(()))
+                       _keys(()), _act(None))
     return y, save_mean, save_invstd
 
 
@@ -631,7 +652,7 @@ def try_inference(x, running_mean, running_var, weight, bias, eps, axis, out=Non
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     _run_inference(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
-                   running_mean, running_var, weight, bias, eps)
+                   running_mean, running_var, weight, bias, eps, _act(None))
     return y
 
 

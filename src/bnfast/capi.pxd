@@ -41,6 +41,16 @@ cdef extern from "bnfast/bnfast.h" nogil:
         long long stream_bytes
         int (*interrupted)(void *) noexcept nogil
         void *arg
+    ctypedef enum bn_activation:
+        BN_ACT_NONE
+        BN_ACT_IDENTITY
+        BN_ACT_RELU
+        BN_ACT_LEAKY_RELU
+        BN_ACT_ELU
+    ctypedef struct bn_act:
+        bn_activation kind
+        double negative_slope
+        bn_array residual
     int BN_OK
     int BN_ERR_NOMEM
     int BN_ERR_INTERRUPTED
@@ -66,6 +76,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         void *save_mean
         void *save_invstd
         bn_keys keys
+        bn_act act
     ctypedef struct bn_inference_args:
         bn_dtype dtype
         bn_geometry geo
@@ -75,6 +86,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         const void *weight
         const void *bias
         double eps
+        bn_act act
     ctypedef struct bn_backward_args:
         bn_dtype dtype
         bn_geometry geo
