@@ -52,6 +52,7 @@ from .nn.normalization import (
 )
 from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
+from ._fused import batch_norm_act_backward, batch_norm_act_forward, batch_norm_act_inference
 from . import nn, testing
 from . import _threadpool
 
@@ -100,4 +101,7 @@ __all__ = [
     "filter_response_norm_backward",
     "show_config",
     "get_include",
+    "batch_norm_act_forward",
+    "batch_norm_act_inference",
+    "batch_norm_act_backward",
 ]
