@@ -35,6 +35,7 @@ from .normalization import (
     FilterResponseNorm2d,
 )
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .activations import ELU, LeakyReLU, Residual
 from .recalibration import recalibrate
 from .losses import CrossEntropyLoss, MSELoss
 from .optim import SGD, Adam, Optimizer, clip_grad_norm_
@@ -77,4 +78,7 @@ __all__ = [
     "fit",
     "evaluate",
     "predict",
+    "LeakyReLU",
+    "ELU",
+    "Residual",
 ]
