@@ -70,7 +70,8 @@ def forward_train(layer, act, x, w, b, rm, rv, momentum):
         x, w, b, rm, rv, activation=name, negative_slope=slope, residual=z, momentum=momentum,
         eps=layer.eps, axis=layer.axis, out=out,
     )
-    layer.__dict__["_fused"] = (name, slope, z, y, True)
+    # relu's backward reads y only through y > 0: keep the mask (1 byte an element)
+    layer.__dict__["_fused"] = (name, slope, z, (y > 0) if name == "relu" else y, True)
     return y, mean, invstd
 
 
@@ -94,6 +95,8 @@ def backward(layer, grad_out) -> tuple[np.ndarray, np.ndarray | None]:
     """(grad_input, grad_residual) of the last fused forward; sets the parameters' grads."""
     name, slope, z, y, batch_stats = layer.__dict__["_fused"]
     x, mean, invstd, _ = layer._saved
+    if y.dtype == np.bool_:  # relu's mask: a stand-in for y with the same signs
+        y = y.astype(x.dtype)
     grad_out = np.asarray(grad_out)
     if grad_out.shape != y.shape:
         raise ValueError(
