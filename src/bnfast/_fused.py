@@ -175,7 +175,7 @@ def batch_norm_act_inference(
     Returns
     -------
     numpy.ndarray
-        x's shape and dtype.
+        The activated output, x's shape and dtype.
 
     Raises
     ------
@@ -272,7 +272,7 @@ def batch_norm_act_backward(
     axis: int = 1,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Gradients of `batch_norm_act_forward`, from its output ``y`` (in-place ABN) or its input.
+    """Compute the gradients of `batch_norm_act_forward` from its output ``y`` (in-place ABN) or its input.
 
     With ``dv = grad_out * act'(v)`` (v = BN(x) + residual, its sign read from
     ``y``): ``grad_residual = dv`` and the batch-norm gradient of ``dv`` as in

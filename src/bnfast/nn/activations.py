@@ -191,7 +191,7 @@ class Residual(Module):
     activation : {"relu", "leaky_relu", "elu", "identity"}, default "relu"
         Applied after the add.
     negative_slope : float, default 0.01
-        leaky_relu's slope.
+        The slope of leaky_relu.
 
     Examples
     --------

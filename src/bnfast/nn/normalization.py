@@ -618,6 +618,13 @@ _RANKED_BATCH_NORM_PARAMETERS = """    :class:`BatchNorm` describes the paramete
         (keyword only).
     bias : bool, default True
         With ``affine=True``, whether the layer learns ``bias`` (keyword only).
+    activation : str or None, default None
+        A fused activation (keyword only): "relu", "leaky_relu", "elu" or
+        "identity"; see :class:`BatchNorm`.
+    negative_slope : float, default 0.01
+        The slope of leaky_relu (keyword only).
+    inplace : bool, default False
+        In-place activated batch norm (keyword only); see :class:`BatchNorm`.
 """
 
 
