@@ -670,7 +670,17 @@ static inline BN_FN(va_) BN_FN(elu_v_)(BN_FN(va_) v)
     for (ptrdiff_t l = 0; l < WA; l++) v[l] = BN_FN(elu_s_)(v[l]);
     return v;
 }
+#ifdef __cplusplus /* no _Generic: overloads of one name */
+static inline BN_T BN_FN(relu_o_)(BN_T v) { return BN_FN(relu_s_)(v); }
+static inline BN_FN(va_) BN_FN(relu_o_)(BN_FN(va_) v) { return BN_FN(relu_v_)(v); }
+static inline BN_T BN_FN(leaky_o_)(BN_T v, BN_T s) { return BN_FN(leaky_s_)(v, s); }
+static inline BN_FN(va_) BN_FN(leaky_o_)(BN_FN(va_) v, BN_FN(va_) s) { return BN_FN(leaky_v_)(v, s); }
+static inline BN_T BN_FN(elu_o_)(BN_T v) { return BN_FN(elu_s_)(v); }
+static inline BN_FN(va_) BN_FN(elu_o_)(BN_FN(va_) v) { return BN_FN(elu_v_)(v); }
+#define BN_ACT_FN_(name, v) BN_FN(BN_CAT(name, o_))
+#else
 #define BN_ACT_FN_(name, v) _Generic((v), BN_T: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
+#endif
 #else
 #define BN_ACT_FN_(name, v) BN_FN(BN_CAT(name, s_))
 #endif

@@ -16,18 +16,25 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .. import _functional, _fused as F
-from .._functional import _flag, batch_norm_backward
+from .._functional import _flag, _float_array, _residual, batch_norm_backward
+from .._fused import (
+    _activation,
+    _grad_pre_activation,
+    _invertible,
+    batch_norm_act_backward,
+    batch_norm_act_forward,
+    batch_norm_act_inference,
+)
 
 
 def layer_activation(activation: Any, negative_slope: Any, inplace: Any) -> tuple | None:
     """The layer's (activation, slope, inplace), checked; None for plain batch norm."""
     inplace = _flag(inplace, "inplace")
     if activation is None and not inplace:
-        F._activation("identity", negative_slope)
+        _activation("identity", negative_slope)
         return None
-    name, slope = F._activation("identity" if activation is None else activation, negative_slope)
-    if inplace and not F._invertible(name, slope):
+    name, slope = _activation("identity" if activation is None else activation, negative_slope)
+    if inplace and not _invertible(name, slope):
         raise ValueError(
             f"inplace=True needs an invertible activation (identity, elu, or leaky_relu with a positive "
             f"negative_slope), got {name!r} with negative_slope={slope}: the backward recovers the input "
@@ -49,7 +56,7 @@ def call_activation(layer) -> tuple | None:
 def fused_call(layer, activation: str, negative_slope: float, residual=None) -> Iterator[None]:
     """Within the block, ``layer.forward`` fuses ``activation`` (and adds ``residual``)."""
     base = layer._act  # the layer's own in-place mode carries over where it can
-    inplace = base is not None and base[2] and F._invertible(activation, negative_slope)
+    inplace = base is not None and base[2] and _invertible(activation, negative_slope)
     layer.__dict__["_call_act"] = (activation, float(negative_slope), residual, inplace)
     try:
         yield
@@ -66,7 +73,7 @@ def _inplace_target(layer, x: np.ndarray, inplace: bool) -> np.ndarray | None:
 def forward_train(layer, act, x, w, b, rm, rv, momentum):
     name, slope, z, inplace = act
     out = _inplace_target(layer, x, inplace)
-    y, mean, invstd = F.batch_norm_act_forward(
+    y, mean, invstd = batch_norm_act_forward(
         x, w, b, rm, rv, activation=name, negative_slope=slope, residual=z, momentum=momentum,
         eps=layer.eps, axis=layer.axis, out=out,
     )
@@ -77,7 +84,7 @@ def forward_train(layer, act, x, w, b, rm, rv, momentum):
 
 def forward_eval(layer, act, x, rm, rv, w, b):
     name, slope, z, _ = act
-    y = F.batch_norm_act_inference(x, rm, rv, w, b, activation=name, negative_slope=slope, residual=z,
+    y = batch_norm_act_inference(x, rm, rv, w, b, activation=name, negative_slope=slope, residual=z,
                                    eps=layer.eps, axis=layer.axis)
     layer.__dict__["_fused"] = (name, slope, z, y, False)
     return y
@@ -86,7 +93,7 @@ def forward_eval(layer, act, x, rm, rv, w, b):
 def saved_state(layer, saved: tuple) -> tuple:
     """``saved`` without the input where a fused backward recovers it from y."""
     fused = layer.__dict__.get("_fused")
-    if fused is not None and fused[4] and F._invertible(fused[0], fused[1]):
+    if fused is not None and fused[4] and _invertible(fused[0], fused[1]):
         return (None,) + saved[1:]
     return saved
 
@@ -107,13 +114,13 @@ def backward(layer, grad_out) -> tuple[np.ndarray, np.ndarray | None]:
     w = None if weight is None else np.asarray(weight)
     b = None if bias is None else np.asarray(bias)
     if batch_stats:
-        gx, gw, gb, gz = F.batch_norm_act_backward(
+        gx, gw, gb, gz = batch_norm_act_backward(
             grad_out, y, mean, invstd, w, b, activation=name, negative_slope=slope, residual=z, x=x,
             axis=layer.axis,
         )
     else:  # eval mode: constant statistics
-        yv = _functional._float_array(y, "y")
-        dv = F._grad_pre_activation(name, slope, _functional._residual(grad_out, yv, "grad_out", "y"), yv)
+        yv = _float_array(y, "y")
+        dv = _grad_pre_activation(name, slope, _residual(grad_out, yv, "grad_out", "y"), yv)
         gx, gw, gb = batch_norm_backward(dv, x, mean, invstd, w, training=False, axis=layer.axis)
         gz = dv if z is not None else None
     if weight is not None:

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _functional, _fused as F
+from .._functional import _real
+from .._fused import _activation, _grad_pre_activation
 from . import _fused as fused_layer
 from .layers import ReLU, Sequential, _as_float_array, _check_grad
 from .module import Module
@@ -39,7 +40,7 @@ class LeakyReLU(Module):
 
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
-        _, self.negative_slope = F._activation("leaky_relu", negative_slope)
+        _, self.negative_slope = _activation("leaky_relu", negative_slope)
         self._v: np.ndarray | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -104,7 +105,7 @@ class ELU(Module):
 
     def __init__(self, alpha: float = 1.0) -> None:
         super().__init__()
-        self.alpha = _functional._real(alpha, "alpha")
+        self.alpha = _real(alpha, "alpha")
         self._v: np.ndarray | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
@@ -207,7 +208,7 @@ class Residual(Module):
     def __init__(self, body: Module, shortcut: Module | None = None, activation: str = "relu",
                  negative_slope: float = 0.01) -> None:
         super().__init__()
-        self.activation, self.negative_slope = F._activation(activation, negative_slope)
+        self.activation, self.negative_slope = _activation(activation, negative_slope)
         self.body = Sequential._checked(body)
         self.register_module("shortcut", None if shortcut is None else Sequential._checked(shortcut))
         self._state: tuple | None = None
@@ -267,7 +268,7 @@ class Residual(Module):
         else:
             grad_out = _check_grad(grad_out, v.shape, "Residual")
             yv = _ref_activation(v, self.activation, self.negative_slope)
-            g = gz = F._grad_pre_activation(self.activation, self.negative_slope, grad_out, yv)
+            g = gz = _grad_pre_activation(self.activation, self.negative_slope, grad_out, yv)
         for layer in reversed(head):
             g = layer.backward(g)
         gs = gz if self.shortcut is None else self.shortcut.backward(gz)
