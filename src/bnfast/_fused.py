@@ -233,25 +233,34 @@ def _check_recoverable(
         )
 
 
-def _grad_pre_activation(name: str, slope: float, grad_out: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``grad_out * act'(v)`` from the output ``y`` (the same sign as v)."""
+def _grad_pre_activation(name: str, slope: float, grad_out: np.ndarray, y: np.ndarray,
+                         copy: bool = True) -> np.ndarray:
+    """``grad_out * act'(v)`` from the output ``y`` (the same sign as v), in
+    one pass and one new array (``grad_out`` itself for identity without ``copy``)."""
+    t = grad_out.dtype.type
     if name == "identity":
-        return grad_out.copy()
+        return grad_out.copy() if copy else grad_out
     if name == "relu":
-        return np.where(y > 0, grad_out, grad_out.dtype.type(0))
+        return np.where(y > 0, grad_out, t(0))  # 0 where y <= 0, even for a non-finite grad_out
+    dv = grad_out.copy()
+    neg = y <= 0
     if name == "leaky_relu":  # PyTorch's: the slope where v <= 0
-        return np.where(y > 0, grad_out, grad_out * grad_out.dtype.type(slope))
-    return np.where(y > 0, grad_out, grad_out * (y + y.dtype.type(1)))  # elu: act' = y + 1 for v <= 0
+        np.multiply(dv, t(slope), out=dv, where=neg)
+    else:  # elu: act' = y + 1 where v <= 0
+        np.multiply(dv, y + t(1), out=dv, where=neg)
+    return dv
 
 
 def _pre_activation(name: str, slope: float, y: np.ndarray, z: np.ndarray | None) -> np.ndarray:
-    """``v = act^-1(y) - residual = BN(x)`` (invertible activations only)."""
+    """``v = act^-1(y) - residual = BN(x)`` (invertible activations only), one new array."""
     if name == "identity":
-        v = y.copy()
-    elif name == "leaky_relu":
-        v = np.where(y < 0, y / y.dtype.type(slope), y)
+        return y if z is None else np.subtract(y, z)
+    v = y.copy()
+    neg = v < 0
+    if name == "leaky_relu":
+        np.divide(v, v.dtype.type(slope), out=v, where=neg)
     else:  # elu: y > -1 checked
-        v = np.where(y > 0, y, np.log1p(np.minimum(y, 0)))
+        np.log1p(v, out=v, where=neg)
     if z is not None:
         np.subtract(v, z, out=v)
     return v
@@ -339,9 +348,10 @@ def batch_norm_act_backward(
     layers compute what the unfused ones do, and refuses where that cannot
     be inverted.
 
-    The activation's derivative and inverse are a NumPy pass before the
-    backward kernel: the kernels' apply phase has one output, and the
-    backward needs two here (grad_input and grad_residual).
+    The activation's derivative and inverse are NumPy passes (one new array
+    each) before the batch-norm backward kernel: the kernels' apply phase has
+    two inputs and one output, and this backward reads three (grad_out, y,
+    residual) and writes two (grad_input, grad_residual).
     """
     name, slope = _activation(activation, negative_slope)
     y = F._float_array(y, "y")
@@ -371,7 +381,7 @@ def batch_norm_act_backward(
     b = bias if bias is not None else np.zeros(channels, y.dtype)
     if x is None:
         _check_recoverable(name, y, z, w, b, ax)
-    dv = _grad_pre_activation(name, slope, grad_out, y)
+    dv = _grad_pre_activation(name, slope, grad_out, y, copy=z is not None)
     if x is not None:
         gx, gw, gb = F.batch_norm_backward(dv, x, save_mean, save_invstd, weight, axis=axis, out=out)
     else:
