@@ -99,6 +99,12 @@ typedef struct {
     int training;
     void *grad_weight, *grad_bias;
     bn_keys keys; /* as in the forward call; training = 1 unless batch norm */
+    /* in-place activated batch norm (batch norm, training = 1): kind
+     * BN_ACT_LEAKY_RELU (negative_slope > 0) or BN_ACT_ELU, no residual; x
+     * holds the forward's output y, and the kernel uses grad_out * act'(y)
+     * and act^-1(y) for grad_out and x (kernel_body.h, BN_XF_LEAKY); other
+     * kinds: none */
+    bn_act act;
 } bn_backward_args;
 
 /* The kernels of one instantiation; the [dtype][isa] table holds one each. */

@@ -626,6 +626,13 @@ def batch_norm_backward(
     done = _kernels.try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out)
     if done is not None:
         return done
+    return _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out)
+
+
+def _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out, fused=None):
+    """The validating path of `batch_norm_backward`; ``fused``: (activation
+    code, negative slope) of in-place activated batch norm, ``x`` then being
+    the forward's output (see ``batch_norm_act_backward``)."""
     x = _float_array(x, "x")
     grad_out = _float_array(grad_out, "grad_out")
     ax = _channel_axis(x, axis)
@@ -652,6 +659,7 @@ def batch_norm_backward(
     _kernels.backward(
         plan.shape, g, gs, plan.x, plan.xs, grad_in, gis,
         save_mean, save_invstd, weight, training, grad_weight, grad_bias,
+        act=None if fused is None else (fused[0], fused[1], None, None),
     )  # fmt: skip
     return _finish(grad_in, out), grad_weight, grad_bias
 

@@ -348,10 +348,13 @@ def batch_norm_act_backward(
     layers compute what the unfused ones do, and refuses where that cannot
     be inverted.
 
-    The activation's derivative and inverse are NumPy passes (one new array
-    each) before the batch-norm backward kernel: the kernels' apply phase has
-    two inputs and one output, and this backward reads three (grad_out, y,
-    residual) and writes two (grad_input, grad_residual).
+    Without a residual (and without ``x``), the backward kernel itself reads
+    ``y`` and ``grad_out`` and applies ``act'`` and ``act^-1`` per element in
+    its statistics and apply passes (no intermediate array).  With a
+    residual, the activation's derivative and inverse are NumPy passes (one
+    new array each) before the kernel: its apply phase has two inputs and one
+    output, and this backward reads three (grad_out, y, residual) and writes
+    two (grad_input, grad_residual).
     """
     name, slope = _activation(activation, negative_slope)
     y = F._float_array(y, "y")
@@ -381,18 +384,24 @@ def batch_norm_act_backward(
     b = bias if bias is not None else np.zeros(channels, y.dtype)
     if x is None:
         _check_recoverable(name, y, z, w, b, ax)
-    dv = _grad_pre_activation(name, slope, grad_out, y, copy=z is not None)
     if x is not None:
+        dv = _grad_pre_activation(name, slope, grad_out, y, copy=z is not None)
         gx, gw, gb = F.batch_norm_backward(dv, x, save_mean, save_invstd, weight, axis=axis, out=out)
-    else:
-        v = _pre_activation(name, slope, y, z)
-        # the backward kernel with x = v, mean = bias, invstd = 1 / weight:
-        # xhat = (v - bias) / weight; its weight w'= weight^2 * invstd makes
-        # w' * (1 / weight) = weight * invstd, the batch-norm gradient's factor
-        w64 = w.astype(np.float64)
-        inv = (1.0 / w64).astype(y.dtype)
-        scale = (w64 * w64 * save_invstd.astype(np.float64)).astype(y.dtype)
-        if not np.isfinite(scale).all():
-            raise ValueError("weight * weight * save_invstd overflows the dtype: pass x=")
-        gx, gw, gb = F.batch_norm_backward(dv, v, b, inv, scale, axis=axis, out=out)
+        return gx, gw, gb, (dv if z is not None else None)
+    # the backward kernel with x = v = act^-1(y) - z, mean = bias, invstd =
+    # 1 / weight: xhat = (v - bias) / weight; its weight w' = weight^2 *
+    # invstd makes w' * (1 / weight) = weight * invstd, the gradient's factor
+    w64 = w.astype(np.float64)
+    inv = (1.0 / w64).astype(y.dtype)
+    scale = (w64 * w64 * save_invstd.astype(np.float64)).astype(y.dtype)
+    if not np.isfinite(scale).all():
+        raise ValueError("weight * weight * save_invstd overflows the dtype: pass x=")
+    if z is None and name != "identity":
+        # no residual: the kernel reads y and grad_out and applies act' and
+        # act^-1 per element in its statistics and apply passes (no copies)
+        gx, gw, gb = F._backward(grad_out, y, b, inv, scale, True, axis, out, (ACTIVATIONS[name], slope))
+        return gx, gw, gb, None
+    dv = _grad_pre_activation(name, slope, grad_out, y, copy=z is not None)
+    v = _pre_activation(name, slope, y, z)
+    gx, gw, gb = F.batch_norm_backward(dv, v, b, inv, scale, axis=axis, out=out)
     return gx, gw, gb, (dv if z is not None else None)

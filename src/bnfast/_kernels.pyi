@@ -71,6 +71,7 @@ def backward(
     grad_weight: np.ndarray,
     grad_bias: np.ndarray,
     keys: Keys = (),
+    act: tuple[int, float, np.ndarray | None, Strides2 | None] | None = None,
 ) -> None: ...
 
 # fast path: results for canonical arguments, None for anything else

@@ -430,10 +430,11 @@ cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, ob
 
 cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array x, bn_array grad_in,
                        object save_mean, object save_invstd, object weight, bint training,
-                       cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys) except -1:
+                       cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys,
+                       bn_act act) except -1:
     cdef bn_backward_args a
     memset(&a, 0, sizeof(a))
-    a.keys = keys
+    a.keys, a.act = keys, act
     a.dtype, a.geo, a.grad_out, a.x, a.grad_in = dt, geo, grad_out, x, grad_in
     a.save_mean, a.save_invstd, a.weight = _data(save_mean), _data(save_invstd), _data(weight)
     a.training = training
@@ -482,11 +483,13 @@ def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
 def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple xs,
              cnp.ndarray grad_in, tuple gis, cnp.ndarray save_mean, cnp.ndarray save_invstd,
              weight, bint training, cnp.ndarray grad_weight, cnp.ndarray grad_bias,
-             tuple keys=()):
-    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``."""
+             tuple keys=(), act=None):
+    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``; with
+    ``act`` (see _act; leaky_relu or elu, no residual) ``x`` is the forward's
+    output and the kernel applies in-place ABN's transform."""
     _run_backward(_geometry(shape), _dtype_of(x), _operand(grad_out, gs), _operand(x, xs),
                   _operand(grad_in, gis), save_mean, save_invstd, weight, training, grad_weight,
-                  grad_bias, _keys(keys))
+                  grad_bias, _keys(keys), _act(act))
 
 # ---- fast path: calls whose arguments are already canonical -------------
 #
@@ -682,5 +685,5 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
     cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, t, 0)
     _run_backward(geo, _dtype_of(xa), _contiguous_operand(ga, &geo), _contiguous_operand(xa, &geo),
                   _contiguous_operand(grad_in, &geo), save_mean, save_invstd, weight, training,
-                  grad_weight, grad_bias, _keys(()))
+                  grad_weight, grad_bias, _keys(()), _act(None))
     return grad_in, grad_weight, grad_bias

@@ -98,6 +98,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         void *grad_weight
         void *grad_bias
         bn_keys keys
+        bn_act act
     int bn_moments(const bn_moments_args *, const bn_run *)
     int bn_forward_train(const bn_forward_args *, const bn_run *)
     int bn_inference(const bn_inference_args *, const bn_run *)
