@@ -200,6 +200,59 @@ static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
 }
 #endif
 
+/* ---- in-place activated batch norm: the backward's per-element transform --
+ * With bn_act in the backward (leaky_relu or elu, no residual), the x
+ * operand holds the forward's output y and the gradient sums and the grad
+ * apply read g' = g * act'(y) and x' = act^-1(y) in place of g and x
+ * (x' = BN(x); the caller passes bias, 1 / weight and weight^2 * invstd as
+ * save_mean, save_invstd and weight, so that xhat = (x' - bias) / weight).
+ * The sums take modes BN_XF_LEAKY / BN_XF_ELU of their with_g argument. */
+#define BN_XF_LEAKY 4
+#define BN_XF_ELU 5
+
+static inline double BN_FN(xf_inv_s_)(double y, const int mode, double inv_slope)
+{
+    if (mode == BN_XF_LEAKY) return y < 0.0 ? y * inv_slope : y;
+    if (mode == BN_XF_ELU) return y < 0.0 ? log1p(y) : y;
+    return y;
+}
+
+static inline double BN_FN(xf_grad_s_)(double g, double y, const int mode, double slope)
+{
+    if (mode == BN_XF_LEAKY) return y > 0.0 ? g : g * slope;
+    if (mode == BN_XF_ELU) return y > 0.0 ? g : g * (y + 1.0);
+    return g;
+}
+
+#if BN_VECTORS
+typedef long long BN_FN(vdi_) __attribute__((vector_size(BN_STATS_BYTES)));
+
+static BN_ALWAYS_INLINE VD BN_FN(xf_inv_v_)(VD y, const int mode, VD inv_slope)
+{
+    if (mode == BN_XF_LEAKY) {
+        const BN_FN(vdi_) neg = y < BN_SPLAT(0.0);
+        return (VD)(((BN_FN(vdi_))(y * inv_slope) & neg) | ((BN_FN(vdi_))y & ~neg));
+    }
+    if (mode == BN_XF_ELU)
+        for (int l = 0; l < W; l++) y[l] = BN_FN(xf_inv_s_)(y[l], mode, 0.0);
+    return y;
+}
+
+static BN_ALWAYS_INLINE VD BN_FN(xf_grad_v_)(VD g, VD y, const int mode, VD slope)
+{
+    if (mode != BN_XF_LEAKY && mode != BN_XF_ELU) return g;
+    const BN_FN(vdi_) pos = y > BN_SPLAT(0.0);
+    const VD other = mode == BN_XF_LEAKY ? g * slope : g * (y + BN_SPLAT(1.0));
+    return (VD)(((BN_FN(vdi_))g & pos) | ((BN_FN(vdi_))other & ~pos));
+}
+#endif
+
+/* The sums' mode for context k's backward. */
+static inline int BN_FN(xf_mode_)(const bn_context *k)
+{
+    return k->act == BN_ACT_LEAKY_RELU ? BN_XF_LEAKY : k->act == BN_ACT_ELU ? BN_XF_ELU : 1;
+}
+
 /* ---- statistics and gradient sums over planar tasks ---------------------- */
 
 /* sum(a) and sum(b) over planar task u, in double, with y = x - shift and,
@@ -216,10 +269,12 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
     double *cg = with_g == 2 ? col + u->offset : NULL, *cgx = with_g == 2 ? cg + k->geo.inner : NULL;
     const ptrdiff_t c = u->channel, len = u->len;
     double ta = 0.0, tb = 0.0, la = 0.0, lb = 0.0;
-    (void)inv;
+    const double slope = with_g > 3 ? k->slope : 0.0, inv_slope = with_g > 3 ? 1.0 / k->slope : 0.0;
+    (void)inv, (void)slope, (void)inv_slope;
 #if BN_VECTORS
     const ptrdiff_t body = len - len % (BN_U * W);
     const VD vs = BN_SPLAT(shift), vinv = BN_SPLAT(inv);
+    const VD vslope = BN_SPLAT(slope), vinv_slope = BN_SPLAT(inv_slope);
     VD sa[BN_U], sb[BN_U];
     for (int v = 0; v < BN_U; v++) sa[v] = sb[v] = BN_SPLAT(0.0);
 #else
@@ -234,8 +289,9 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
 #if BN_VECTORS
         for (ptrdiff_t i = 0; i < body; i += BN_U * W)
             for (int v = 0; v < BN_U; v++) {
-                const VD y = BN_LD(x + i + v * W) - vs;
-                const VD gv = with_g ? BN_LD(g + i + v * W) : y;
+                const VD xr = BN_LD(x + i + v * W);
+                const VD y = BN_FN(xf_inv_v_)(xr, with_g, vinv_slope) - vs;
+                const VD gv = with_g ? BN_FN(xf_grad_v_)(BN_LD(g + i + v * W), xr, with_g, vslope) : y;
                 const VD a = with_g == 2 ? gv * BN_LD(w + i + v * W) : gv;
                 sa[v] += a;
                 sb[v] += a * y;
@@ -247,8 +303,8 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
             }
 #endif
         for (ptrdiff_t i = body; i < len; i++) {
-            const double y = (double)x[i] - shift;
-            const double gv = with_g ? (double)g[i] : y;
+            const double y = BN_FN(xf_inv_s_)((double)x[i], with_g, inv_slope) - shift;
+            const double gv = with_g ? BN_FN(xf_grad_s_)((double)g[i], (double)x[i], with_g, slope) : y;
             const double a = with_g == 2 ? gv * (double)w[i] : gv;
             ta += a;
             tb += a * y;
@@ -380,9 +436,12 @@ static BN_ALWAYS_INLINE void BN_FN(rows_sums_)(const bn_context *k, const bn_row
 {
     const ptrdiff_t nc = u->c1 - u->c0, xs = k->x.outer_stride, gs = k->g.outer_stride;
     const BN_T *x0 = (const BN_T *)k->x.data + u->c0, *g0 = (const BN_T *)k->g.data + u->c0;
+    const double slope = with_g > 3 ? k->slope : 0.0, inv_slope = with_g > 3 ? 1.0 / k->slope : 0.0;
+    (void)slope, (void)inv_slope;
     for (ptrdiff_t j = 0; j < nc; j++) sum_a[j] = sum_b[j] = 0.0;
 #if BN_VECTORS
     const ptrdiff_t vec = nc - nc % (BN_U * W);
+    const VD vslope = BN_SPLAT(slope), vinv_slope = BN_SPLAT(inv_slope);
 #else
     const ptrdiff_t vec = 0;
 #endif
@@ -399,8 +458,9 @@ static BN_ALWAYS_INLINE void BN_FN(rows_sums_)(const bn_context *k, const bn_row
             for (ptrdiff_t r = rb; r < re; r++) {
                 const BN_T *x = x0 + r * xs + c, *g = with_g ? g0 + r * gs + c : x;
                 for (int v = 0; v < BN_U; v++) {
-                    const VD y = BN_LD(x + v * W) - vs[v];
-                    const VD a = with_g ? BN_LD(g + v * W) : y;
+                    const VD xr = BN_LD(x + v * W);
+                    const VD y = BN_FN(xf_inv_v_)(xr, with_g, vinv_slope) - vs[v];
+                    const VD a = with_g ? BN_FN(xf_grad_v_)(BN_LD(g + v * W), xr, with_g, vslope) : y;
                     sa[v] += a;
                     sb[v] += a * y;
                 }
@@ -414,8 +474,8 @@ static BN_ALWAYS_INLINE void BN_FN(rows_sums_)(const bn_context *k, const bn_row
         for (ptrdiff_t r = rb; vec < nc && r < re; r++) {
             const BN_T *x = x0 + r * xs, *g = with_g ? g0 + r * gs : x;
             for (ptrdiff_t j = vec; j < nc; j++) {
-                const double y = (double)x[j] - shift[j];
-                const double a = with_g ? (double)g[j] : y;
+                const double y = BN_FN(xf_inv_s_)((double)x[j], with_g, inv_slope) - shift[j];
+                const double a = with_g ? BN_FN(xf_grad_s_)((double)g[j], (double)x[j], with_g, slope) : y;
                 sum_a[j] += a;
                 sum_b[j] += a * y;
             }
@@ -505,7 +565,12 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
     const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
-    BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, k->part.mean + i, k->part.m2 + i, NULL, 0.0);
+    double *sa = k->part.mean + i, *sb = k->part.m2 + i;
+    switch (BN_FN(xf_mode_)(k)) { /* constant modes: one specialized loop each */
+    case BN_XF_LEAKY: BN_FN(planar_sums_)(k, &u, k->mean[u.channel], BN_XF_LEAKY, sa, sb, NULL, 0.0); break;
+    case BN_XF_ELU: BN_FN(planar_sums_)(k, &u, k->mean[u.channel], BN_XF_ELU, sa, sb, NULL, 0.0); break;
+    default: BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, sa, sb, NULL, 0.0);
+    }
 }
 
 /* Layer norm's backward: the gradient sums of keys (rows) [r0, r1), whose
@@ -538,6 +603,11 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
     const double *mu = k->mean + u.c0;
     double *restrict psg = k->part.mean + u.prow * k->geo.channels + u.c0;
     double *restrict psgx = k->part.m2 + u.prow * k->geo.channels + u.c0;
+    if (k->act) { /* the transform of in-place activated batch norm: the strip loops */
+        if (BN_FN(xf_mode_)(k) == BN_XF_LEAKY) BN_FN(rows_sums_)(k, &u, mu, BN_XF_LEAKY, psg, psgx);
+        else BN_FN(rows_sums_)(k, &u, mu, BN_XF_ELU, psg, psgx);
+        return;
+    }
     if (nc > 64 && u.row1 - u.row0 <= 2 * BN_ROW_BLOCK) {
         BN_FN(rows_sums_)(k, &u, mu, 1, psg, psgx);
         return;
@@ -627,6 +697,226 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 #undef BN_APPLY_INNER
 #undef BN_APPLY_X
 #undef BN_APPLY_G
+
+/* ---- fused activations: y = act(BN(x) [+ residual]) (bn_act, ops.h) ------
+ * The affine expression above, then the activation, in BN_T; the residual is
+ * the template's second input g.  Each activation is a scalar function (the
+ * tails) and a vector one of the same arithmetic, chosen by _Generic on the
+ * operand's type, so that one expression serves both: relu and leaky_relu by
+ * a compare mask (branch-free), elu by expm1 lane by lane (libm; the affine
+ * part stays vectorized). */
+#define BN_AFFINE_EXPR(x, K) ((((x) - (K).mh) - (K).ml) * (K).s + (K).b)
+
+static inline BN_T BN_FN(relu_s_)(BN_T v) { return v < (BN_T)0 ? (BN_T)0 : v; }
+static inline BN_T BN_FN(leaky_s_)(BN_T v, BN_T s) { return v < (BN_T)0 ? v * s : v; }
+static inline BN_T BN_FN(elu_s_)(BN_T v)
+{
+#if BN_T_IS_FLOAT
+    return v < 0.0f ? expm1f(v) : v;
+#else
+    return v < 0.0 ? expm1(v) : v;
+#endif
+}
+
+#if BN_VECTORS
+#if BN_T_IS_FLOAT
+typedef int BN_FN(vi_) __attribute__((vector_size(BN_VEC_BYTES)));
+#else
+typedef long long BN_FN(vi_) __attribute__((vector_size(BN_VEC_BYTES)));
+#endif
+static inline BN_FN(va_) BN_FN(relu_v_)(BN_FN(va_) v)
+{
+    const BN_FN(vi_) neg = v < BN_SPLATA(0);
+    return (BN_FN(va_))((BN_FN(vi_))v & ~neg);
+}
+static inline BN_FN(va_) BN_FN(leaky_v_)(BN_FN(va_) v, BN_FN(va_) s)
+{
+    const BN_FN(vi_) neg = v < BN_SPLATA(0);
+    return (BN_FN(va_))(((BN_FN(vi_))(v * s) & neg) | ((BN_FN(vi_))v & ~neg));
+}
+static inline BN_FN(va_) BN_FN(elu_v_)(BN_FN(va_) v)
+{
+    for (ptrdiff_t l = 0; l < WA; l++) v[l] = BN_FN(elu_s_)(v[l]);
+    return v;
+}
+#ifdef __cplusplus /* no _Generic: overloads of one name */
+static inline BN_T BN_FN(relu_o_)(BN_T v) { return BN_FN(relu_s_)(v); }
+static inline BN_FN(va_) BN_FN(relu_o_)(BN_FN(va_) v) { return BN_FN(relu_v_)(v); }
+static inline BN_T BN_FN(leaky_o_)(BN_T v, BN_T s) { return BN_FN(leaky_s_)(v, s); }
+static inline BN_FN(va_) BN_FN(leaky_o_)(BN_FN(va_) v, BN_FN(va_) s) { return BN_FN(leaky_v_)(v, s); }
+static inline BN_T BN_FN(elu_o_)(BN_T v) { return BN_FN(elu_s_)(v); }
+static inline BN_FN(va_) BN_FN(elu_o_)(BN_FN(va_) v) { return BN_FN(elu_v_)(v); }
+#define BN_ACT_FN_(name, v) BN_FN(BN_CAT(name, o_))
+#else
+#define BN_ACT_FN_(name, v) _Generic((v), BN_T: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
+#endif
+#else
+#define BN_ACT_FN_(name, v) BN_FN(BN_CAT(name, s_))
+#endif
+#define BN_RELU(v) BN_ACT_FN_(relu_, v)(v)
+/* leaky_relu's slope is coefficient a (unused by the forward ops; see
+ * set_act_): hoisted with the others, never reloaded from the context */
+#define BN_LEAKY(v, K) BN_ACT_FN_(leaky_, v)(v, (K).a)
+#define BN_ELU(v) BN_ACT_FN_(elu_, v)(v)
+
+#define BN_APPLY_X ax
+#define BN_APPLY_INNER 0
+#define BN_APPLY_G 0
+#define BN_APPLY relu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_RELU(BN_AFFINE_EXPR(x, K))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY leaky
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_LEAKY(BN_AFFINE_EXPR(x, K), K)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY elu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_ELU(BN_AFFINE_EXPR(x, K))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#undef BN_APPLY_G
+#define BN_APPLY_G 1
+#define BN_APPLY add
+#define BN_APPLY_EXPR(g, x, K, wi, bi) (BN_AFFINE_EXPR(x, K) + (g))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY add_relu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_RELU(BN_AFFINE_EXPR(x, K) + (g))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY add_leaky
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_LEAKY(BN_AFFINE_EXPR(x, K) + (g), K)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY add_elu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_ELU(BN_AFFINE_EXPR(x, K) + (g))
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#undef BN_APPLY_G
+#undef BN_APPLY_INNER
+#undef BN_APPLY_X
+#undef BN_RELU
+#undef BN_LEAKY
+#undef BN_ELU
+#undef BN_ACT_FN_
+#undef BN_AFFINE_EXPR
+
+/* The grad apply of in-place activated batch norm: g' and x' from g and y
+ * (see BN_XF_LEAKY), in BN_T; leaky_relu's slope and its inverse ride in
+ * coefficients s and b, which the grad expression does not use. */
+static inline BN_T BN_FN(gleaky_s_)(BN_T g, BN_T y, BN_T s) { return y > (BN_T)0 ? g : g * s; }
+static inline BN_T BN_FN(ileaky_s_)(BN_T y, BN_T r) { return y < (BN_T)0 ? y * r : y; }
+static inline BN_T BN_FN(gelu_s_)(BN_T g, BN_T y) { return y > (BN_T)0 ? g : g * (y + (BN_T)1); }
+static inline BN_T BN_FN(ielu_s_)(BN_T y)
+{
+#if BN_T_IS_FLOAT
+    return y < 0.0f ? log1pf(y) : y;
+#else
+    return y < 0.0 ? log1p(y) : y;
+#endif
+}
+#if BN_VECTORS
+static inline BN_FN(va_) BN_FN(gleaky_v_)(BN_FN(va_) g, BN_FN(va_) y, BN_FN(va_) s)
+{
+    const BN_FN(vi_) pos = y > BN_SPLATA(0);
+    return (BN_FN(va_))(((BN_FN(vi_))g & pos) | ((BN_FN(vi_))(g * s) & ~pos));
+}
+static inline BN_FN(va_) BN_FN(ileaky_v_)(BN_FN(va_) y, BN_FN(va_) r)
+{
+    const BN_FN(vi_) neg = y < BN_SPLATA(0);
+    return (BN_FN(va_))(((BN_FN(vi_))(y * r) & neg) | ((BN_FN(vi_))y & ~neg));
+}
+static inline BN_FN(va_) BN_FN(gelu_v_)(BN_FN(va_) g, BN_FN(va_) y)
+{
+    const BN_FN(vi_) pos = y > BN_SPLATA(0);
+    return (BN_FN(va_))(((BN_FN(vi_))g & pos) | ((BN_FN(vi_))(g * (y + BN_SPLATA(1))) & ~pos));
+}
+static inline BN_FN(va_) BN_FN(ielu_v_)(BN_FN(va_) y)
+{
+    for (ptrdiff_t l = 0; l < WA; l++) y[l] = BN_FN(ielu_s_)(y[l]);
+    return y;
+}
+#ifdef __cplusplus
+static inline BN_T BN_FN(gleaky_o_)(BN_T g, BN_T y, BN_T s) { return BN_FN(gleaky_s_)(g, y, s); }
+static inline BN_FN(va_) BN_FN(gleaky_o_)(BN_FN(va_) g, BN_FN(va_) y, BN_FN(va_) s) { return BN_FN(gleaky_v_)(g, y, s); }
+static inline BN_T BN_FN(ileaky_o_)(BN_T y, BN_T r) { return BN_FN(ileaky_s_)(y, r); }
+static inline BN_FN(va_) BN_FN(ileaky_o_)(BN_FN(va_) y, BN_FN(va_) r) { return BN_FN(ileaky_v_)(y, r); }
+static inline BN_T BN_FN(gelu_o_)(BN_T g, BN_T y) { return BN_FN(gelu_s_)(g, y); }
+static inline BN_FN(va_) BN_FN(gelu_o_)(BN_FN(va_) g, BN_FN(va_) y) { return BN_FN(gelu_v_)(g, y); }
+static inline BN_T BN_FN(ielu_o_)(BN_T y) { return BN_FN(ielu_s_)(y); }
+static inline BN_FN(va_) BN_FN(ielu_o_)(BN_FN(va_) y) { return BN_FN(ielu_v_)(y); }
+#define BN_XF_FN_(name, v) BN_FN(BN_CAT(name, o_))
+#else
+#define BN_XF_FN_(name, v) _Generic((v), BN_T: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
+#endif
+#else
+#define BN_XF_FN_(name, v) BN_FN(BN_CAT(name, s_))
+#endif
+
+#define BN_APPLY_X x
+#define BN_APPLY_INNER 0
+#define BN_APPLY_G 1
+#define BN_APPLY grad_leaky
+#define BN_APPLY_EXPR(g, x, K, wi, bi) \
+    BN_GRAD_EXPR(BN_XF_FN_(gleaky_, x)(g, x, (K).s), BN_XF_FN_(ileaky_, x)(x, (K).b), K)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#define BN_APPLY grad_elu
+#define BN_APPLY_EXPR(g, x, K, wi, bi) BN_GRAD_EXPR(BN_XF_FN_(gelu_, x)(g, x), BN_XF_FN_(ielu_, x)(x), K)
+#include "apply_body.h"
+#undef BN_APPLY
+#undef BN_APPLY_EXPR
+#undef BN_APPLY_G
+#undef BN_APPLY_INNER
+#undef BN_APPLY_X
+#undef BN_XF_FN_
+
+/* The fused op of a context (k->act, k->residual), chosen once per task:
+ * the inner loops are the instantiations above.  NONE, and identity without
+ * a residual, are the plain affine op. */
+#define BN_ACT_SWITCH_(phase, args)                                                        \
+    switch (k->act * 2 + (k->residual != 0)) {                                            \
+    case BN_ACT_IDENTITY * 2 + 1: BN_FN(BN_CAT(apply_add_, phase)) args; break;          \
+    case BN_ACT_RELU * 2: BN_FN(BN_CAT(apply_relu_, phase)) args; break;                 \
+    case BN_ACT_RELU * 2 + 1: BN_FN(BN_CAT(apply_add_relu_, phase)) args; break;         \
+    case BN_ACT_LEAKY_RELU * 2: BN_FN(BN_CAT(apply_leaky_, phase)) args; break;          \
+    case BN_ACT_LEAKY_RELU * 2 + 1: BN_FN(BN_CAT(apply_add_leaky_, phase)) args; break;  \
+    case BN_ACT_ELU * 2: BN_FN(BN_CAT(apply_elu_, phase)) args; break;                   \
+    case BN_ACT_ELU * 2 + 1: BN_FN(BN_CAT(apply_add_elu_, phase)) args; break;           \
+    default: BN_FN(BN_CAT(apply_affine_, phase)) args;                                    \
+    }
+
+static void BN_FN(apply_act_planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
+{
+    BN_ACT_SWITCH_(planar_, (k, c0, c1, t))
+}
+
+static void BN_FN(apply_act_rows_)(const bn_context *k, ptrdiff_t t) { BN_ACT_SWITCH_(rows_, (k, t)) }
+#undef BN_ACT_SWITCH_
+
+/* The training backward's apply: plain, or with the transform of in-place
+ * activated batch norm (k->act). */
+static void BN_FN(apply_grad_act_planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)
+{
+    if (k->act == BN_ACT_LEAKY_RELU) BN_FN(apply_grad_leaky_planar_)(k, c0, c1, t);
+    else if (k->act == BN_ACT_ELU) BN_FN(apply_grad_elu_planar_)(k, c0, c1, t);
+    else BN_FN(apply_grad_planar_)(k, c0, c1, t);
+}
+
+static void BN_FN(apply_grad_act_rows_)(const bn_context *k, ptrdiff_t t)
+{
+    if (k->act == BN_ACT_LEAKY_RELU) BN_FN(apply_grad_leaky_rows_)(k, t);
+    else if (k->act == BN_ACT_ELU) BN_FN(apply_grad_elu_rows_)(k, t);
+    else BN_FN(apply_grad_rows_)(k, t);
+}
 #undef BN_GRAD_EXPR
 
 /* ---- per-key finishing steps between the phases --------------------------
@@ -704,8 +994,8 @@ static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
         else {
             const double w = weight ? (double)weight[p] : 1.0;
             /* r = 1, d = 0 (no renormalization): batch norm's coefficients, bit for bit */
-            BN_FN(set_coef_)(k, c, center, w * invstd * r, (bias ? (double)bias[p] : 0.0) + w * d, 0.0,
-                             0.0, 0.0, 0.0);
+            BN_FN(set_coef_)(k, c, center, w * invstd * r, (bias ? (double)bias[p] : 0.0) + w * d,
+                             k->slope, 0.0, 0.0, 0.0);
         }
     }
 }
@@ -732,7 +1022,7 @@ static void BN_FN(finish_grads_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
             const double k1 = -share * invstd * sum_gx * invstd / n;
             double k0 = k->uncentered ? 0.0 : -share * invstd * sum_g / n;
             if (k->ref_mean) k0 += (k->mean[c] - k->ref_mean[c]) * invstd * k1; /* (x - ref) */
-            BN_FN(set_coef_)(k, c, k->mean[c], 0.0, 0.0, s, invstd, k1, k0);
+            BN_FN(set_coef_)(k, c, k->mean[c], k->slope, k->act ? 1.0 / k->slope : 0.0, s, invstd, k1, k0);
         } else
             /* constants: grad_in = g * weight * invstd through the affine
              * phase on g with mean 0 (x is not read: an inf in x must
@@ -814,7 +1104,8 @@ static void BN_FN(apply_planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1
         if (grad) BN_FN(apply_grad_inner_planar_)(k, c0, c1, t);
         else BN_FN(apply_affine_inner_planar_)(k, c0, c1, t);
     } else {
-        if (grad) BN_FN(apply_grad_planar_)(k, c0, c1, t);
+        if (grad) BN_FN(apply_grad_act_planar_)(k, c0, c1, t);
+        else if (k->act) BN_FN(apply_act_planar_)(k, c0, c1, t);
         else BN_FN(apply_affine_planar_)(k, c0, c1, t);
     }
 }
@@ -903,7 +1194,8 @@ static void BN_FN(exec_body_)(bn_context *k)
         for (ptrdiff_t t = 0; t < ntasks; t++) {
             if (bn_stopped(k)) continue;
             if (k->grid.channels_last) {
-                if (grad) BN_FN(apply_grad_rows_)(k, t);
+                if (grad) BN_FN(apply_grad_act_rows_)(k, t);
+                else if (k->act) BN_FN(apply_act_rows_)(k, t);
                 else BN_FN(apply_affine_rows_)(k, t);
             } else {
                 BN_FN(apply_planar_)(k, c0, c1, t, grad);
@@ -1070,6 +1362,16 @@ static int BN_FN(moments_)(const bn_moments_args *a, const bn_run *run)
     return BN_FN(run_keyed_)(&a->geo, a->x, B, flat, run, 1, BN_FN(init_moments_), a, NULL);
 }
 
+/* The fused activation of a forward/inference context (bn_act); before the
+ * coefficients are set: leaky_relu's slope goes into coefficient a. */
+static void BN_FN(set_act_)(bn_context *k, const bn_act *act, ptrdiff_t b)
+{
+    k->act = (int)act->kind;
+    k->slope = act->negative_slope;
+    k->residual = act->residual.data != NULL;
+    if (k->residual) k->g = BN_FN(sample_)(act->residual, b);
+}
+
 static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
 {
     const bn_forward_args *a = (const bn_forward_args *)args;
@@ -1092,6 +1394,7 @@ static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->prior_var = a->prior_var;
     k->prior_moments = a->prior_moments;
     k->stats_out = a->stats_out;
+    BN_FN(set_act_)(k, &a->act, b);
 }
 
 /* The running statistics: the mean of the samples' updates (one sample: itself). */
@@ -1122,10 +1425,11 @@ static void BN_FN(init_inference_)(bn_context *k, ptrdiff_t b, const void *args)
     (void)b;
     k->op = BN_OP_INFERENCE;
     k->y = a->y;
+    BN_FN(set_act_)(k, &a->act, 0);
     for (ptrdiff_t c = 0; c < a->geo.channels; c++)
         BN_FN(set_coef_)(k, c, (double)rm[c],
                          (weight ? (double)weight[c] : 1.0) / sqrt((double)rv[c] + a->eps),
-                         bias ? (double)bias[c] : 0.0, 0.0, 0.0, 0.0, 0.0);
+                         bias ? (double)bias[c] : 0.0, k->slope, 0.0, 0.0, 0.0);
 }
 
 static int BN_FN(inference_)(const bn_inference_args *a, const bn_run *run)
@@ -1148,6 +1452,9 @@ static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->grad_bias = a->grad_bias;
     k->share = a->share;
     k->ref_mean = a->ref_mean;
+    /* in-place activated batch norm (training, batch norm only): x holds y */
+    k->act = a->training && (a->act.kind == BN_ACT_LEAKY_RELU || a->act.kind == BN_ACT_ELU) ? (int)a->act.kind : 0;
+    k->slope = k->act ? a->act.negative_slope : 0.0;
     const BN_T *save_mean = (const BN_T *)a->save_mean + b * C / G;
     for (ptrdiff_t c = 0; c < k->geo.channels; c++)
         k->mean[c] = k->uncentered ? 0.0 : (double)save_mean[c / G];

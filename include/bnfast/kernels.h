@@ -99,6 +99,10 @@ typedef struct {
     const double *prior_mean, *prior_var;
     int prior_moments;
     double *stats_out;
+    /* fused activation of the forward/inference apply (bn_act): its kind,
+     * slope, and whether g is a residual added before it */
+    int act, residual;
+    double slope;
 } bn_context;
 
 /* The apply phase's per-channel coefficients (see kernel_body.h), and the

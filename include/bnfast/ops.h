@@ -34,6 +34,27 @@ typedef struct {
     int uncentered, affine_inner;
 } bn_keys;
 
+/* A fused activation of the training forward and inference ops (batch norm
+ * only): y = act(BN(x) + residual), in one pass over x (and the residual).
+ * kind BN_ACT_NONE (the zero-initialized struct) is plain batch norm;
+ * leaky_relu(v) = v < 0 ? v * negative_slope : v, elu(v) = v < 0 ? expm1(v)
+ * : v (alpha 1), relu(v) = v < 0 ? 0 : v (NaN stays NaN).  residual.data
+ * NULL: no residual, else an operand of x's geometry (it may be y element
+ * for element). */
+typedef enum {
+    BN_ACT_NONE = 0,
+    BN_ACT_IDENTITY = 1,
+    BN_ACT_RELU = 2,
+    BN_ACT_LEAKY_RELU = 3,
+    BN_ACT_ELU = 4
+} bn_activation;
+
+typedef struct {
+    bn_activation kind;
+    double negative_slope;
+    bn_array residual;
+} bn_act;
+
 /* Per-channel (or per-key) Welford state of x into count/mean/m2 (float64). */
 typedef struct {
     bn_dtype dtype;
@@ -74,6 +95,7 @@ typedef struct {
     const double *prior_mean, *prior_var;
     int prior_moments;
     double *stats_out;
+    bn_act act;   /* zero: no activation (batch norm only, keys zero) */
 } bn_forward_args;
 
 /* Inference: y = (x - running_mean) / sqrt(running_var + eps) * weight + bias. */
@@ -83,6 +105,7 @@ typedef struct {
     bn_array x, y;
     const void *running_mean, *running_var, *weight, *bias;
     double eps;
+    bn_act act; /* zero: no activation */
 } bn_inference_args;
 
 /* Backward: grad_in (may alias grad_out or x element for element),
@@ -103,6 +126,12 @@ typedef struct {
      * mean(g * xhat)), s = weight * invstd, xhat = (x - save_mean) * invstd. */
     double share;
     const double *ref_mean;
+    /* in-place activated batch norm (batch norm, training = 1): kind
+     * BN_ACT_LEAKY_RELU (negative_slope > 0) or BN_ACT_ELU, no residual; x
+     * holds the forward's output y, and the kernel uses grad_out * act'(y)
+     * and act^-1(y) for grad_out and x (kernel_body.h, BN_XF_LEAKY); other
+     * kinds: none */
+    bn_act act;
 } bn_backward_args;
 
 /* The kernels of one instantiation; the [dtype][isa] table holds one each. */

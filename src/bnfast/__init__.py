@@ -64,6 +64,7 @@ from .nn.variants import (
 )
 from .nn.recalibration import recalibrate
 from .fold import fold_batch_norm
+from ._fused import batch_norm_act_backward, batch_norm_act_forward, batch_norm_act_inference
 from . import nn, testing
 from . import distributed
 from . import _threadpool
@@ -124,4 +125,7 @@ __all__ = [
     "MomentumBatchNorm3d",
     "CrossIterationBatchNorm1d",
     "CrossIterationBatchNorm2d",
+    "batch_norm_act_forward",
+    "batch_norm_act_inference",
+    "batch_norm_act_backward",
 ]

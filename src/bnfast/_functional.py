@@ -333,6 +333,30 @@ def _output(plan: _Plan, out: np.ndarray | None, inputs, others=()):
     return _fresh(plan)
 
 
+def _residual(z, x: np.ndarray, name: str = "residual", of: str = "x") -> np.ndarray | None:
+    """A second input added element for element: the shape and dtype of ``x``
+    (named ``of`` in messages)."""
+    if z is None:
+        return None
+    z = _float_array(z, name)
+    if z.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of {of} {x.shape}, got {z.shape}")
+    if z.dtype != x.dtype:  # both native now
+        raise TypeError(f"{name} must have the dtype of {of} ({x.dtype}), got {z.dtype}")
+    return z
+
+
+def _fused_operands(plan: _Plan, fused, z: np.ndarray | None):
+    """The kernels' ``act`` argument of a fused call (None: plain batch
+    norm) and the inputs its output may alias element for element."""
+    if fused is None:
+        return None, (plan.x,)
+    if z is None:
+        return (fused[0], fused[1], None, None), (plan.x,)
+    zk, zs = _input(plan, z)
+    return (fused[0], fused[1], zk, zs), (plan.x, zk)
+
+
 def _state_buffer(a: np.ndarray | None, dtype: np.dtype) -> np.ndarray | None:
     """An array the kernel may update in place for the state array ``a``:
     ``a`` itself, or a contiguous native copy written back on success."""
@@ -419,6 +443,12 @@ def batch_norm_forward(
     done = _kernels.try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out)
     if done is not None:
         return done
+    return _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out)
+
+
+def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out, fused=None):
+    """The validating path of `batch_norm_forward`; ``fused``: (activation
+    code, negative slope, residual or None) of ``batch_norm_act_forward``."""
     source = x
     x = _float_array(x, "x")
     ax = _channel_axis(x, axis)
@@ -432,10 +462,11 @@ def batch_norm_forward(
         running_var = _state_vector(running_var, "running_var", channels, x.dtype)
     momentum, eps = _momentum(momentum), _eps(eps)
     _check_out(out, x)
+    z = None if fused is None else _residual(fused[2], x)
     if running_mean is not None:
         _check_state_aliasing(
             {"running_mean": running_mean, "running_var": running_var},
-            {"x": source, "weight": weight, "bias": bias, "out": out},
+            {"x": source, "weight": weight, "bias": bias, "out": out, "residual": z},
         )
     per_channel = x.size // channels if channels else math.prod(x.shape[:ax] + x.shape[ax + 1 :])
     if per_channel == 0:
@@ -450,11 +481,13 @@ def batch_norm_forward(
     if channels == 0:
         return (out if out is not None else np.empty_like(x)), save_mean, save_invstd
     plan = _plan(x, ax)
-    y, ys = _output(plan, out, (plan.x,), (weight, bias))
+    act, inputs = _fused_operands(plan, fused, z)
+    y, ys = _output(plan, out, inputs, (weight, bias))
     rm = _state_buffer(running_mean, x.dtype)
     rv = _state_buffer(running_var, x.dtype)
     _kernels.forward_train(
-        plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd
+        plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd,
+        act=act,
     )
     if rm is not None and rm is not running_mean:
         running_mean[...] = rm
@@ -507,6 +540,11 @@ def batch_norm_inference(
     done = _kernels.try_inference(x, running_mean, running_var, weight, bias, eps, axis, out)
     if done is not None:
         return done
+    return _inference(x, running_mean, running_var, weight, bias, eps, axis, out)
+
+
+def _inference(x, running_mean, running_var, weight, bias, eps, axis, out, fused=None):
+    """The validating path of `batch_norm_inference`; ``fused`` as in _forward_train."""
     x = _float_array(x, "x")
     ax = _channel_axis(x, axis)
     channels = x.shape[ax]
@@ -518,11 +556,15 @@ def batch_norm_inference(
     bias = _vector(bias, "bias", channels, x.dtype)
     eps = _eps(eps)
     _check_out(out, x)
+    z = None if fused is None else _residual(fused[2], x)
     if x.size == 0:
         return out if out is not None else np.empty_like(x)
     plan = _plan(x, ax)
-    y, ys = _output(plan, out, (plan.x,), (running_mean, running_var, weight, bias))
-    _kernels.inference(plan.shape, plan.x, plan.xs, y, ys, running_mean, running_var, weight, bias, eps)
+    act, inputs = _fused_operands(plan, fused, z)
+    y, ys = _output(plan, out, inputs, (running_mean, running_var, weight, bias))
+    _kernels.inference(
+        plan.shape, plan.x, plan.xs, y, ys, running_mean, running_var, weight, bias, eps, act=act
+    )
     return _finish(y, out)
 
 
@@ -584,6 +626,13 @@ def batch_norm_backward(
     done = _kernels.try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out)
     if done is not None:
         return done
+    return _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out)
+
+
+def _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out, fused=None):
+    """The validating path of `batch_norm_backward`; ``fused``: (activation
+    code, negative slope) of in-place activated batch norm, ``x`` then being
+    the forward's output (see ``batch_norm_act_backward``)."""
     x = _float_array(x, "x")
     grad_out = _float_array(grad_out, "grad_out")
     ax = _channel_axis(x, axis)
@@ -610,6 +659,7 @@ def batch_norm_backward(
     _kernels.backward(
         plan.shape, g, gs, plan.x, plan.xs, grad_in, gis,
         save_mean, save_invstd, weight, training, grad_weight, grad_bias,
+        act=None if fused is None else (fused[0], fused[1], None, None),
     )  # fmt: skip
     return _finish(grad_in, out), grad_weight, grad_bias
 

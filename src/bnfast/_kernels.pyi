@@ -41,6 +41,7 @@ def forward_train(
     save_mean: np.ndarray,
     save_invstd: np.ndarray,
     keys: Keys = (),
+    act: tuple[int, float, np.ndarray | None, Strides2 | None] | None = None,
     statistics: tuple[float, float, float, np.ndarray | None, np.ndarray | None, int, np.ndarray] | None = None,
 ) -> None: ...
 def inference(
@@ -54,6 +55,7 @@ def inference(
     weight: np.ndarray | None,
     bias: np.ndarray | None,
     eps: float,
+    act: tuple[int, float, np.ndarray | None, Strides2 | None] | None = None,
 ) -> None: ...
 def backward(
     shape: Shape3,
@@ -70,6 +72,7 @@ def backward(
     grad_weight: np.ndarray,
     grad_bias: np.ndarray,
     keys: Keys = (),
+    act: tuple[int, float, np.ndarray | None, Strides2 | None] | None = None,
     share: float = 1.0,
     ref_mean: np.ndarray | None = None,
 ) -> None: ...

@@ -34,6 +34,8 @@ from bnfast.capi cimport (
     bn_forward_args,
     bn_inference_args,
     bn_backward_args,
+    bn_act,
+    bn_activation,
     bn_moments,
     bn_forward_train,
     bn_inference,
@@ -358,6 +360,19 @@ cdef inline bn_keys _keys(tuple keys):
     return q
 
 
+cdef inline bn_act _act(object act):
+    """``act``: None (plain batch norm), or (kind, negative_slope, residual or
+    None, the residual's kernel strides or None); kind is a BN_ACT_* code."""
+    cdef bn_act f
+    memset(&f, 0, sizeof(f))
+    if act is not None:
+        kind, slope, z, zs = act
+        f.kind, f.negative_slope = <bn_activation><int>kind, slope
+        if z is not None:
+            f.residual = _operand(<cnp.ndarray>z, zs)
+    return f
+
+
 cdef inline bn_geometry _geometry(tuple shape):
     cdef bn_geometry geo
     geo.outer, geo.channels, geo.inner = shape
@@ -381,10 +396,10 @@ cdef inline int _check(int status) except -1:
 cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object weight,
                             object bias, object running_mean, object running_var, double momentum,
                             double eps, cnp.ndarray save_mean, cnp.ndarray save_invstd,
-                            bn_keys keys, object statistics=None) except -1:
+                            bn_keys keys, bn_act act, object statistics=None) except -1:
     cdef bn_forward_args a
     memset(&a, 0, sizeof(a))
-    a.keys = keys
+    a.keys, a.act = keys, act
     if statistics is not None:  # (share, r_max, d_max, prior_mean, prior_var, prior_moments, stats_out)
         a.share, a.r_max, a.d_max = statistics[0], statistics[1], statistics[2]
         a.prior_mean = <const double *>_data(statistics[3])
@@ -404,9 +419,11 @@ cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y
 
 
 cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, object running_mean,
-                        object running_var, object weight, object bias, double eps) except -1:
+                        object running_var, object weight, object bias, double eps,
+                        bn_act act) except -1:
     cdef bn_inference_args a
     memset(&a, 0, sizeof(a))
+    a.act = act
     a.dtype, a.geo, a.x, a.y = dt, geo, x, y
     a.running_mean, a.running_var = _data(running_mean), _data(running_var)
     a.weight, a.bias, a.eps = _data(weight), _data(bias), eps
@@ -420,10 +437,10 @@ cdef int _run_inference(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y, ob
 cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array x, bn_array grad_in,
                        object save_mean, object save_invstd, object weight, bint training,
                        cnp.ndarray grad_weight, cnp.ndarray grad_bias, bn_keys keys,
-                       double share=1.0, object ref_mean=None) except -1:
+                       bn_act act, double share=1.0, object ref_mean=None) except -1:
     cdef bn_backward_args a
     memset(&a, 0, sizeof(a))
-    a.keys = keys
+    a.keys, a.act = keys, act
     a.share = share
     a.ref_mean = <const double *>_data(ref_mean)
     a.dtype, a.geo, a.grad_out, a.x, a.grad_in = dt, geo, grad_out, x, grad_in
@@ -456,28 +473,34 @@ def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray
 
 def forward_train(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
                   weight, bias, running_mean, running_var, double momentum, double eps,
-                  cnp.ndarray save_mean, cnp.ndarray save_invstd, tuple keys=(), statistics=None):
-    """Training forward: statistics, running update, normalize into ``y``; ``statistics``:
-    (share, r_max, d_max, prior_mean, prior_var, prior_moments, stats_out), see bn_forward_args."""
+                  cnp.ndarray save_mean, cnp.ndarray save_invstd, tuple keys=(), act=None,
+                  statistics=None):
+    """Training forward: statistics, running update, normalize into ``y`` (then the fused
+    activation ``act``, see _act); ``statistics``: (share, r_max, d_max, prior_mean, prior_var,
+    prior_moments, stats_out), see bn_forward_args."""
     _run_forward_train(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), weight, bias,
                        running_mean, running_var, momentum, eps, save_mean, save_invstd, _keys(keys),
-                       statistics)
+                       _act(act), statistics)
 
 def inference(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray y, tuple ys,
-              cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps):
-    """Inference: normalize ``x`` into ``y`` with the given statistics."""
+              cnp.ndarray running_mean, cnp.ndarray running_var, weight, bias, double eps,
+              act=None):
+    """Inference: normalize ``x`` into ``y`` with the given statistics (then
+    the fused activation ``act``, see _act)."""
     _run_inference(_geometry(shape), _dtype_of(x), _operand(x, xs), _operand(y, ys), running_mean,
-                   running_var, weight, bias, eps)
+                   running_var, weight, bias, eps, _act(act))
 
 def backward(tuple shape, cnp.ndarray grad_out, tuple gs, cnp.ndarray x, tuple xs,
              cnp.ndarray grad_in, tuple gis, cnp.ndarray save_mean, cnp.ndarray save_invstd,
              weight, bint training, cnp.ndarray grad_weight, cnp.ndarray grad_bias,
-             tuple keys=(), double share=1.0, ref_mean=None):
-    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``; ``share`` and the float64
-    ``ref_mean`` (C,) for statistics of which the batch is a share (bn_backward_args)."""
+             tuple keys=(), act=None, double share=1.0, ref_mean=None):
+    """Backward into ``grad_in``, ``grad_weight`` and ``grad_bias``; with ``act`` (see _act;
+    leaky_relu or elu, no residual) ``x`` is the forward's output and the kernel applies in-place
+    ABN's transform; ``share`` and the float64 ``ref_mean`` (C,) for statistics of which the batch
+    is a share (bn_backward_args)."""
     _run_backward(_geometry(shape), _dtype_of(x), _operand(grad_out, gs), _operand(x, xs),
                   _operand(grad_in, gis), save_mean, save_invstd, weight, training, grad_weight,
-                  grad_bias, _keys(keys), share, ref_mean)
+                  grad_bias, _keys(keys), _act(act), share, ref_mean)
 
 # ---- fast path: calls whose arguments are already canonical -------------
 #
@@ -622,7 +645,7 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
     cdef cnp.ndarray save_invstd = cnp.PyArray_EMPTY(1, &channels, t, 0)
     _run_forward_train(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
                        weight, bias, running_mean, running_var, momentum, eps, save_mean, save_invstd,
-                       _keys(()))
+                       _keys(()), _act(None))
     return y, save_mean, save_invstd
 
 
@@ -643,7 +666,7 @@ def try_inference(x, running_mean, running_var, weight, bias, eps, axis, out=Non
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     _run_inference(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
-                   running_mean, running_var, weight, bias, eps)
+                   running_mean, running_var, weight, bias, eps, _act(None))
     return y
 
 
@@ -673,5 +696,5 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
     cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, t, 0)
     _run_backward(geo, _dtype_of(xa), _contiguous_operand(ga, &geo), _contiguous_operand(xa, &geo),
                   _contiguous_operand(grad_in, &geo), save_mean, save_invstd, weight, training,
-                  grad_weight, grad_bias, _keys(()))
+                  grad_weight, grad_bias, _keys(()), _act(None))
     return grad_in, grad_weight, grad_bias

@@ -16,6 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "activation",
+    "activation_grad",
+    "batch_norm_act_forward",
+    "batch_norm_act_backward",
     "batch_norm_forward",
     "batch_norm_inference",
     "batch_norm_backward",
@@ -626,3 +630,111 @@ def pooled_batch_norm_forward(x, weight, bias, other_means, other_second_moments
         var = np.maximum(np.mean(nus, axis=0) - mean * mean, 0.0)
     y = (rows - mean) / np.sqrt(var + eps) * w + b
     return _from_rows(y, shape_moved, ax), mean, var
+# ------------------------------------------- fused activation and residual add
+def activation(v, name, negative_slope=0.01):
+    """``act(v)`` in float64: identity, relu, leaky_relu or elu (alpha 1).
+
+    Parameters
+    ----------
+    v : array_like
+        Pre-activation values.
+    name : {"identity", "relu", "leaky_relu", "elu"}
+        The activation.
+    negative_slope : float, optional
+        leaky_relu's slope for negative values. Default 0.01.
+
+    Returns
+    -------
+    ndarray of float64
+    """
+    v = np.asarray(v, dtype=np.float64)
+    if name == "identity":
+        return v.copy()
+    if name == "relu":
+        return np.where(v < 0, 0.0, v)
+    if name == "leaky_relu":
+        return np.where(v < 0, v * negative_slope, v)
+    if name == "elu":
+        return np.where(v < 0, np.expm1(np.minimum(v, 0.0)), v)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_grad(v, name, negative_slope=0.01):
+    """``act'(v)`` in float64, with PyTorch's values at 0 (relu 0, leaky_relu its slope, elu 1).
+
+    Parameters
+    ----------
+    v : array_like
+        Pre-activation values.
+    name : {"identity", "relu", "leaky_relu", "elu"}
+        The activation.
+    negative_slope : float, optional
+        leaky_relu's slope. Default 0.01.
+
+    Returns
+    -------
+    ndarray of float64
+    """
+    v = np.asarray(v, dtype=np.float64)
+    if name == "identity":
+        return np.ones_like(v)
+    if name == "relu":
+        return (v > 0).astype(np.float64)
+    if name == "leaky_relu":
+        return np.where(v > 0, 1.0, negative_slope)
+    if name == "elu":
+        return np.where(v > 0, 1.0, np.exp(np.minimum(v, 0.0)))
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def batch_norm_act_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+                           activation_name="relu", negative_slope=0.01, residual=None,
+                           momentum=0.1, eps=1e-5, axis=1):
+    """``act(BN(x) + residual)`` in float64, BN in training mode.
+
+    Parameters
+    ----------
+    x, weight, bias, running_mean, running_var, momentum, eps, axis
+        As `batch_norm_forward`.
+    activation_name : str, optional
+        As `activation`. Default "relu".
+    negative_slope : float, optional
+        leaky_relu's slope. Default 0.01.
+    residual : array_like, optional
+        Added before the activation.
+
+    Returns
+    -------
+    y, save_mean, save_invstd, new_running_mean, new_running_var
+        As `batch_norm_forward`, y activated.
+    """
+    y, mean, invstd, rm, rv = batch_norm_forward(x, weight, bias, running_mean, running_var,
+                                                 momentum=momentum, eps=eps, axis=axis)
+    if residual is not None:
+        y = y + np.asarray(residual, dtype=np.float64)
+    return activation(y, activation_name, negative_slope), mean, invstd, rm, rv
+
+
+def batch_norm_act_backward(grad_out, x, weight=None, bias=None, *, activation_name="relu",
+                            negative_slope=0.01, residual=None, eps=1e-5, axis=1):
+    """Gradients of `batch_norm_act_forward` (from x, in float64).
+
+    Parameters
+    ----------
+    grad_out : array_like
+        Gradient with respect to the output.
+    x, weight, bias, eps, axis
+        As `batch_norm_forward`.
+    activation_name, negative_slope, residual
+        As `batch_norm_act_forward`.
+
+    Returns
+    -------
+    grad_input, grad_weight, grad_bias, grad_residual
+        ndarrays of float64; grad_residual is None without a residual.
+    """
+    u, mean, invstd, _, _ = batch_norm_forward(x, weight, bias, eps=eps, axis=axis)
+    v = u if residual is None else u + np.asarray(residual, dtype=np.float64)
+    dv = np.asarray(grad_out, dtype=np.float64) * activation_grad(v, activation_name, negative_slope)
+    gx, gw, gb = batch_norm_backward(dv, x, mean, invstd, weight, axis=axis)
+    return gx, gw, gb, (dv if residual is not None else None)

@@ -218,7 +218,7 @@ def shared_batch_norm_backward(
     g, gs = _input(plan, grad_out)
     grad_in, gis = _output(plan, None, (plan.x, g))
     _kernels.backward(plan.shape, g, gs, plan.x, plan.xs, grad_in, gis, mean, invstd, weight, True,
-                      grad_weight, grad_bias, (), share, ref)
+                      grad_weight, grad_bias, (), share=share, ref_mean=ref)
     return _finish(grad_in, None), grad_weight, grad_bias
 
 
@@ -307,7 +307,7 @@ def statistics_forward(
     rm, rv = _state_buffer(running_mean, x.dtype), _state_buffer(running_var, x.dtype)
     _kernels.forward_train(
         plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd, (),
-        (float(share), float(r_max), float(d_max), pm, pv, int(bool(prior_moments)), stats),
+        statistics=(float(share), float(r_max), float(d_max), pm, pv, int(bool(prior_moments)), stats),
     )
     if rm is not running_mean:
         running_mean[...] = rm

@@ -41,6 +41,16 @@ cdef extern from "bnfast/bnfast.h" nogil:
         long long stream_bytes
         int (*interrupted)(void *) noexcept nogil
         void *arg
+    ctypedef enum bn_activation:
+        BN_ACT_NONE
+        BN_ACT_IDENTITY
+        BN_ACT_RELU
+        BN_ACT_LEAKY_RELU
+        BN_ACT_ELU
+    ctypedef struct bn_act:
+        bn_activation kind
+        double negative_slope
+        bn_array residual
     int BN_OK
     int BN_ERR_NOMEM
     int BN_ERR_INTERRUPTED
@@ -73,6 +83,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         const double *prior_var
         int prior_moments
         double *stats_out
+        bn_act act
     ctypedef struct bn_inference_args:
         bn_dtype dtype
         bn_geometry geo
@@ -82,6 +93,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         const void *weight
         const void *bias
         double eps
+        bn_act act
     ctypedef struct bn_backward_args:
         bn_dtype dtype
         bn_geometry geo
@@ -95,6 +107,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         bn_keys keys
         double share
         const double *ref_mean
+        bn_act act
     int bn_moments(const bn_moments_args *, const bn_run *)
     int bn_forward_train(const bn_forward_args *, const bn_run *)
     int bn_inference(const bn_inference_args *, const bn_run *)

@@ -46,6 +46,7 @@ from .variants import (
     MomentumBatchNorm3d,
 )
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from .activations import ELU, LeakyReLU, Residual
 from .recalibration import recalibrate
 from .losses import CrossEntropyLoss, MSELoss
 from .optim import SGD, Adam, Optimizer, clip_grad_norm_
@@ -100,4 +101,7 @@ __all__ = [
     "MomentumBatchNorm3d",
     "CrossIterationBatchNorm1d",
     "CrossIterationBatchNorm2d",
+    "LeakyReLU",
+    "ELU",
+    "Residual",
 ]

@@ -823,6 +823,11 @@ class Sequential(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Run every layer in order.
 
+        A batch-norm layer (without an activation of its own) followed by a
+        ReLU, LeakyReLU or ELU (alpha 1) runs as one fused layer
+        (`bnfast.batch_norm_act_forward`): the same numbers as the two layers
+        within rounding; ``backward`` then skips the activation layer.
+
         Parameters
         ----------
         x : numpy.ndarray
@@ -833,14 +838,26 @@ class Sequential(Module):
         numpy.ndarray
             Output of the last layer.
         """
-        previous = None
-        for layer in self._modules.values():
-            if layer is not None:
-                bind = getattr(type(layer), "_bind_preceding", None)  # cross-iteration BN reads its predecessor
-                if bind is not None:
-                    bind(layer, previous)
+        from . import _fused
+        from .activations import fusable_activation, fusable_norm
+
+        layers, ran, i, previous = self._layers(), [], 0, None
+        while i < len(layers):
+            layer = layers[i]
+            bind = getattr(type(layer), "_bind_preceding", None)  # cross-iteration BN reads its predecessor
+            if bind is not None:
+                bind(layer, previous)
+            act = fusable_activation(layers[i + 1]) if i + 1 < len(layers) else None
+            if act is not None and fusable_norm(layer):  # batch norm + activation: one pass
+                with _fused.fused_call(layer, *act):
+                    x = layer(x)
+                i += 2
+            else:
                 x = layer(x)
-                previous = layer
+                i += 1
+            ran.append(layer)
+            previous = layers[i - 1]
+        self.__dict__["_ran"] = ran
         return x
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
@@ -857,7 +874,7 @@ class Sequential(Module):
             Gradient with respect to the input of the first layer.
         """
         g = grad_out
-        for layer in reversed(self._layers()):
+        for layer in reversed(self.__dict__.get("_ran") or self._layers()):
             g = layer.backward(g)
         return g
 

@@ -38,6 +38,7 @@ from .._normalization import (
 from .._functional import _momentum
 from .._parameter import Parameter
 from .._variants import ghost_batch_norm_backward, ghost_batch_norm_forward
+from . import _fused as _fused_layer
 from .module import Module
 
 __all__ = [
@@ -195,6 +196,21 @@ class BatchNorm(Module):
         exactly batch normalization.  A batch size that is not a multiple
         raises ValueError (state untouched).  Eval mode with running
         statistics is unaffected.
+    activation : {None, "relu", "leaky_relu", "elu", "identity"}, default None
+        Keyword-only: an activation fused into the layer,
+        ``y = act(BN(x))`` in one pass (`bnfast.batch_norm_act_forward`);
+        None is plain batch norm.  With an invertible activation (identity,
+        elu, leaky_relu with a positive slope) the layer keeps only its
+        output for ``backward`` (the input is not referenced).
+    negative_slope : float, default 0.01
+        Keyword-only: leaky_relu's slope for negative inputs.
+    inplace : bool, default False
+        Keyword-only: in-place activated batch norm (InPlace-ABN): a
+        training-mode forward writes ``y`` over its input (when the input is
+        a writable array of the layer's dtype) and ``backward`` recovers the
+        normalized input from ``y`` (`bnfast.batch_norm_act_backward`, whose
+        rule for tiny weights applies).  Needs an invertible activation (or
+        None).  Eval-mode forwards are not in place.
 
     Attributes
     ----------
@@ -268,12 +284,20 @@ class BatchNorm(Module):
         dtype: Any = np.float32,
         bias: bool = True,
         virtual_batch_size: int | None = None,
+        activation: str | None = None,
+        negative_slope: float = 0.01,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         C = _positive_int(num_features, "num_features")
+        self._act = _fused_layer.layer_activation(activation, negative_slope, inplace)
         self._num_features = C
         self.virtual_batch_size = None if virtual_batch_size is None else _positive_int(
             virtual_batch_size, "virtual_batch_size")
+        if self.virtual_batch_size is not None and self._act is not None:
+            raise ValueError("virtual_batch_size cannot be combined with a fused activation or inplace=True "
+                             "(ghost batches are normalized chunk by chunk); put the activation in a layer "
+                             "of its own")
         self._axis = _int_axis(axis)
         self._dtype = dt = _float_dtype(dtype)
         self._affine = bool(affine)
@@ -462,23 +486,38 @@ class BatchNorm(Module):
                 factor, count = self._factor()
                 if self.virtual_batch_size is not None:
                     return self._ghost_forward(x, w, b, rm, rv, factor, count)
-                y, mean, invstd = batch_norm_forward(x, w, b, rm, rv, momentum=factor, eps=self.eps, axis=self._axis)
+                y, mean, invstd = self._forward_train(x, w, b, rm, rv, factor)
                 if nbt is not None:
                     nbt[...] = count  # only after a successful update
             elif self.virtual_batch_size is not None:
                 return self._ghost_forward(x, w, b, None, None, 0.0, None)
             else:
-                y, mean, invstd = batch_norm_forward(x, w, b, eps=self.eps, axis=self._axis)
+                y, mean, invstd = self._forward_train(x, w, b, None, None, 0.1)
             saved = (x, mean, invstd, True)
         else:
-            y = batch_norm_inference(x, rm, rv, w, b, eps=self.eps, axis=self._axis)
+            y = self._forward_eval(x, rm, rv, w, b)
             # Snapshot of the statistics actually used: constants for backward.
             mean = rm.copy()
             with np.errstate(divide="ignore", invalid="ignore"):
                 invstd = (1.0 / np.sqrt(rv.astype(np.float64) + self.eps)).astype(self._dtype)
             saved = (x, mean, invstd, False)
-        self.__dict__["_saved"] = saved  # a plain attribute; skips Module.__setattr__ on the hot path
+        self.__dict__["_saved"] = _fused_layer.saved_state(self, saved)  # skips Module.__setattr__
         return y
+
+    def _forward_train(self, x, w, b, rm, rv, momentum):
+        """Training-mode batch norm, fused with the call's activation (bnfast.nn._fused)."""
+        act = _fused_layer.call_activation(self)
+        if act is None:
+            self.__dict__["_fused"] = None
+            return batch_norm_forward(x, w, b, rm, rv, momentum=momentum, eps=self.eps, axis=self._axis)
+        return _fused_layer.forward_train(self, act, x, w, b, rm, rv, momentum)
+
+    def _forward_eval(self, x, rm, rv, w, b):
+        act = _fused_layer.call_activation(self)
+        if act is None:
+            self.__dict__["_fused"] = None
+            return batch_norm_inference(x, rm, rv, w, b, eps=self.eps, axis=self._axis)
+        return _fused_layer.forward_eval(self, act, x, rm, rv, w, b)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         """Gradient of the loss w.r.t. the input of the last :meth:`forward`.
@@ -514,6 +553,8 @@ class BatchNorm(Module):
                 f"{type(self).__name__}.backward() called before forward(): "
                 "run forward (or __call__) first"
             )
+        if self.__dict__.get("_fused") is not None:
+            return _fused_layer.backward(self, grad_out)[0]
         x, mean, invstd, batch_stats = self._saved
         grad_out = np.asarray(grad_out)
         if grad_out.shape != x.shape:
@@ -646,6 +687,13 @@ _RANKED_BATCH_NORM_PARAMETERS = """    :class:`BatchNorm` describes the paramete
     virtual_batch_size : int or None, default None
         Ghost batch size (keyword only): statistics per consecutive chunk of
         this many samples in training.
+    activation : str or None, default None
+        A fused activation (keyword only): "relu", "leaky_relu", "elu" or
+        "identity"; see :class:`BatchNorm`.
+    negative_slope : float, default 0.01
+        The slope of leaky_relu (keyword only).
+    inplace : bool, default False
+        In-place activated batch norm (keyword only); see :class:`BatchNorm`.
 """
 
 
