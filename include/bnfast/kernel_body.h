@@ -31,14 +31,14 @@
 typedef double BN_FN(vd_) __attribute__((vector_size(BN_STATS_BYTES)));
 #define VD BN_FN(vd_)
 
-static inline VD BN_FN(ldd_)(const double *p)
+static BN_ALWAYS_INLINE VD BN_FN(ldd_)(const double *p)
 {
     VD v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline VD BN_FN(splat_)(double s)
+static BN_ALWAYS_INLINE VD BN_FN(splat_)(double s)
 {
     VD v;
     for (int l = 0; l < W; l++) v[l] = s;
@@ -53,7 +53,7 @@ static inline VD BN_FN(splat_)(double s)
 #define WA ((ptrdiff_t)(BN_VEC_BYTES / sizeof(BN_AT)))
 typedef BN_AT BN_FN(va_) __attribute__((vector_size(BN_VEC_BYTES)));
 
-static inline BN_FN(va_) BN_FN(splata_)(BN_AT s)
+static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(splata_)(BN_AT s)
 {
     BN_FN(va_) v;
     for (ptrdiff_t l = 0; l < WA; l++) v[l] = s;
@@ -70,7 +70,7 @@ static inline BN_FN(va_) BN_FN(splata_)(BN_AT s)
  * elements per line, and elements before p's next line boundary (-1 if p is
  * not element-aligned). */
 #define BN_LINE_T ((ptrdiff_t)(64 / sizeof(BN_T)))
-static inline ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
+static BN_ALWAYS_INLINE ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
 {
     const size_t a = (size_t)p % 64;
     if (a % sizeof(BN_T)) return -1;
@@ -109,7 +109,7 @@ static inline void BN_FN(set_coef_)(const bn_context *k, ptrdiff_t c, double mea
     }
 }
 
-static inline BN_FN(coef_) BN_FN(coef_at_)(const bn_context *k, ptrdiff_t c)
+static BN_ALWAYS_INLINE BN_FN(coef_) BN_FN(coef_at_)(const bn_context *k, ptrdiff_t c)
 {
     const BN_AT *q = (const BN_AT *)k->coef;
     const ptrdiff_t L = k->coef_len;
@@ -124,7 +124,7 @@ typedef struct {
 } BN_FN(coefv_);
 
 /* Channel c's coefficients in every lane (planar runs). */
-static inline BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c)
+static BN_ALWAYS_INLINE BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c)
 {
     const BN_FN(coef_) K = BN_FN(coef_at_)(k, c);
     BN_FN(coefv_) V = {BN_SPLATA(K.mh), BN_SPLATA(K.ml), BN_SPLATA(K.s),   BN_SPLATA(K.b),
@@ -133,7 +133,7 @@ static inline BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c
 }
 
 /* Channels c .. c + WA - 1, one per lane (channels-last rows). */
-static inline BN_FN(coefv_) BN_FN(coefv_load_)(const bn_context *k, ptrdiff_t c)
+static BN_ALWAYS_INLINE BN_FN(coefv_) BN_FN(coefv_load_)(const bn_context *k, ptrdiff_t c)
 {
     const BN_AT *q = (const BN_AT *)k->coef + c;
     const ptrdiff_t L = k->coef_len;
@@ -143,7 +143,7 @@ static inline BN_FN(coefv_) BN_FN(coefv_load_)(const bn_context *k, ptrdiff_t c)
     return V;
 }
 
-static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
+static BN_ALWAYS_INLINE BN_FN(coefv_) BN_FN(coefv_zero_)(void)
 {
     const BN_FN(va_) z = BN_SPLATA(0);
     BN_FN(coefv_) V = {z, z, z, z, z, z, z, z};

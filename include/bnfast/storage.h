@@ -44,14 +44,14 @@
 #define BN_FROM_A(a) ((BN_T)(a))
 #else
 
-static inline uint32_t BN_FN(fbits_)(float f)
+static BN_ALWAYS_INLINE uint32_t BN_FN(fbits_)(float f)
 {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u;
 }
 
-static inline float BN_FN(bitsf_)(uint32_t u)
+static BN_ALWAYS_INLINE float BN_FN(bitsf_)(uint32_t u)
 {
     float f;
     memcpy(&f, &u, sizeof f);
@@ -59,17 +59,17 @@ static inline float BN_FN(bitsf_)(uint32_t u)
 }
 
 #if BN_STORAGE == BN_STORE_BF16
-static inline float BN_FN(to_a_)(uint16_t h) { return BN_FN(bitsf_)((uint32_t)h << 16); }
+static BN_ALWAYS_INLINE float BN_FN(to_a_)(uint16_t h) { return BN_FN(bitsf_)((uint32_t)h << 16); }
 
-static inline uint16_t BN_FN(from_a_)(float f)
+static BN_ALWAYS_INLINE uint16_t BN_FN(from_a_)(float f)
 {
     const uint32_t u = BN_FN(fbits_)(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                 /* ties to even */
 }
 #elif BN_F16C
-static inline float BN_FN(to_a_)(uint16_t h) { return _cvtsh_ss(h); }
-static inline uint16_t BN_FN(from_a_)(float f)
+static BN_ALWAYS_INLINE float BN_FN(to_a_)(uint16_t h) { return _cvtsh_ss(h); }
+static BN_ALWAYS_INLINE uint16_t BN_FN(from_a_)(float f)
 {
     return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
@@ -77,7 +77,7 @@ static inline uint16_t BN_FN(from_a_)(float f)
 /* Portable binary16: integer arithmetic, no float denormals (a process with
  * denormals-are-zero set, e.g. by a library built with -ffast-math, still
  * converts exactly). */
-static inline float BN_FN(to_a_)(uint16_t h)
+static BN_ALWAYS_INLINE float BN_FN(to_a_)(uint16_t h)
 {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu;
     float m;
@@ -90,7 +90,7 @@ static inline float BN_FN(to_a_)(uint16_t h)
     return BN_FN(bitsf_)(BN_FN(fbits_)(m) | sign);
 }
 
-static inline uint16_t BN_FN(from_a_)(float f)
+static BN_ALWAYS_INLINE uint16_t BN_FN(from_a_)(float f)
 {
     const uint32_t u = BN_FN(fbits_)(f), a = u & 0x7fffffffu;
     const uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
@@ -117,7 +117,7 @@ static inline uint16_t BN_FN(from_a_)(float f)
 
 #if BN_VECTORS
 
-static inline VD BN_FN(ldw_)(const BN_AT *p)
+static BN_ALWAYS_INLINE VD BN_FN(ldw_)(const BN_AT *p)
 {
 #if BN_X86 && BN_T_IS_FLOAT && BN_STATS_BYTES == 32
     return (VD)_mm256_cvtps_pd(_mm_loadu_ps(p));
@@ -132,7 +132,7 @@ static inline VD BN_FN(ldw_)(const BN_AT *p)
 #endif
 }
 
-static inline BN_FN(va_) BN_FN(ldp_)(const BN_AT *p)
+static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(ldp_)(const BN_AT *p)
 {
     BN_FN(va_) v;
     memcpy(&v, p, sizeof v);
@@ -141,8 +141,8 @@ static inline BN_FN(va_) BN_FN(ldp_)(const BN_AT *p)
 
 #if BN_STORAGE == BN_STORE_NATIVE
 #define BN_LD BN_FN(ldw_)
-static inline BN_FN(va_) BN_FN(lda_)(const BN_T *p) { return BN_FN(ldp_)(p); }
-static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v); }
+static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(lda_)(const BN_T *p) { return BN_FN(ldp_)(p); }
+static BN_ALWAYS_INLINE void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v); }
 #else
 
 /* Half storage in GNU vector arithmetic (the portable path, and bfloat16
@@ -150,14 +150,14 @@ static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v);
  * n = WA (apply), the same rounding as the scalar conversions above. */
 #if BN_STORAGE == BN_STORE_BF16
 #define BN_HALF_CVT(tag)                                                                            \
-    static inline BN_FN(tag##f_) BN_FN(tag##cvt_in_)(BN_FN(tag##u_) u)                               \
+    static BN_ALWAYS_INLINE BN_FN(tag##f_) BN_FN(tag##cvt_in_)(BN_FN(tag##u_) u)                               \
     {                                                                                                \
         u <<= 16;                                                                                    \
         BN_FN(tag##f_) f;                                                                            \
         memcpy(&f, &u, sizeof f);                                                                    \
         return f;                                                                                    \
     }                                                                                                \
-    static inline BN_FN(tag##u_) BN_FN(tag##cvt_out_)(BN_FN(tag##f_) v, BN_FN(tag##u_) u)            \
+    static BN_ALWAYS_INLINE BN_FN(tag##u_) BN_FN(tag##cvt_out_)(BN_FN(tag##f_) v, BN_FN(tag##u_) u)            \
     {                                                                                                \
         const BN_FN(tag##u_) nan = (BN_FN(tag##u_))((u & 0x7fffffffu) > 0x7f800000u);                \
         const BN_FN(tag##u_) r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;                             \
@@ -166,7 +166,7 @@ static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v);
     }
 #else
 #define BN_HALF_CVT(tag)                                                                            \
-    static inline BN_FN(tag##f_) BN_FN(tag##cvt_in_)(BN_FN(tag##u_) h)                               \
+    static BN_ALWAYS_INLINE BN_FN(tag##f_) BN_FN(tag##cvt_in_)(BN_FN(tag##u_) h)                               \
     {                                                                                                \
         const BN_FN(tag##u_) sign = (h & 0x8000u) << 16, em = h & 0x7fffu;                           \
         const BN_FN(tag##u_) sub = (BN_FN(tag##u_))(em < 0x0400u);                                   \
@@ -184,7 +184,7 @@ static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v);
         memcpy(&f, &bits, sizeof f);                                                                 \
         return f;                                                                                    \
     }                                                                                                \
-    static inline BN_FN(tag##u_) BN_FN(tag##cvt_out_)(BN_FN(tag##f_) v, BN_FN(tag##u_) u)            \
+    static BN_ALWAYS_INLINE BN_FN(tag##u_) BN_FN(tag##cvt_out_)(BN_FN(tag##f_) v, BN_FN(tag##u_) u)            \
     {                                                                                                \
         (void)v;                                                                                     \
         const BN_FN(tag##u_) a = u & 0x7fffffffu, sign = (u >> 16) & 0x8000u;                        \
@@ -213,13 +213,13 @@ static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v);
     BN_HALF_LANES_(tag, n)
 #define BN_HALF_LANES_(tag, n)                                                                     \
     typedef uint16_t BN_FN(tag##h_) __attribute__((vector_size(2 * (n))));                           \
-    static inline BN_FN(tag##f_) BN_FN(tag##load_)(const uint16_t *p)                                \
+    static BN_ALWAYS_INLINE BN_FN(tag##f_) BN_FN(tag##load_)(const uint16_t *p)                                \
     {                                                                                                \
         BN_FN(tag##h_) h;                                                                            \
         memcpy(&h, p, sizeof h);                                                                     \
         return BN_FN(tag##cvt_in_)(__builtin_convertvector(h, BN_FN(tag##u_)));                      \
     }                                                                                                \
-    static inline void BN_FN(tag##store_)(uint16_t *p, BN_FN(tag##f_) v)                             \
+    static BN_ALWAYS_INLINE void BN_FN(tag##store_)(uint16_t *p, BN_FN(tag##f_) v)                             \
     {                                                                                                \
         BN_FN(tag##u_) u;                                                                            \
         memcpy(&u, &v, sizeof u);                                                                    \
@@ -233,7 +233,7 @@ BN_HALF_DEFINE(ha, WA) /* apply: WA lanes */
 #undef BN_HALF_LANES_
 #undef BN_HALF_CVT
 
-static inline VD BN_FN(ld_)(const BN_T *p)
+static BN_ALWAYS_INLINE VD BN_FN(ld_)(const BN_T *p)
 {
 #if BN_F16C && BN_STATS_BYTES == 32
     return (VD)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(const void *)p)));
@@ -246,7 +246,7 @@ static inline VD BN_FN(ld_)(const BN_T *p)
 }
 #define BN_LD BN_FN(ld_)
 
-static inline BN_FN(va_) BN_FN(lda_)(const BN_T *p)
+static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(lda_)(const BN_T *p)
 {
 #if BN_F16C && BN_VEC_BYTES == 64
     return (BN_FN(va_))_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(const void *)p));
@@ -259,7 +259,7 @@ static inline BN_FN(va_) BN_FN(lda_)(const BN_T *p)
 #endif
 }
 
-static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v)
+static BN_ALWAYS_INLINE void BN_FN(sta_)(BN_T *p, BN_FN(va_) v)
 {
 #if BN_F16C && BN_VEC_BYTES == 64
     _mm256_storeu_si256((__m256i *)(void *)p,
@@ -284,7 +284,7 @@ static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v)
 /* Non-temporal store of one vector to an address aligned to its size. */
 #if BN_X86 && (BN_STORAGE == BN_STORE_NATIVE || BN_VEC_BYTES >= 32)
 #define BN_CAN_STREAM 1
-static inline void BN_FN(streama_)(BN_T *p, BN_FN(va_) v)
+static BN_ALWAYS_INLINE void BN_FN(streama_)(BN_T *p, BN_FN(va_) v)
 {
 #if BN_STORAGE != BN_STORE_NATIVE && BN_VEC_BYTES == 64
     /* 16 halves: convert, then stream 32 bytes */
