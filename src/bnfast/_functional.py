@@ -410,12 +410,12 @@ def batch_norm_forward(
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     weight, bias : array_like of shape (C,), optional
         Affine parameters; ``None`` means 1 and 0.
     running_mean, running_var : numpy.ndarray of shape (C,) and x's dtype, optional
-        Updated in place as PyTorch does:
+        (float32 for float16/bfloat16 x.)  Updated in place as PyTorch does:
         ``r_mean = (1 - momentum) * r_mean + momentum * mean`` and
         ``r_var = (1 - momentum) * r_var + momentum * var * n / (n - 1)``,
         n the number of values per channel.  Pass both or neither.
@@ -434,14 +434,16 @@ def batch_norm_forward(
     y : numpy.ndarray
         Normalized input, x's shape and dtype.
     save_mean : numpy.ndarray of shape (C,)
-        Batch mean, x's dtype.
+        Batch mean, x's dtype (float32 for float16/bfloat16 x, as every
+        per-channel array: weight, bias and the running statistics too).
     save_invstd : numpy.ndarray of shape (C,)
-        ``1 / sqrt(var + eps)``, x's dtype.
+        ``1 / sqrt(var + eps)``, of save_mean's dtype.
 
     Raises
     ------
     TypeError
-        If x is not float32/float64, or running statistics have another dtype.
+        If x is not float32/float64/float16/bfloat16, or running statistics
+        have another dtype than the per-channel one.
     ValueError
         For a bad shape, axis, eps, momentum or ``out``; read-only running
         statistics; one value per channel or an empty batch.  Nothing is
@@ -518,7 +520,7 @@ def batch_norm_inference(
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     running_mean, running_var : array_like of shape (C,)
         The statistics to normalize with (not modified).
@@ -591,7 +593,7 @@ def batch_norm_backward(
     ----------
     grad_out : numpy.ndarray
         Gradient of the loss with respect to the output; x's shape and dtype.
-    x : numpy.ndarray of float32 or float64
+    x : numpy.ndarray of float32, float64, float16 or bfloat16
         The forward input.
     save_mean, save_invstd : array_like of shape (C,)
         From `batch_norm_forward`; for ``training=False`` the running mean and
@@ -611,8 +613,8 @@ def batch_norm_backward(
     grad_input : numpy.ndarray
         Gradient with respect to ``x``, x's shape and dtype.
     grad_weight, grad_bias : numpy.ndarray of shape (C,)
-        Gradients with respect to weight and bias, x's dtype (computed even
-        when ``weight`` is None).
+        Gradients with respect to weight and bias, x's dtype (float32 for
+        float16/bfloat16 x; computed even when ``weight`` is None).
 
     Raises
     ------
@@ -674,7 +676,7 @@ def batch_norm(
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     running_mean, running_var : numpy.ndarray of shape (C,) or None
         Required when ``training`` is False; updated in place when training.
@@ -720,7 +722,7 @@ def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     axis : int, default 1
         The channel axis.
