@@ -505,3 +505,46 @@ def test_strided_and_byte_order(dtype):
     if dtype == np.float16:
         swapped = x.astype(x.dtype.newbyteorder(">"))
         assert _same(bnfast.batch_norm_forward(swapped, w, b)[0], bnfast.batch_norm_forward(x, w, b)[0])
+
+
+# --------------------------------------------------------------- benchmark
+
+
+def test_half_bench_runs(tmp_path, capsys):
+    """``bench --half`` at small sizes: a row per (case, half type), JSON written."""
+    from bnfast import _bench
+
+    path = tmp_path / "half.json"
+    assert _bench.main(["--half", "--shapes", "2x3x4x4,8x16", "--threads", "1", "--no-torch", "--budget", "0",
+                        "--rounds", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert len(rows) == (2 + 1) * 3 * len(HALF_TYPES)  # (NCHW, NHWC; NC) x ops x half types
+    assert {r["dtype"] for r in rows} == {d.name for d in HALF_TYPES}
+    assert all(r["time_s"] > 0 and r["float32_s"] > 0 and r["torch_s"] is None for r in rows)
+    assert "bfloat16" in capsys.readouterr().out or BF16 is None
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_bench_torch_callables_match_bnfast(channels_last):
+    """PyTorch's side of each ``--half`` case computes what bnfast computes."""
+    torch = pytest.importorskip("torch")
+    from bnfast import _bench_half
+
+    rng = np.random.default_rng(0)
+    x, g = rng.standard_normal((4, 3, 5, 6), dtype=np.float32), rng.standard_normal((4, 3, 5, 6), dtype=np.float32)
+    if channels_last:
+        x, g = np.ascontiguousarray(np.moveaxis(x, 1, -1)), np.ascontiguousarray(np.moveaxis(g, 1, -1))
+    axis = -1 if channels_last else 1
+    data = {"float32": (x, g)}
+    data.update({d.name: (x.astype(d), g.astype(d)) for d in HALF_TYPES})
+    for op in _bench_half.OPS:
+        fns = _bench_half._fns(op, data, axis, torch, channels_last)
+        for d in HALF_TYPES:
+            ours = fns[d.name]()
+            ours = ours[0] if isinstance(ours, tuple) else ours
+            theirs = fns["torch_" + d.name]()
+            theirs = theirs[0] if isinstance(theirs, tuple) else theirs
+            if channels_last:  # back to the NHWC axis order of bnfast's result
+                theirs = theirs.permute(0, *range(2, theirs.ndim), 1)
+            t = theirs.detach().float().contiguous().numpy()
+            np.testing.assert_allclose(_f64(ours), t, rtol=0, atol=0.05 if d.name == "bfloat16" else 0.01)
