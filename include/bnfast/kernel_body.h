@@ -1097,6 +1097,7 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 #undef BN_TO_A
 #undef BN_FROM_A
 #undef BN_F16C
+#undef BN_NEON_F16
 #undef WA
 #undef VD
 #undef W

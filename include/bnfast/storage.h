@@ -9,6 +9,8 @@
  *   BN_STORE_NATIVE  BN_T == BN_AT (float32, float64)
  *   BN_STORE_F16     IEEE binary16 bits in uint16_t, BN_AT float
  *   BN_STORE_BF16    bfloat16 bits (a float's upper half) in uint16_t, BN_AT float
+ * On AArch64, NEON's conversions for float16 vectors; elsewhere without
+ * F16C, portable integer code.
  * Conversions to BN_AT are exact; conversions to storage round to nearest,
  * ties to even, overflow to infinity, and keep NaN a (quiet) NaN -- the
  * rounding of numpy's and ml_dtypes' casts.  Every path (F16C, bit shifts,
@@ -35,6 +37,14 @@
 #define BN_F16C 1
 #else
 #define BN_F16C 0
+#endif
+/* AArch64's NEON converts half precision in every implementation (FCVTL,
+ * FCVTN; round to nearest even under the default FPCR). */
+#if BN_STORAGE == BN_STORE_F16 && defined(__aarch64__) && defined(__ARM_NEON) && BN_VEC_BYTES == 16
+#include <arm_neon.h>
+#define BN_NEON_F16 1
+#else
+#define BN_NEON_F16 0
 #endif
 
 /* ---- one element ---------------------------------------------------------- */
@@ -254,6 +264,8 @@ static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(lda_)(const BN_T *p)
     return (BN_FN(va_))_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(const void *)p));
 #elif BN_F16C
     return (BN_FN(va_))_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(const void *)p));
+#elif BN_NEON_F16
+    return (BN_FN(va_))vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
 #else
     return (BN_FN(va_))BN_FN(haload_)(p);
 #endif
@@ -270,6 +282,8 @@ static BN_ALWAYS_INLINE void BN_FN(sta_)(BN_T *p, BN_FN(va_) v)
 #elif BN_F16C
     _mm_storel_epi64((__m128i *)(void *)p,
                      _mm_cvtps_ph((__m128)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif BN_NEON_F16
+    vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32((float32x4_t)v)));
 #else
     BN_FN(hastore_)(p, (BN_FN(haf_))v);
 #endif
