@@ -17,7 +17,8 @@ import bnfast
 from bnfast import _bench, _bench_half
 
 QUICK_SHAPES = [(16, 64, 56, 56)]
-MEMBERS = ("float32", "float16", "bfloat16", "torch_float16", "torch_bfloat16")
+# with out= (float32, float16, bfloat16); allocating, as PyTorch does (*_alloc, against torch_*)
+MEMBERS = ("float32", "float16", "bfloat16", "float16_alloc", "bfloat16_alloc", "torch_float16", "torch_bfloat16")
 
 
 def pytest_generate_tests(metafunc):
@@ -50,11 +51,12 @@ def _data(shape, channels_last):
 
 def test_half(benchmark, bnfast_threads, half_case, member):
     op, shape, layout, channels_last, n = half_case
-    torch = _bench._torch() if member.startswith("torch") else None
-    if member.startswith("torch") and torch is None:
+    with_torch = member.startswith("torch") or member.endswith("_alloc")  # _fns makes these with torch only
+    torch = _bench._torch() if with_torch else None
+    if with_torch and torch is None:
         pytest.skip("PyTorch is not importable")
     data = _data(shape, channels_last)
-    if member.removeprefix("torch_") not in data:
+    if member.removeprefix("torch_").removesuffix("_alloc") not in data:
         pytest.skip("ml_dtypes is not installed")
     bnfast.set_num_threads(n)
     if torch is not None:

@@ -6,8 +6,9 @@ with ``out=``) and PyTorch's CPU batch norm on the half-precision tensors
 (``torch.nn.functional.batch_norm`` forward, ``aten.native_batch_norm_backward``,
 float32 weight, bias and statistics as in bnfast; NHWC in PyTorch's
 channels-last memory format).  Reported per half type: its time, its time
-over float32's (``/ f32``: the issue's target is <= 0.6 on a tensor far
-beyond the cache), and PyTorch's time over bnfast's (``vs torch``: >= 2).
+over float32's (``/ f32``, both with ``out=``: the issue's target is <= 0.6
+on a tensor far beyond the cache), and PyTorch's time over bnfast's when
+both allocate their results (``vs torch``: >= 2).
 Times are the best of the rounds.  bfloat16 needs ml_dtypes.
 """
 
@@ -65,6 +66,13 @@ def _fns(op, data, axis, torch, channels_last):
             fns[name] = lambda x=x, out=out: batch_norm_inference(x, mean, var, w, b, axis=axis, out=out)
         else:
             fns[name] = lambda x=x, g=g, out=out: batch_norm_backward(g, x, mean, invstd, w, axis=axis, out=out)
+        if torch is not None and name != "float32":  # allocating its result, as PyTorch does
+            if op == "train":
+                fns[name + "_alloc"] = lambda x=x, rm=rm, rv=rv: batch_norm_forward(x, w, b, rm, rv, axis=axis)
+            elif op == "inference":
+                fns[name + "_alloc"] = lambda x=x: batch_norm_inference(x, mean, var, w, b, axis=axis)
+            else:
+                fns[name + "_alloc"] = lambda x=x, g=g: batch_norm_backward(g, x, mean, invstd, w, axis=axis)
     if torch is not None:
         F = torch.nn.functional
         tw, tb = torch.from_numpy(w), torch.from_numpy(b)
@@ -110,12 +118,13 @@ def run_half(shapes=None, ops=OPS, layouts=("NCHW", "NHWC"), threads=(1, 2), *, 
                         torch.set_num_threads(n)
                     best = _time_interleaved(_fns(op, data, axis, torch, channels_last), min_rounds, budget, torch)
                     for name, _ in halves:
-                        t_torch = best.get("torch_" + name)
+                        t_torch, t_alloc = best.get("torch_" + name), best.get(name + "_alloc")
                         row = {
                             "op": op, "shape": list(shape), "layout": layout, "threads": n, "dtype": name,
                             "float32_s": best["float32"], "time_s": best[name],
                             "ratio_float32": best[name] / best["float32"],
-                            "torch_s": t_torch, "speedup_torch": t_torch / best[name] if t_torch else None,
+                            "alloc_s": t_alloc, "torch_s": t_torch,
+                            "speedup_torch": t_torch / t_alloc if t_torch and t_alloc else None,
                         }  # fmt: skip
                         rows.append(row)
                         if progress:
@@ -151,7 +160,8 @@ def main_half(args: argparse.Namespace, threads: list[int], shapes, ops, layouts
     for line in header_lines(torch):
         print("  " + line)
     print("/ f32: the half type's time over float32's on the same values (target <= 0.6 beyond the cache)")
-    print("vs torch: PyTorch's time on the same half tensors (float32 parameters) over bnfast's; >1: bnfast faster")
+    print("vs torch: PyTorch's time on the same half tensors (float32 parameters) over bnfast's, both allocating")
+    print("          their results; >1: bnfast faster")
     print(HALF_HEADER)
     print("-" * len(HALF_HEADER))
     rows = run_half(
