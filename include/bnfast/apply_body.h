@@ -22,8 +22,8 @@
 #define BN_AFN(name) BN_FN(BN_CAT(BN_CAT(apply_, BN_APPLY), BN_CAT(_, name)))
 
 /* One element, scalar: the tails of the vector loops. */
-static BN_ALWAYS_INLINE BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *x, ptrdiff_t i,
-                                ptrdiff_t c, const BN_AT *w, const BN_AT *b)
+static BN_ALWAYS_INLINE BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *x,
+                                          ptrdiff_t i, ptrdiff_t c, const BN_AT *w, const BN_AT *b)
 {
     const BN_FN(coef_) K = BN_FN(coef_at_)(k, c);
     (void)g, (void)w, (void)b;

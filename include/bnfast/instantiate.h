@@ -22,7 +22,7 @@ BN_PRAGMA(GCC target(BN_ISA_TARGET))
 
 #define BN_T float
 #define BN_AT float
-#define BN_STORAGE 0 /* BN_STORE_NATIVE */
+#define BN_STORAGE BN_STORE_NATIVE
 #define BN_T_IS_FLOAT 1
 #define BN_SFX BN_ISA_CAT(f32_, BN_ISA_SFX)
 #include "kernel_body.h"
@@ -34,7 +34,7 @@ BN_PRAGMA(GCC target(BN_ISA_TARGET))
 
 #define BN_T double
 #define BN_AT double
-#define BN_STORAGE 0 /* BN_STORE_NATIVE */
+#define BN_STORAGE BN_STORE_NATIVE
 #define BN_T_IS_FLOAT 0
 #define BN_SFX BN_ISA_CAT(f64_, BN_ISA_SFX)
 #include "kernel_body.h"
@@ -48,14 +48,14 @@ BN_PRAGMA(GCC target(BN_ISA_TARGET))
  * arrays in float (storage.h converts) */
 #define BN_T uint16_t
 #define BN_AT float
-#define BN_STORAGE 1 /* BN_STORE_F16 */
+#define BN_STORAGE BN_STORE_F16
 #define BN_T_IS_FLOAT 1
 #define BN_SFX BN_ISA_CAT(f16_, BN_ISA_SFX)
 #include "kernel_body.h"
 #undef BN_STORAGE
 #undef BN_SFX
 
-#define BN_STORAGE 2 /* BN_STORE_BF16 */
+#define BN_STORAGE BN_STORE_BF16
 #define BN_SFX BN_ISA_CAT(bf16_, BN_ISA_SFX)
 #include "kernel_body.h"
 #undef BN_T

@@ -1,5 +1,5 @@
-/* bnfast kernels for float32, float64, float16 and bfloat16, both layout families: the kernel
- * context, the instantiations (element type x instruction set) of
+/* bnfast kernels for float32, float64, float16 and bfloat16, both layout
+ * families: the kernel context, the instantiations (element type x instruction set) of
  * kernel_body.h, and the [dtype][isa] table of their entry points (ops.h),
  * which bnfast.h dispatches through.  Results are bit-identical for any
  * thread count. */
@@ -47,6 +47,11 @@ static inline size_t bn_stream_bytes(const bn_run *run)
 #else
 #define BN_ALWAYS_INLINE inline
 #endif
+
+/* How an instantiation stores its elements (BN_STORAGE, storage.h). */
+#define BN_STORE_NATIVE 0 /* as the arithmetic type: float32, float64 */
+#define BN_STORE_F16 1    /* IEEE binary16 in uint16_t, computed in float */
+#define BN_STORE_BF16 2   /* bfloat16 (a float's upper 16 bits) in uint16_t, computed in float */
 
 /* Phases of an op; see bn_exec_ in kernel_body.h. */
 enum { BN_OP_MOMENTS, BN_OP_FORWARD, BN_OP_INFERENCE, BN_OP_BACKWARD };

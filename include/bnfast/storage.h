@@ -25,15 +25,11 @@
  *   BN_LDP(p)    WA arithmetic values (coefficients, weights) as a va_
  *   BN_STREAMA(p, v) and BN_CAN_STREAM: non-temporal store of one va_ */
 
-#ifndef BN_STORE_NATIVE
-#define BN_STORE_NATIVE 0
-#define BN_STORE_F16 1
-#define BN_STORE_BF16 2
-#endif
+/* (BN_STORE_NATIVE, BN_STORE_F16, BN_STORE_BF16: kernels.h) */
 
 /* F16C's instructions on the x86 variants that have them (the AVX2 and
- * AVX-512 targets include f16c). */
-#if BN_STORAGE == BN_STORE_F16 && BN_X86 && defined(BN_ISA_TARGET)
+ * AVX-512 targets include f16c; so may a -march baseline). */
+#if BN_STORAGE == BN_STORE_F16 && BN_X86 && (defined(BN_ISA_TARGET) || defined(__F16C__))
 #define BN_F16C 1
 #else
 #define BN_F16C 0
