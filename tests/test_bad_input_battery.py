@@ -89,6 +89,8 @@ def _cases():
                     state = op == "batch_norm_forward" and name in ("running_mean", "running_var")
                     if kind == "float16" and name in VECTORS and not state:
                         continue  # read-only per-channel arguments of any float dtype are converted
+                    if kind == "float16" and op == "moments":
+                        continue  # a float16 input is valid (tests/test_half.py); elsewhere it mixes dtypes
                     yield pytest.param(op, name, kind, id=f"{op}-{name}-{kind}")
                 if name in REQUIRED_VECTORS.get(op, []) and op != "batch_norm":
                     yield pytest.param(op, name, "None", id=f"{op}-{name}-None")

@@ -1,5 +1,6 @@
 /* The apply phase of every op, written once: y = f(g, x; coefficients of the
- * channel), element by element, in BN_T arithmetic.  kernel_body.h includes it
+ * channel), element by element, in BN_AT arithmetic (elements of BN_T
+ * converted on load and store, storage.h).  kernel_body.h includes it
  * once per operation, after defining
  *   BN_APPLY       the name token of the operation (affine, grad, ...),
  *   BN_APPLY_X     the bn_array field of the context read as x,
@@ -12,22 +13,22 @@
  * No include guard on purpose.
  *
  * Coefficients are per channel (see BN_FN(coef_) in kernel_body.h): the mean
- * as a pair mh + ml of BN_T, so that x - mean is formed in the centred form
+ * as a pair mh + ml of BN_AT, so that x - mean is formed in the centred form
  * (x - mh) - ml without cancelling when the mean is large; then scale/shift
- * terms rounded once to BN_T.  Vector loops and scalar tails evaluate the
+ * terms rounded once to BN_AT.  Vector loops and scalar tails evaluate the
  * same expression (with the same contraction into FMAs), so which elements a
  * vector covers never changes a result. */
 
 #define BN_AFN(name) BN_FN(BN_CAT(BN_CAT(apply_, BN_APPLY), BN_CAT(_, name)))
 
 /* One element, scalar: the tails of the vector loops. */
-static inline BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *x, ptrdiff_t i,
-                                ptrdiff_t c, const BN_T *w, const BN_T *b)
+static BN_ALWAYS_INLINE BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *x,
+                                          ptrdiff_t i, ptrdiff_t c, const BN_AT *w, const BN_AT *b)
 {
     const BN_FN(coef_) K = BN_FN(coef_at_)(k, c);
     (void)g, (void)w, (void)b;
-    return BN_APPLY_EXPR(BN_APPLY_G ? g[i] : (BN_T)0, x[i], K, BN_APPLY_INNER ? w[i] : (BN_T)0,
-                         BN_APPLY_INNER ? b[i] : (BN_T)0);
+    return BN_FROM_A(BN_APPLY_EXPR(BN_APPLY_G ? BN_TO_A(g[i]) : (BN_AT)0, BN_TO_A(x[i]), K,
+                                   BN_APPLY_INNER ? w[i] : (BN_AT)0, BN_APPLY_INNER ? b[i] : (BN_AT)0));
 }
 
 /* Elements [0, n) of a span of g/x/y.  per_lane == 0: every element belongs
@@ -36,7 +37,7 @@ static inline BN_T BN_AFN(one_)(const bn_context *k, const BN_T *g, const BN_T *
  * first line boundary on; the rest uses ordinary stores. */
 static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, const BN_T *x,
                                            BN_T *y, ptrdiff_t n, ptrdiff_t c, const int per_lane,
-                                           const BN_T *w, const BN_T *b)
+                                           const BN_AT *w, const BN_AT *b)
 {
     (void)g, (void)w, (void)b;
     ptrdiff_t i = 0;
@@ -45,8 +46,8 @@ static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, c
 #define BN_AVEC(i) \
     BN_APPLY_EXPR(BN_APPLY_G ? BN_LDA(g + (i)) : BN_SPLATA(0), BN_LDA(x + (i)), \
                   per_lane ? BN_FN(coefv_load_)(k, c + (i)) : fixed, \
-                  BN_APPLY_INNER ? BN_LDA(w + (i)) : BN_SPLATA(0), \
-                  BN_APPLY_INNER ? BN_LDA(b + (i)) : BN_SPLATA(0))
+                  BN_APPLY_INNER ? BN_LDP(w + (i)) : BN_SPLATA(0), \
+                  BN_APPLY_INNER ? BN_LDP(b + (i)) : BN_SPLATA(0))
 #if BN_CAN_STREAM
     ptrdiff_t peel;
     if (k->stream && (peel = BN_FN(line_peel_)(y)) >= 0 && peel + BN_LINE_T <= n) {
@@ -80,8 +81,8 @@ static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptr
                                    : NULL;
         BN_T *y = (BN_T *)k->y.data + u.row * k->y.outer_stride + c * k->y.channel_stride + u.i0;
         BN_AFN(span_)(k, g, x, y, u.i1 - u.i0, c, 0,
-                      BN_APPLY_INNER ? (const BN_T *)k->weight + u.i0 : NULL,
-                      BN_APPLY_INNER && k->bias ? (const BN_T *)k->bias + u.i0 : NULL);
+                      BN_APPLY_INNER ? (const BN_AT *)k->weight + u.i0 : NULL,
+                      BN_APPLY_INNER && k->bias ? (const BN_AT *)k->bias + u.i0 : NULL);
     }
     BN_FN(stream_fence_)(k->stream);
 }

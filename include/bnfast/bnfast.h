@@ -1,4 +1,5 @@
-/* bnfast public C API: batch normalization kernels for float32 and float64.
+/* bnfast public C API: batch normalization kernels for float32, float64,
+ * float16 and bfloat16.
  * Include this header (header-only, C and C++).  The operations and their
  * argument structs are in ops.h, how a call runs (threads, instruction set,
  * streaming, interruption) in bn_run (parallel.h). */

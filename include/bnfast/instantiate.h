@@ -1,8 +1,9 @@
-/* Instantiate kernel_body.h for float and double with one instruction set:
- * define BN_VEC_BYTES (SIMD register width), BN_ISA_SFX (a name token such
- * as avx2) and, for a variant beyond the build's baseline, BN_ISA_TARGET (the
- * compiler's target string, e.g. "avx2,fma"), then include this file; the
- * kernels get the suffixes f32_<BN_ISA_SFX> and f64_<BN_ISA_SFX>.  No include
+/* Instantiate kernel_body.h for float, double, float16 and bfloat16 with one
+ * instruction set: define BN_VEC_BYTES (SIMD register width), BN_ISA_SFX (a
+ * name token such as avx2) and, for a variant beyond the build's baseline,
+ * BN_ISA_TARGET (the compiler's target string, e.g. "avx2,fma,f16c"), then
+ * include this file; the kernels get the suffixes f32_<BN_ISA_SFX>,
+ * f64_<BN_ISA_SFX>, f16_<BN_ISA_SFX> and bf16_<BN_ISA_SFX>.  No include
  * guard on purpose. */
 
 #define BN_ISA_CAT_(a, b) a##b
@@ -20,18 +21,46 @@ BN_PRAGMA(GCC target(BN_ISA_TARGET))
 #endif
 
 #define BN_T float
+#define BN_AT float
+#define BN_STORAGE BN_STORE_NATIVE
 #define BN_T_IS_FLOAT 1
 #define BN_SFX BN_ISA_CAT(f32_, BN_ISA_SFX)
 #include "kernel_body.h"
 #undef BN_T
+#undef BN_AT
+#undef BN_STORAGE
 #undef BN_T_IS_FLOAT
 #undef BN_SFX
 
 #define BN_T double
+#define BN_AT double
+#define BN_STORAGE BN_STORE_NATIVE
 #define BN_T_IS_FLOAT 0
 #define BN_SFX BN_ISA_CAT(f64_, BN_ISA_SFX)
 #include "kernel_body.h"
 #undef BN_T
+#undef BN_AT
+#undef BN_STORAGE
+#undef BN_T_IS_FLOAT
+#undef BN_SFX
+
+/* Half precision: elements stored in 16 bits, arithmetic and per-channel
+ * arrays in float (storage.h converts) */
+#define BN_T uint16_t
+#define BN_AT float
+#define BN_STORAGE BN_STORE_F16
+#define BN_T_IS_FLOAT 1
+#define BN_SFX BN_ISA_CAT(f16_, BN_ISA_SFX)
+#include "kernel_body.h"
+#undef BN_STORAGE
+#undef BN_SFX
+
+#define BN_STORAGE BN_STORE_BF16
+#define BN_SFX BN_ISA_CAT(bf16_, BN_ISA_SFX)
+#include "kernel_body.h"
+#undef BN_T
+#undef BN_AT
+#undef BN_STORAGE
 #undef BN_T_IS_FLOAT
 #undef BN_SFX
 

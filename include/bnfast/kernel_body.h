@@ -1,10 +1,12 @@
 /* Batch-norm kernels, written once and instantiated per element type and
- * instruction set by kernels.h: define BN_T (the element type), BN_T_IS_FLOAT,
- * BN_VEC_BYTES (SIMD register width) and BN_SFX (the name suffix), then
- * include this file.  No include guard on purpose.
+ * instruction set by kernels.h: define BN_T (the storage type of the
+ * elements), BN_AT (the arithmetic type, also that of the per-channel arrays),
+ * BN_STORAGE (how one converts to the other, storage.h), BN_T_IS_FLOAT (BN_AT
+ * is float), BN_VEC_BYTES (SIMD register width) and BN_SFX (the name
+ * suffix), then include this file.  No include guard on purpose.
  *
  * Statistics and gradient sums accumulate in double whatever BN_T is; the
- * apply phase (apply_body.h) computes in BN_T on the centred form.  Vector
+ * apply phase (apply_body.h) computes in BN_AT on the centred form.  Vector
  * loops and their scalar tails evaluate the same expressions, and which
  * elements a vector loop covers depends on the shape and addresses only, so
  * results are bit-identical for any thread count. */
@@ -14,7 +16,7 @@
 #define BN_FN(name) BN_CAT(name, BN_SFX)
 
 /* ---- vectors ------------------------------------------------------------
- * VD: W doubles, the statistics' accumulators; VT: W elements of BN_T.  The
+ * VD: W doubles, the statistics' accumulators (read from BN_T by BN_LD).  The
  * statistics loops keep BN_U independent vectors of lanes that share one
  * Welford count, so there is one division per BN_U * W elements and no
  * reassociation.  They use at most 32-byte vectors: with 64-byte ones (on
@@ -27,99 +29,48 @@
 
 #if BN_VECTORS
 typedef double BN_FN(vd_) __attribute__((vector_size(BN_STATS_BYTES)));
-typedef BN_T BN_FN(vt_) __attribute__((vector_size(W * sizeof(BN_T))));
 #define VD BN_FN(vd_)
-#define VT BN_FN(vt_)
 
-static inline VD BN_FN(ld_)(const BN_T *p)
-{
-#if BN_X86 && BN_T_IS_FLOAT && BN_STATS_BYTES == 32
-    return (VD)_mm256_cvtps_pd(_mm_loadu_ps(p));
-#elif BN_X86 && BN_T_IS_FLOAT
-    /* two floats through an unaligned, may-alias 64-bit load (no double* punning) */
-    return (VD)_mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(const void *)p)));
-#else
-    VT v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, VD);
-#endif
-}
-
-static inline VD BN_FN(ldd_)(const double *p)
+static BN_ALWAYS_INLINE VD BN_FN(ldd_)(const double *p)
 {
     VD v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline VD BN_FN(splat_)(double s)
+static BN_ALWAYS_INLINE VD BN_FN(splat_)(double s)
 {
     VD v;
     for (int l = 0; l < W; l++) v[l] = s;
     return v;
 }
 
-#define BN_LD BN_FN(ld_)
 #define BN_LDD BN_FN(ldd_)
 #define BN_SPLAT BN_FN(splat_)
 
-/* VA: WA elements of BN_T in one register, for the apply phase, which
- * computes in BN_T (the statistics accumulate in double). */
-#define WA ((ptrdiff_t)(BN_VEC_BYTES / sizeof(BN_T)))
-typedef BN_T BN_FN(va_) __attribute__((vector_size(BN_VEC_BYTES)));
+/* VA: WA values of BN_AT in one register, for the apply phase, which
+ * computes in BN_AT (the statistics accumulate in double). */
+#define WA ((ptrdiff_t)(BN_VEC_BYTES / sizeof(BN_AT)))
+typedef BN_AT BN_FN(va_) __attribute__((vector_size(BN_VEC_BYTES)));
 
-static inline BN_FN(va_) BN_FN(lda_)(const BN_T *p)
-{
-    BN_FN(va_) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void BN_FN(sta_)(BN_T *p, BN_FN(va_) v) { memcpy(p, &v, sizeof v); }
-
-static inline BN_FN(va_) BN_FN(splata_)(BN_T s)
+static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(splata_)(BN_AT s)
 {
     BN_FN(va_) v;
     for (ptrdiff_t l = 0; l < WA; l++) v[l] = s;
     return v;
 }
 
-#define BN_LDA BN_FN(lda_)
-#define BN_STA BN_FN(sta_)
 #define BN_SPLATA BN_FN(splata_)
+#endif
 
-/* Non-temporal store of one vector to an address aligned to BN_VEC_BYTES. */
-#if BN_X86
-#define BN_CAN_STREAM 1
-static inline void BN_FN(streama_)(BN_T *p, BN_FN(va_) v)
-{
-#if BN_T_IS_FLOAT && BN_VEC_BYTES == 64
-    _mm512_stream_ps(p, (__m512)v);
-#elif BN_T_IS_FLOAT && BN_VEC_BYTES == 32
-    _mm256_stream_ps(p, (__m256)v);
-#elif BN_T_IS_FLOAT
-    _mm_stream_ps(p, (__m128)v);
-#elif BN_VEC_BYTES == 64
-    _mm512_stream_pd(p, (__m512d)v);
-#elif BN_VEC_BYTES == 32
-    _mm256_stream_pd(p, (__m256d)v);
-#else
-    _mm_stream_pd(p, (__m128d)v);
-#endif
-}
-#define BN_STREAMA BN_FN(streama_)
-#else
-#define BN_CAN_STREAM 0
-#endif
-#else
-#define BN_CAN_STREAM 0
-#endif
+/* loads and stores of elements: BN_LD, BN_LDA, BN_STA, BN_STREAMA, BN_TO_A, ... */
+#include "storage.h"
 
 /* Streaming stores write whole 64-byte lines only (a whole number of vectors):
  * elements per line, and elements before p's next line boundary (-1 if p is
  * not element-aligned). */
 #define BN_LINE_T ((ptrdiff_t)(64 / sizeof(BN_T)))
-static inline ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
+static BN_ALWAYS_INLINE ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
 {
     const size_t a = (size_t)p % 64;
     if (a % sizeof(BN_T)) return -1;
@@ -136,31 +87,31 @@ static inline void BN_FN(stream_fence_)(int stream)
 }
 
 /* ---- per-channel coefficients of the apply phase -------------------------
- * Arrays of BN_T, BN_COEFS of them (kernels.h), channels long, in k->coef: the mean as a
+ * Arrays of BN_AT, BN_COEFS of them (kernels.h), channels long, in k->coef: the mean as a
  * pair mh + ml (ml = 0 for double), the affine scale s and shift b, and for
  * the gradient the factors of grad_in = g * a + xhat * k1 + k0 with
  * xhat = (x - mean) * inv.  Kept as xhat-terms (not one coefficient of x)
- * so that no coefficient underflows in BN_T for data of huge magnitude. */
+ * so that no coefficient underflows in BN_AT for data of huge magnitude. */
 typedef struct {
-    BN_T mh, ml, s, b, a, inv, k1, k0;
+    BN_AT mh, ml, s, b, a, inv, k1, k0;
 } BN_FN(coef_);
 
 static inline void BN_FN(set_coef_)(const bn_context *k, ptrdiff_t c, double mean, double s,
                                     double b, double a, double inv, double k1, double k0)
 {
-    const BN_T mh = (BN_T)mean;
-    const BN_T v[BN_COEFS] = {mh, (BN_T)(mean - (double)mh), (BN_T)s, (BN_T)b,
-                              (BN_T)a, (BN_T)inv, (BN_T)k1, (BN_T)k0};
+    const BN_AT mh = (BN_AT)mean;
+    const BN_AT v[BN_COEFS] = {mh, (BN_AT)(mean - (double)mh), (BN_AT)s, (BN_AT)b,
+                              (BN_AT)a, (BN_AT)inv, (BN_AT)k1, (BN_AT)k0};
     const ptrdiff_t L = k->coef_len, C = k->geo.channels;
     for (int f = 0; f < BN_COEFS; f++) {
-        BN_T *q = (BN_T *)k->coef + f * L;
+        BN_AT *q = (BN_AT *)k->coef + f * L;
         for (ptrdiff_t r = c; r < L; r += C) q[r] = v[f]; /* each copy (see coef_rows) */
     }
 }
 
-static inline BN_FN(coef_) BN_FN(coef_at_)(const bn_context *k, ptrdiff_t c)
+static BN_ALWAYS_INLINE BN_FN(coef_) BN_FN(coef_at_)(const bn_context *k, ptrdiff_t c)
 {
-    const BN_T *q = (const BN_T *)k->coef;
+    const BN_AT *q = (const BN_AT *)k->coef;
     const ptrdiff_t L = k->coef_len;
     BN_FN(coef_) K = {q[BN_MH * L + c], q[BN_ML * L + c], q[BN_S * L + c], q[BN_B * L + c],
                       q[BN_A * L + c], q[BN_INV * L + c], q[BN_K1 * L + c], q[BN_K0 * L + c]};
@@ -173,7 +124,7 @@ typedef struct {
 } BN_FN(coefv_);
 
 /* Channel c's coefficients in every lane (planar runs). */
-static inline BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c)
+static BN_ALWAYS_INLINE BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c)
 {
     const BN_FN(coef_) K = BN_FN(coef_at_)(k, c);
     BN_FN(coefv_) V = {BN_SPLATA(K.mh), BN_SPLATA(K.ml), BN_SPLATA(K.s),   BN_SPLATA(K.b),
@@ -182,17 +133,17 @@ static inline BN_FN(coefv_) BN_FN(coefv_splat_)(const bn_context *k, ptrdiff_t c
 }
 
 /* Channels c .. c + WA - 1, one per lane (channels-last rows). */
-static inline BN_FN(coefv_) BN_FN(coefv_load_)(const bn_context *k, ptrdiff_t c)
+static BN_ALWAYS_INLINE BN_FN(coefv_) BN_FN(coefv_load_)(const bn_context *k, ptrdiff_t c)
 {
-    const BN_T *q = (const BN_T *)k->coef + c;
+    const BN_AT *q = (const BN_AT *)k->coef + c;
     const ptrdiff_t L = k->coef_len;
-    BN_FN(coefv_) V = {BN_LDA(q + BN_MH * L), BN_LDA(q + BN_ML * L), BN_LDA(q + BN_S * L),
-                       BN_LDA(q + BN_B * L),  BN_LDA(q + BN_A * L),  BN_LDA(q + BN_INV * L),
-                       BN_LDA(q + BN_K1 * L), BN_LDA(q + BN_K0 * L)};
+    BN_FN(coefv_) V = {BN_LDP(q + BN_MH * L), BN_LDP(q + BN_ML * L), BN_LDP(q + BN_S * L),
+                       BN_LDP(q + BN_B * L),  BN_LDP(q + BN_A * L),  BN_LDP(q + BN_INV * L),
+                       BN_LDP(q + BN_K1 * L), BN_LDP(q + BN_K0 * L)};
     return V;
 }
 
-static inline BN_FN(coefv_) BN_FN(coefv_zero_)(void)
+static BN_ALWAYS_INLINE BN_FN(coefv_) BN_FN(coefv_zero_)(void)
 {
     const BN_FN(va_) z = BN_SPLATA(0);
     BN_FN(coefv_) V = {z, z, z, z, z, z, z, z};
@@ -265,7 +216,7 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
                                                  double shift, const int with_g, double *sum_a,
                                                  double *sum_b, double *col, double inv)
 {
-    const BN_T *w = with_g == 2 ? (const BN_T *)k->weight + u->offset : NULL;
+    const BN_AT *w = with_g == 2 ? (const BN_AT *)k->weight + u->offset : NULL;
     double *cg = with_g == 2 ? col + u->offset : NULL, *cgx = with_g == 2 ? cg + k->geo.inner : NULL;
     const ptrdiff_t c = u->channel, len = u->len;
     double ta = 0.0, tb = 0.0, la = 0.0, lb = 0.0;
@@ -292,7 +243,7 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
                 const VD xr = BN_LD(x + i + v * W);
                 const VD y = BN_FN(xf_inv_v_)(xr, with_g, vinv_slope) - vs;
                 const VD gv = with_g ? BN_FN(xf_grad_v_)(BN_LD(g + i + v * W), xr, with_g, vslope) : y;
-                const VD a = with_g == 2 ? gv * BN_LD(w + i + v * W) : gv;
+                const VD a = with_g == 2 ? gv * BN_LDW(w + i + v * W) : gv;
                 sa[v] += a;
                 sb[v] += a * y;
                 if (with_g == 2) {
@@ -303,8 +254,8 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
             }
 #endif
         for (ptrdiff_t i = body; i < len; i++) {
-            const double y = BN_FN(xf_inv_s_)((double)x[i], with_g, inv_slope) - shift;
-            const double gv = with_g ? BN_FN(xf_grad_s_)((double)g[i], (double)x[i], with_g, slope) : y;
+            const double y = BN_FN(xf_inv_s_)((double)BN_TO_A(x[i]), with_g, inv_slope) - shift;
+            const double gv = with_g ? BN_FN(xf_grad_s_)((double)BN_TO_A(g[i]), (double)BN_TO_A(x[i]), with_g, slope) : y;
             const double a = with_g == 2 ? gv * (double)w[i] : gv;
             ta += a;
             tb += a * y;
@@ -345,7 +296,7 @@ static inline void BN_FN(state_of_sums_)(double pilot, double s1, double s2, dou
 static void BN_FN(stats_planar_sums_)(const bn_context *k, const bn_planar_task *u)
 {
     const BN_T *base = (const BN_T *)k->x.data + u->channel * k->x.channel_stride + u->offset;
-    const double pilot = (double)base[u->row0 * k->x.outer_stride];
+    const double pilot = (double)BN_TO_A(base[u->row0 * k->x.outer_stride]);
     double s1, s2;
     BN_FN(planar_sums_)(k, u, pilot, 0, &s1, &s2, NULL, 0.0);
     const ptrdiff_t i = u->prow * k->geo.channels + u->channel;
@@ -385,7 +336,7 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
         }
 #endif
         for (ptrdiff_t i = body; i < len; i++) {
-            const double xv = (double)x[i];
+            const double xv = (double)BN_TO_A(x[i]);
             tail.count += 1.0;
             const double d = xv - tail.mean;
             tail.mean += d / tail.count;
@@ -474,8 +425,8 @@ static BN_ALWAYS_INLINE void BN_FN(rows_sums_)(const bn_context *k, const bn_row
         for (ptrdiff_t r = rb; vec < nc && r < re; r++) {
             const BN_T *x = x0 + r * xs, *g = with_g ? g0 + r * gs : x;
             for (ptrdiff_t j = vec; j < nc; j++) {
-                const double y = BN_FN(xf_inv_s_)((double)x[j], with_g, inv_slope) - shift[j];
-                const double a = with_g ? BN_FN(xf_grad_s_)((double)g[j], (double)x[j], with_g, slope) : y;
+                const double y = BN_FN(xf_inv_s_)((double)BN_TO_A(x[j]), with_g, inv_slope) - shift[j];
+                const double a = with_g ? BN_FN(xf_grad_s_)((double)BN_TO_A(g[j]), (double)BN_TO_A(x[j]), with_g, slope) : y;
                 sum_a[j] += a;
                 sum_b[j] += a * y;
             }
@@ -493,7 +444,7 @@ static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
     double *ps2 = k->part.m2 + u->prow * k->geo.channels + u->c0;
     const BN_T *first = (const BN_T *)k->x.data + u->row0 * k->x.outer_stride + u->c0;
     double pilot[BN_CHANNEL_TILE];
-    for (ptrdiff_t j = 0; j < nc; j++) pilot[j] = (double)first[j];
+    for (ptrdiff_t j = 0; j < nc; j++) pilot[j] = (double)BN_TO_A(first[j]);
     BN_FN(rows_sums_)(k, u, pilot, 0, ps1, ps2);
     const double count = (double)(u->row1 - u->row0);
     for (ptrdiff_t j = 0; j < nc; j++)
@@ -549,7 +500,7 @@ static void BN_FN(stats_rows_)(const bn_context *k, ptrdiff_t t)
             const double rk = rk_[r - rb];
             const BN_T *x = x0 + r * os;
             for (ptrdiff_t j = vec; j < nc; j++) {
-                const double xv = (double)x[j];
+                const double xv = (double)BN_TO_A(x[j]);
                 const double d = xv - pmean[j];
                 pmean[j] += d * rk;
                 pm2[j] += d * (xv - pmean[j]);
@@ -582,7 +533,7 @@ static void BN_FN(grad_sums_inner_)(const bn_context *k, ptrdiff_t r0, ptrdiff_t
     const ptrdiff_t D = k->geo.inner, P = k->grid.partial_rows;
     double *col = k->colpart + slot * 2 * D;
     for (ptrdiff_t i = 0; i < 2 * D; i++) col[i] = 0.0;
-    const BN_T *invstd = (const BN_T *)k->save_invstd_in;
+    const BN_AT *invstd = (const BN_AT *)k->save_invstd_in;
     for (ptrdiff_t t = r0 * P; t < r1 * P; t++) {
         const bn_planar_task u = bn_planar_task_of(&k->grid, &k->geo, t);
         const ptrdiff_t i = u.prow * k->geo.channels + u.channel;
@@ -635,18 +586,18 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
         }
         for (; j < nc; j++)
             for (int q = 0; q < BN_SUM_ROWS; q++) {
-                const double gv = (double)g[q * gs + j];
+                const double gv = (double)BN_TO_A(g[q * gs + j]);
                 psg[j] += gv;
-                psgx[j] += gv * ((double)x[q * xs + j] - mu[j]);
+                psgx[j] += gv * ((double)BN_TO_A(x[q * xs + j]) - mu[j]);
             }
     }
 #endif
     for (; r < u.row1; r++) {
         const BN_T *x = x0 + r * xs, *g = g0 + r * gs;
         for (ptrdiff_t j = 0; j < nc; j++) {
-            const double gv = (double)g[j];
+            const double gv = (double)BN_TO_A(g[j]);
             psg[j] += gv;
-            psgx[j] += gv * ((double)x[j] - mu[j]);
+            psgx[j] += gv * ((double)BN_TO_A(x[j]) - mu[j]);
         }
     }
 }
@@ -699,7 +650,7 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
 #undef BN_APPLY_G
 
 /* ---- fused activations: y = act(BN(x) [+ residual]) (bn_act, ops.h) ------
- * The affine expression above, then the activation, in BN_T; the residual is
+ * The affine expression above, then the activation, in BN_AT; the residual is
  * the template's second input g.  Each activation is a scalar function (the
  * tails) and a vector one of the same arithmetic, chosen by _Generic on the
  * operand's type, so that one expression serves both: relu and leaky_relu by
@@ -707,9 +658,9 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
  * part stays vectorized). */
 #define BN_AFFINE_EXPR(x, K) ((((x) - (K).mh) - (K).ml) * (K).s + (K).b)
 
-static inline BN_T BN_FN(relu_s_)(BN_T v) { return v < (BN_T)0 ? (BN_T)0 : v; }
-static inline BN_T BN_FN(leaky_s_)(BN_T v, BN_T s) { return v < (BN_T)0 ? v * s : v; }
-static inline BN_T BN_FN(elu_s_)(BN_T v)
+static inline BN_AT BN_FN(relu_s_)(BN_AT v) { return v < (BN_AT)0 ? (BN_AT)0 : v; }
+static inline BN_AT BN_FN(leaky_s_)(BN_AT v, BN_AT s) { return v < (BN_AT)0 ? v * s : v; }
+static inline BN_AT BN_FN(elu_s_)(BN_AT v)
 {
 #if BN_T_IS_FLOAT
     return v < 0.0f ? expm1f(v) : v;
@@ -740,15 +691,15 @@ static inline BN_FN(va_) BN_FN(elu_v_)(BN_FN(va_) v)
     return v;
 }
 #ifdef __cplusplus /* no _Generic: overloads of one name */
-static inline BN_T BN_FN(relu_o_)(BN_T v) { return BN_FN(relu_s_)(v); }
+static inline BN_AT BN_FN(relu_o_)(BN_AT v) { return BN_FN(relu_s_)(v); }
 static inline BN_FN(va_) BN_FN(relu_o_)(BN_FN(va_) v) { return BN_FN(relu_v_)(v); }
-static inline BN_T BN_FN(leaky_o_)(BN_T v, BN_T s) { return BN_FN(leaky_s_)(v, s); }
+static inline BN_AT BN_FN(leaky_o_)(BN_AT v, BN_AT s) { return BN_FN(leaky_s_)(v, s); }
 static inline BN_FN(va_) BN_FN(leaky_o_)(BN_FN(va_) v, BN_FN(va_) s) { return BN_FN(leaky_v_)(v, s); }
-static inline BN_T BN_FN(elu_o_)(BN_T v) { return BN_FN(elu_s_)(v); }
+static inline BN_AT BN_FN(elu_o_)(BN_AT v) { return BN_FN(elu_s_)(v); }
 static inline BN_FN(va_) BN_FN(elu_o_)(BN_FN(va_) v) { return BN_FN(elu_v_)(v); }
 #define BN_ACT_FN_(name, v) BN_FN(BN_CAT(name, o_))
 #else
-#define BN_ACT_FN_(name, v) _Generic((v), BN_T: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
+#define BN_ACT_FN_(name, v) _Generic((v), BN_AT: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
 #endif
 #else
 #define BN_ACT_FN_(name, v) BN_FN(BN_CAT(name, s_))
@@ -809,12 +760,12 @@ static inline BN_FN(va_) BN_FN(elu_o_)(BN_FN(va_) v) { return BN_FN(elu_v_)(v); 
 #undef BN_AFFINE_EXPR
 
 /* The grad apply of in-place activated batch norm: g' and x' from g and y
- * (see BN_XF_LEAKY), in BN_T; leaky_relu's slope and its inverse ride in
+ * (see BN_XF_LEAKY), in BN_AT; leaky_relu's slope and its inverse ride in
  * coefficients s and b, which the grad expression does not use. */
-static inline BN_T BN_FN(gleaky_s_)(BN_T g, BN_T y, BN_T s) { return y > (BN_T)0 ? g : g * s; }
-static inline BN_T BN_FN(ileaky_s_)(BN_T y, BN_T r) { return y < (BN_T)0 ? y * r : y; }
-static inline BN_T BN_FN(gelu_s_)(BN_T g, BN_T y) { return y > (BN_T)0 ? g : g * (y + (BN_T)1); }
-static inline BN_T BN_FN(ielu_s_)(BN_T y)
+static inline BN_AT BN_FN(gleaky_s_)(BN_AT g, BN_AT y, BN_AT s) { return y > (BN_AT)0 ? g : g * s; }
+static inline BN_AT BN_FN(ileaky_s_)(BN_AT y, BN_AT r) { return y < (BN_AT)0 ? y * r : y; }
+static inline BN_AT BN_FN(gelu_s_)(BN_AT g, BN_AT y) { return y > (BN_AT)0 ? g : g * (y + (BN_AT)1); }
+static inline BN_AT BN_FN(ielu_s_)(BN_AT y)
 {
 #if BN_T_IS_FLOAT
     return y < 0.0f ? log1pf(y) : y;
@@ -844,17 +795,17 @@ static inline BN_FN(va_) BN_FN(ielu_v_)(BN_FN(va_) y)
     return y;
 }
 #ifdef __cplusplus
-static inline BN_T BN_FN(gleaky_o_)(BN_T g, BN_T y, BN_T s) { return BN_FN(gleaky_s_)(g, y, s); }
+static inline BN_AT BN_FN(gleaky_o_)(BN_AT g, BN_AT y, BN_AT s) { return BN_FN(gleaky_s_)(g, y, s); }
 static inline BN_FN(va_) BN_FN(gleaky_o_)(BN_FN(va_) g, BN_FN(va_) y, BN_FN(va_) s) { return BN_FN(gleaky_v_)(g, y, s); }
-static inline BN_T BN_FN(ileaky_o_)(BN_T y, BN_T r) { return BN_FN(ileaky_s_)(y, r); }
+static inline BN_AT BN_FN(ileaky_o_)(BN_AT y, BN_AT r) { return BN_FN(ileaky_s_)(y, r); }
 static inline BN_FN(va_) BN_FN(ileaky_o_)(BN_FN(va_) y, BN_FN(va_) r) { return BN_FN(ileaky_v_)(y, r); }
-static inline BN_T BN_FN(gelu_o_)(BN_T g, BN_T y) { return BN_FN(gelu_s_)(g, y); }
+static inline BN_AT BN_FN(gelu_o_)(BN_AT g, BN_AT y) { return BN_FN(gelu_s_)(g, y); }
 static inline BN_FN(va_) BN_FN(gelu_o_)(BN_FN(va_) g, BN_FN(va_) y) { return BN_FN(gelu_v_)(g, y); }
-static inline BN_T BN_FN(ielu_o_)(BN_T y) { return BN_FN(ielu_s_)(y); }
+static inline BN_AT BN_FN(ielu_o_)(BN_AT y) { return BN_FN(ielu_s_)(y); }
 static inline BN_FN(va_) BN_FN(ielu_o_)(BN_FN(va_) y) { return BN_FN(ielu_v_)(y); }
 #define BN_XF_FN_(name, v) BN_FN(BN_CAT(name, o_))
 #else
-#define BN_XF_FN_(name, v) _Generic((v), BN_T: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
+#define BN_XF_FN_(name, v) _Generic((v), BN_AT: BN_FN(BN_CAT(name, s_)), default: BN_FN(BN_CAT(name, v_)))
 #endif
 #else
 #define BN_XF_FN_(name, v) BN_FN(BN_CAT(name, s_))
@@ -949,8 +900,8 @@ static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
     double center = k->uncentered ? 0.0 : mean;
     double invstd = 1.0 / sqrt(var + k->eps);
     const ptrdiff_t q = c0 / k->group;
-    const BN_T *weight = (const BN_T *)k->weight, *bias = (const BN_T *)k->bias;
-    const BN_T *rm = (const BN_T *)k->running_mean, *rv = (const BN_T *)k->running_var;
+    const BN_AT *weight = (const BN_AT *)k->weight, *bias = (const BN_AT *)k->bias;
+    const BN_AT *rm = (const BN_AT *)k->running_mean, *rv = (const BN_AT *)k->running_var;
     double r = 1.0, d = 0.0; /* batch renormalization's correction (bn_forward_args) */
     double *so = k->stats_out;
     const ptrdiff_t SC = k->geo.channels;
@@ -981,8 +932,8 @@ static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
             so[3 * SC + q] = d;
         }
     }
-    ((BN_T *)k->save_mean)[q] = (BN_T)center;
-    ((BN_T *)k->save_invstd)[q] = (BN_T)invstd;
+    ((BN_AT *)k->save_mean)[q] = (BN_AT)center;
+    ((BN_AT *)k->save_invstd)[q] = (BN_AT)invstd;
     for (ptrdiff_t c = c0; c < c1; c++) {
         const ptrdiff_t p = c % k->affine_period;
         if (rm) { /* written back by the entry point once nothing can fail */
@@ -1003,8 +954,8 @@ static void BN_FN(finish_stats_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
 /* Backward: keys [c0, c1) (one group) from their sums of g and g * (x - mean). */
 static void BN_FN(finish_grads_)(bn_context *k, ptrdiff_t c0, ptrdiff_t c1)
 {
-    const BN_T *weight = (const BN_T *)k->weight;
-    const double invstd = (double)((const BN_T *)k->save_invstd_in)[c0 / k->group];
+    const BN_AT *weight = (const BN_AT *)k->weight;
+    const double invstd = (double)((const BN_AT *)k->save_invstd_in)[c0 / k->group];
     const double n = (double)(k->geo.outer * k->geo.inner * (c1 - c0));
     double sum_g = 0.0, sum_gx = 0.0; /* of weight * g over the group, in key order */
     for (ptrdiff_t c = c0; c < c1; c++) {
@@ -1092,8 +1043,8 @@ static void BN_FN(merge_columns_)(const bn_context *k, ptrdiff_t slots)
                 sg += k->colpart[q * 2 * D + i];
                 sgx += k->colpart[q * 2 * D + D + i];
             }
-            ((BN_T *)k->grad_bias)[i] = (BN_T)sg;
-            ((BN_T *)k->grad_weight)[i] = (BN_T)sgx;
+            ((BN_AT *)k->grad_bias)[i] = (BN_AT)sg;
+            ((BN_AT *)k->grad_weight)[i] = (BN_AT)sgx;
         }
 }
 
@@ -1385,8 +1336,8 @@ static void BN_FN(init_forward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->running_var = a->running_var;
     k->momentum = a->momentum;
     k->eps = a->eps;
-    k->save_mean = (BN_T *)a->save_mean + b * C / G;
-    k->save_invstd = (BN_T *)a->save_invstd + b * C / G;
+    k->save_mean = (BN_AT *)a->save_mean + b * C / G;
+    k->save_invstd = (BN_AT *)a->save_invstd + b * C / G;
     k->share = a->share;
     k->r_max = a->r_max;
     k->d_max = a->d_max;
@@ -1402,10 +1353,10 @@ static void BN_FN(write_running_)(const double *a, const double *b, const void *
 {
     const bn_forward_args *f = (const bn_forward_args *)args;
     const double B = (double)bn_keys_batch(&f->keys);
-    BN_T *rm = (BN_T *)f->running_mean, *rv = (BN_T *)f->running_var;
+    BN_AT *rm = (BN_AT *)f->running_mean, *rv = (BN_AT *)f->running_var;
     for (ptrdiff_t c = 0; c < f->geo.channels; c++) {
-        rm[c] = (BN_T)(a[c] / B);
-        rv[c] = (BN_T)(b[c] / B);
+        rm[c] = (BN_AT)(a[c] / B);
+        rv[c] = (BN_AT)(b[c] / B);
     }
 }
 
@@ -1420,8 +1371,8 @@ static int BN_FN(forward_train_)(const bn_forward_args *a, const bn_run *run)
 static void BN_FN(init_inference_)(bn_context *k, ptrdiff_t b, const void *args)
 {
     const bn_inference_args *a = (const bn_inference_args *)args;
-    const BN_T *rm = (const BN_T *)a->running_mean, *rv = (const BN_T *)a->running_var;
-    const BN_T *weight = (const BN_T *)a->weight, *bias = (const BN_T *)a->bias;
+    const BN_AT *rm = (const BN_AT *)a->running_mean, *rv = (const BN_AT *)a->running_var;
+    const BN_AT *weight = (const BN_AT *)a->weight, *bias = (const BN_AT *)a->bias;
     (void)b;
     k->op = BN_OP_INFERENCE;
     k->y = a->y;
@@ -1446,7 +1397,7 @@ static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
     k->y = BN_FN(sample_)(a->grad_in, b);
     BN_FN(set_keys_)(k, &a->keys, C);
     k->weight = a->weight;
-    k->save_invstd_in = (const BN_T *)a->save_invstd + b * C / G;
+    k->save_invstd_in = (const BN_AT *)a->save_invstd + b * C / G;
     k->training = a->training;
     k->grad_weight = a->grad_weight;
     k->grad_bias = a->grad_bias;
@@ -1455,7 +1406,7 @@ static void BN_FN(init_backward_)(bn_context *k, ptrdiff_t b, const void *args)
     /* in-place activated batch norm (training, batch norm only): x holds y */
     k->act = a->training && (a->act.kind == BN_ACT_LEAKY_RELU || a->act.kind == BN_ACT_ELU) ? (int)a->act.kind : 0;
     k->slope = k->act ? a->act.negative_slope : 0.0;
-    const BN_T *save_mean = (const BN_T *)a->save_mean + b * C / G;
+    const BN_AT *save_mean = (const BN_AT *)a->save_mean + b * C / G;
     for (ptrdiff_t c = 0; c < k->geo.channels; c++)
         k->mean[c] = k->uncentered ? 0.0 : (double)save_mean[c / G];
     if (!a->training) k->ax = k->g; /* the affine phase reads g (with mean 0) */
@@ -1466,8 +1417,8 @@ static void BN_FN(write_grads_)(const double *a, const double *b, const void *ar
 {
     const bn_backward_args *g = (const bn_backward_args *)args;
     for (ptrdiff_t c = 0; c < g->geo.channels; c++) {
-        ((BN_T *)g->grad_weight)[c] = (BN_T)a[c];
-        ((BN_T *)g->grad_bias)[c] = (BN_T)b[c];
+        ((BN_AT *)g->grad_weight)[c] = (BN_AT)a[c];
+        ((BN_AT *)g->grad_bias)[c] = (BN_AT)b[c];
     }
 }
 
@@ -1486,6 +1437,8 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 #undef BN_LINE_T
 #undef BN_FINISH_BLOCK
 #undef BN_LD
+#undef BN_LDW
+#undef BN_LDP
 #undef BN_LDD
 #undef BN_SPLAT
 #undef BN_LDA
@@ -1493,9 +1446,12 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 #undef BN_SPLATA
 #undef BN_STREAMA
 #undef BN_CAN_STREAM
+#undef BN_TO_A
+#undef BN_FROM_A
+#undef BN_F16C
+#undef BN_NEON_F16
 #undef WA
 #undef VD
-#undef VT
 #undef W
 #undef BN_U
 #undef BN_STATS_BYTES

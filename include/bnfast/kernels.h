@@ -1,5 +1,5 @@
-/* bnfast kernels for float32 and float64, both layout families: the kernel
- * context, the instantiations (element type x instruction set) of
+/* bnfast kernels for float32, float64, float16 and bfloat16, both layout
+ * families: the kernel context, the instantiations (element type x instruction set) of
  * kernel_body.h, and the [dtype][isa] table of their entry points (ops.h),
  * which bnfast.h dispatches through.  Results are bit-identical for any
  * thread count. */
@@ -7,6 +7,7 @@
 #define BNFAST_KERNELS_H
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include "cache.h"
@@ -46,6 +47,11 @@ static inline size_t bn_stream_bytes(const bn_run *run)
 #else
 #define BN_ALWAYS_INLINE inline
 #endif
+
+/* How an instantiation stores its elements (BN_STORAGE, storage.h). */
+#define BN_STORE_NATIVE 0 /* as the arithmetic type: float32, float64 */
+#define BN_STORE_F16 1    /* IEEE binary16 in uint16_t, computed in float */
+#define BN_STORE_BF16 2   /* bfloat16 (a float's upper 16 bits) in uint16_t, computed in float */
 
 /* Phases of an op; see bn_exec_ in kernel_body.h. */
 enum { BN_OP_MOMENTS, BN_OP_FORWARD, BN_OP_INFERENCE, BN_OP_BACKWARD };
@@ -224,7 +230,7 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
 /* ---- instantiations: element type x instruction set ------------------
  * The portable body (compiled for the build's baseline: SSE2 on x86-64, NEON
  * on aarch64) always exists.  On x86 with GCC or clang further copies are
- * compiled for AVX2+FMA and for AVX-512 and chosen at run time (see
+ * compiled for AVX2+FMA(+F16C) and for AVX-512 and chosen at run time (see
  * run->isa, bn_isa_best): a portable build still runs the widest vectors the CPU has. */
 #define BN_ISA_BASELINE 0
 #define BN_ISA_AVX2 1
@@ -262,7 +268,7 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
 #endif
 #define BN_VEC_BYTES BN_AVX2_VEC_BYTES
 #define BN_ISA_SFX avx2
-#define BN_ISA_TARGET "avx2,fma"
+#define BN_ISA_TARGET "avx2,fma,f16c"
 #include "instantiate.h"
 #undef BN_ISA_TARGET
 #undef BN_ISA_SFX
@@ -272,7 +278,7 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
 #if BN_HAVE_AVX512_VARIANT
 #define BN_VEC_BYTES 64
 #define BN_ISA_SFX avx512
-#define BN_ISA_TARGET "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"
+#define BN_ISA_TARGET "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"
 #include "instantiate.h"
 #undef BN_ISA_TARGET
 #undef BN_ISA_SFX
@@ -281,8 +287,18 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
 
 /* ---- which variants this CPU runs -------------------------------------- */
 
-#if BN_HAVE_AVX512_VARIANT
+#if BN_HAVE_AVX2_VARIANT
 #include <cpuid.h>
+/* F16C (CPUID.1:ECX bit 29): the AVX2 and AVX-512 variants convert half
+ * precision with it (every AVX2 CPU has it; checked all the same). */
+static inline int bn_cpu_has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1u);
+}
+#endif
+
+#if BN_HAVE_AVX512_VARIANT
 /* Whether the OS saves the AVX-512 state (opmask, ZMM0-15 upper halves,
  * ZMM16-31) on context switches: XCR0 bits 1, 2, 5, 6, 7.  Current libgcc and
  * compiler-rt check this in __builtin_cpu_supports too, libgcc before 7.4 did
@@ -310,7 +326,8 @@ static inline unsigned bn_isa_mask(void)
         unsigned m = 1u << BN_ISA_BASELINE;
 #if BN_HAVE_AVX2_VARIANT
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) m |= 1u << BN_ISA_AVX2;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && bn_cpu_has_f16c())
+            m |= 1u << BN_ISA_AVX2;
 #endif
 #if BN_HAVE_AVX512_VARIANT
         if ((m >> BN_ISA_AVX2 & 1u) && __builtin_cpu_supports("avx512f")
@@ -353,6 +370,8 @@ static inline int bn_isa_best(void)
 static const bn_kernel_set bn_kernel_table[BN_DTYPES][BN_ISAS] = {
     {BN_KERNEL_SET(f32_base), BN_KERNEL_SET_AVX2(f32), BN_KERNEL_SET_AVX512(f32)},
     {BN_KERNEL_SET(f64_base), BN_KERNEL_SET_AVX2(f64), BN_KERNEL_SET_AVX512(f64)},
+    {BN_KERNEL_SET(f16_base), BN_KERNEL_SET_AVX2(f16), BN_KERNEL_SET_AVX512(f16)},
+    {BN_KERNEL_SET(bf16_base), BN_KERNEL_SET_AVX2(bf16), BN_KERNEL_SET_AVX512(bf16)},
 };
 
 #undef BN_KERNEL_SET

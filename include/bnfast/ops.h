@@ -7,8 +7,13 @@
 
 #include "parallel.h"
 
-typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1 } bn_dtype;
-#define BN_DTYPES 2
+/* The element type of x, y and the gradients.  BN_FLOAT16 (IEEE binary16)
+ * and BN_BFLOAT16 (the upper half of a float32) are stored in 16 bits and
+ * computed in float; their per-channel arrays (weight, bias, running
+ * statistics, save_mean/save_invstd, grad_weight/grad_bias) are float32.
+ * Every other type's per-channel arrays have the element type. */
+typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1, BN_FLOAT16 = 2, BN_BFLOAT16 = 3 } bn_dtype;
+#define BN_DTYPES 4
 
 /* The normalization family on one view.  An operand is `batch` samples of
  * (outer, channels, inner); statistics are kept per key = (sample, group of
@@ -66,7 +71,8 @@ typedef struct {
 
 /* Training forward: batch statistics, running-statistics update (when
  * running_mean is not NULL), y = (x - mean) * invstd * weight + bias.  The
- * per-channel arrays have the element type; weight/bias may be NULL. */
+ * per-channel arrays have the per-channel type (see bn_dtype); weight/bias
+ * may be NULL. */
 typedef struct {
     bn_dtype dtype;
     bn_geometry geo;

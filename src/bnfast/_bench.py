@@ -426,6 +426,11 @@ def _parser() -> argparse.ArgumentParser:
              "float32) against PyTorch instead of batch norm",
     )  # fmt: skip
     parser.add_argument(
+        "--half", action="store_true",
+        help="time float16 and bfloat16 against float32 on the same values and against PyTorch's half "
+             "batch norm (64x64x112x112 or --shapes; NCHW and NHWC; bfloat16 needs ml_dtypes)",
+    )  # fmt: skip
+    parser.add_argument(
         "--jax", action="store_true",
         help="time bnfast.contrib.jax.batch_norm against jax.numpy batch norm (jit, forward+backward, "
              "float32 32x64x56x56 or the first of --shapes; needs jax)",
@@ -487,6 +492,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_family(args, threads)
     if args.variants:
         return _main_variants(args, threads, layouts, shapes if args.shapes else None)
+    if args.half:
+        from ._bench_half import main_half  # noqa: PLC0415
+
+        return main_half(args, threads, _parse_shapes(args.shapes) if args.shapes else None, ops, layouts)
     torch = None if args.no_torch else _torch()
     print("bnfast bench")
     for line in header_lines(torch):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 _SUPPORTED_CHARS = frozenset("fd")  # float32, float64
+_FLOAT32 = np.dtype(np.float32)
 
 # Layout modes: how (outer, C, inner) maps onto a kernel family.
 _PLANAR = 0  # (outer, C, inner), inner stride 1
@@ -70,13 +72,40 @@ def _native_dtype(dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("=")
 
 
-def _float_array(x, name: str, *, native: bool = True) -> np.ndarray:
-    """``x`` as a float32/float64 ndarray; with ``native``, in memory the
-    kernels can read (converted once if it must be)."""
+def _bfloat16() -> np.dtype | None:
+    """ml_dtypes' bfloat16, if ml_dtypes is imported (an array of it cannot
+    exist otherwise: the optional dependency is never imported here)."""
+    module = sys.modules.get("ml_dtypes")
+    return None if module is None else np.dtype(module.bfloat16)
+
+
+def _is_half(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is float16 or ml_dtypes.bfloat16 (either byte order)."""
+    if dtype.char == "e":
+        return True
+    bf16 = _bfloat16() if dtype.kind == "V" else None
+    return bf16 is not None and _native_dtype(dtype) == bf16
+
+
+def _channel_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the per-channel arrays (weight, bias, running statistics,
+    saved statistics, their gradients) for input of ``dtype``: float32 for
+    float16 and bfloat16 (as PyTorch's CPU batch norm keeps them), else the
+    input's own."""
+    return _FLOAT32 if _is_half(dtype) else dtype
+
+
+def _float_array(x, name: str, *, native: bool = True, half: bool = False) -> np.ndarray:
+    """``x`` as a float32/float64 (with ``half``, also float16/bfloat16)
+    ndarray; with ``native``, in memory the kernels can read (converted once
+    if it must be)."""
     if type(x) is not np.ndarray:
         x = np.asarray(x)
-    if x.dtype.char not in _SUPPORTED_CHARS:
-        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}")
+    if x.dtype.char not in _SUPPORTED_CHARS and not (half and _is_half(x.dtype)):
+        if half:
+            raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got dtype {x.dtype}")
+        note = " (float16 and bfloat16 are supported by the batch-norm ops only)" if _is_half(x.dtype) else ""
+        raise TypeError(f"{name} must be float32 or float64, got dtype {x.dtype}{note}")
     return _as_native(x) if native else x
 
 
@@ -164,18 +193,25 @@ def _vector(v, name: str, channels: int, dtype: np.dtype) -> np.ndarray | None:
     ):
         return v
     v = np.asarray(v)
-    if v.dtype.kind != "f":
+    if v.dtype.kind != "f" and not _is_half(v.dtype):
         raise TypeError(f"{name} must be a floating-point array, got dtype {v.dtype}")
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
     return np.require(v, dtype=dtype, requirements=["C", "A"])
 
 
-def _state_vector(v, name: str, channels: int, dtype: np.dtype) -> np.ndarray:
-    """A per-channel buffer updated in place (running statistics)."""
+def _state_vector(v, name: str, channels: int, x_dtype: np.dtype) -> np.ndarray:
+    """A per-channel buffer updated in place (running statistics), of the
+    per-channel dtype of input of ``x_dtype``."""
     if not isinstance(v, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray updated in place, got {type(v).__name__}")
+    dtype = _channel_dtype(x_dtype)
     if _native_dtype(v.dtype) != dtype:  # either byte order
+        if dtype != x_dtype:
+            raise TypeError(
+                f"{name} must be float32 for a {x_dtype} input (running statistics of half-precision "
+                f"input are kept in float32, as PyTorch's CPU batch norm does), got {v.dtype}"
+            )
         raise TypeError(f"{name} must have the dtype of the input ({dtype}), got {v.dtype}")
     if v.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
@@ -398,12 +434,12 @@ def batch_norm_forward(
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     weight, bias : array_like of shape (C,), optional
         Affine parameters; ``None`` means 1 and 0.
     running_mean, running_var : numpy.ndarray of shape (C,) and x's dtype, optional
-        Updated in place as PyTorch does:
+        (float32 for float16/bfloat16 x.)  Updated in place as PyTorch does:
         ``r_mean = (1 - momentum) * r_mean + momentum * mean`` and
         ``r_var = (1 - momentum) * r_var + momentum * var * n / (n - 1)``,
         n the number of values per channel.  Pass both or neither.
@@ -422,14 +458,16 @@ def batch_norm_forward(
     y : numpy.ndarray
         Normalized input, x's shape and dtype.
     save_mean : numpy.ndarray of shape (C,)
-        Batch mean, x's dtype.
+        Batch mean, x's dtype (float32 for float16/bfloat16 x, as every
+        per-channel array: weight, bias and the running statistics too).
     save_invstd : numpy.ndarray of shape (C,)
-        ``1 / sqrt(var + eps)``, x's dtype.
+        ``1 / sqrt(var + eps)``, of save_mean's dtype.
 
     Raises
     ------
     TypeError
-        If x is not float32/float64, or running statistics have another dtype.
+        If x is not float32/float64/float16/bfloat16, or running statistics
+        have another dtype than the per-channel one.
     ValueError
         For a bad shape, axis, eps, momentum or ``out``; read-only running
         statistics; one value per channel or an empty batch.  Nothing is
@@ -450,11 +488,12 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, ax
     """The validating path of `batch_norm_forward`; ``fused``: (activation
     code, negative slope, residual or None) of ``batch_norm_act_forward``."""
     source = x
-    x = _float_array(x, "x")
+    x = _float_array(x, "x", half=True)
     ax = _channel_axis(x, axis)
     channels = x.shape[ax]
-    weight = _vector(weight, "weight", channels, x.dtype)
-    bias = _vector(bias, "bias", channels, x.dtype)
+    cdt = _channel_dtype(x.dtype)
+    weight = _vector(weight, "weight", channels, cdt)
+    bias = _vector(bias, "bias", channels, cdt)
     if (running_mean is None) != (running_var is None):
         raise ValueError("pass both running_mean and running_var, or neither")
     if running_mean is not None:
@@ -476,15 +515,15 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, ax
             f"Expected more than 1 value per channel when training, got input size {x.shape}"
         )
 
-    save_mean = np.empty(channels, x.dtype)
-    save_invstd = np.empty(channels, x.dtype)
+    save_mean = np.empty(channels, cdt)
+    save_invstd = np.empty(channels, cdt)
     if channels == 0:
         return (out if out is not None else np.empty_like(x)), save_mean, save_invstd
     plan = _plan(x, ax)
     act, inputs = _fused_operands(plan, fused, z)
     y, ys = _output(plan, out, inputs, (weight, bias))
-    rm = _state_buffer(running_mean, x.dtype)
-    rv = _state_buffer(running_var, x.dtype)
+    rm = _state_buffer(running_mean, cdt)
+    rv = _state_buffer(running_var, cdt)
     _kernels.forward_train(
         plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd,
         act=act,
@@ -514,7 +553,7 @@ def batch_norm_inference(
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     running_mean, running_var : array_like of shape (C,)
         The statistics to normalize with (not modified).
@@ -545,15 +584,16 @@ def batch_norm_inference(
 
 def _inference(x, running_mean, running_var, weight, bias, eps, axis, out, fused=None):
     """The validating path of `batch_norm_inference`; ``fused`` as in _forward_train."""
-    x = _float_array(x, "x")
+    x = _float_array(x, "x", half=True)
     ax = _channel_axis(x, axis)
     channels = x.shape[ax]
-    running_mean = _vector(running_mean, "running_mean", channels, x.dtype)
-    running_var = _vector(running_var, "running_var", channels, x.dtype)
+    cdt = _channel_dtype(x.dtype)
+    running_mean = _vector(running_mean, "running_mean", channels, cdt)
+    running_var = _vector(running_var, "running_var", channels, cdt)
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required for inference")
-    weight = _vector(weight, "weight", channels, x.dtype)
-    bias = _vector(bias, "bias", channels, x.dtype)
+    weight = _vector(weight, "weight", channels, cdt)
+    bias = _vector(bias, "bias", channels, cdt)
     eps = _eps(eps)
     _check_out(out, x)
     z = None if fused is None else _residual(fused[2], x)
@@ -595,7 +635,7 @@ def batch_norm_backward(
     ----------
     grad_out : numpy.ndarray
         Gradient of the loss with respect to the output; x's shape and dtype.
-    x : numpy.ndarray of float32 or float64
+    x : numpy.ndarray of float32, float64, float16 or bfloat16
         The forward input.
     save_mean, save_invstd : array_like of shape (C,)
         From `batch_norm_forward`; for ``training=False`` the running mean and
@@ -615,8 +655,8 @@ def batch_norm_backward(
     grad_input : numpy.ndarray
         Gradient with respect to ``x``, x's shape and dtype.
     grad_weight, grad_bias : numpy.ndarray of shape (C,)
-        Gradients with respect to weight and bias, x's dtype (computed even
-        when ``weight`` is None).
+        Gradients with respect to weight and bias, x's dtype (float32 for
+        float16/bfloat16 x; computed even when ``weight`` is None).
 
     Raises
     ------
@@ -633,23 +673,24 @@ def _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out, 
     """The validating path of `batch_norm_backward`; ``fused``: (activation
     code, negative slope) of in-place activated batch norm, ``x`` then being
     the forward's output (see ``batch_norm_act_backward``)."""
-    x = _float_array(x, "x")
-    grad_out = _float_array(grad_out, "grad_out")
+    x = _float_array(x, "x", half=True)
+    grad_out = _float_array(grad_out, "grad_out", half=True)
     ax = _channel_axis(x, axis)
     if grad_out.shape != x.shape:
         raise ValueError(f"grad_out must have the shape of x {x.shape}, got {grad_out.shape}")
     if grad_out.dtype != x.dtype:  # both native now
         raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
     channels = x.shape[ax]
-    save_mean = _vector(save_mean, "save_mean", channels, x.dtype)
-    save_invstd = _vector(save_invstd, "save_invstd", channels, x.dtype)
+    cdt = _channel_dtype(x.dtype)
+    save_mean = _vector(save_mean, "save_mean", channels, cdt)
+    save_invstd = _vector(save_invstd, "save_invstd", channels, cdt)
     if save_mean is None or save_invstd is None:
         raise ValueError("save_mean and save_invstd are required")
-    weight = _vector(weight, "weight", channels, x.dtype)
+    weight = _vector(weight, "weight", channels, cdt)
     training = _flag(training, "training")
     _check_out(out, x)
-    grad_weight = np.zeros(channels, x.dtype)
-    grad_bias = np.zeros(channels, x.dtype)
+    grad_weight = np.zeros(channels, cdt)
+    grad_bias = np.zeros(channels, cdt)
     if x.size == 0:
         grad_in = out if out is not None else np.empty_like(x)
         return grad_in, grad_weight, grad_bias
@@ -685,7 +726,7 @@ def batch_norm(
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     running_mean, running_var : numpy.ndarray of shape (C,) or None
         Required when ``training`` is False; updated in place when training.
@@ -731,7 +772,7 @@ def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
 
     Parameters
     ----------
-    x : numpy.ndarray of float32 or float64, ndim >= 2
+    x : numpy.ndarray of float32, float64, float16 or bfloat16, ndim >= 2
         Input, any strides and memory order.
     axis : int, default 1
         The channel axis.
@@ -741,7 +782,7 @@ def moments(x: ArrayLike, *, axis: int = 1) -> Moments:
     Moments
         ``count`` (int64), ``mean`` and ``m2`` (float64), each of shape (C,).
     """
-    x = _float_array(x, "x", native=False)
+    x = _float_array(x, "x", native=False, half=True)
     ax = _channel_axis(x, axis)
     x, repeats = _unbroadcast(x, ax)
     x = _as_native(x)

@@ -25,6 +25,8 @@ from bnfast.capi cimport (
     bn_dtype,
     BN_FLOAT32,
     BN_FLOAT64,
+    BN_FLOAT16,
+    BN_BFLOAT16,
     bn_run,
     BN_OK,
     BN_ERR_NOMEM,
@@ -334,7 +336,14 @@ def traffic(cnp.ndarray out, cnp.ndarray a, b=None):
 
 
 cdef inline bn_dtype _dtype_of(cnp.ndarray a):
-    return BN_FLOAT32 if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 else BN_FLOAT64
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return BN_FLOAT32
+    if t == cnp.NPY_FLOAT64:
+        return BN_FLOAT64
+    if t == cnp.NPY_FLOAT16:
+        return BN_FLOAT16
+    return BN_BFLOAT16  # the one other dtype bnfast._functional lets through (ml_dtypes.bfloat16)
 
 
 cdef inline void *_data(object a):

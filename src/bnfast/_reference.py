@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "round_half",
+    "half_ulps",
     "activation",
     "activation_grad",
     "batch_norm_act_forward",
@@ -738,3 +740,76 @@ def batch_norm_act_backward(grad_out, x, weight=None, bias=None, *, activation_n
     dv = np.asarray(grad_out, dtype=np.float64) * activation_grad(v, activation_name, negative_slope)
     gx, gw, gb = batch_norm_backward(dv, x, mean, invstd, weight, axis=axis)
     return gx, gw, gb, (dv if residual is not None else None)
+
+
+# ------------------------------------------------ half precision: the yardstick
+#
+# float16 (IEEE binary16) and bfloat16 results are judged against the float64
+# reference rounded once, correctly, to the half type -- not through float32,
+# whose extra rounding could move a tie.
+
+# (significand bits, exponent of the smallest subnormal) per half type
+_HALF_FORMATS = {"float16": (11, -24), "bfloat16": (8, -133)}
+
+
+def _half_format(dtype):
+    dtype = np.dtype(dtype)
+    if dtype.name not in _HALF_FORMATS or dtype.itemsize != 2:
+        raise TypeError(f"not a half-precision dtype: {dtype}")
+    return _HALF_FORMATS[dtype.name]
+
+
+def round_half(values, dtype):
+    """float64 values rounded once to nearest (ties to even) in a half type.
+
+    Parameters
+    ----------
+    values : array_like
+        Converted to float64 first.
+    dtype : numpy.dtype
+        ``numpy.float16`` or ``ml_dtypes.bfloat16``.
+
+    Returns
+    -------
+    ndarray of dtype
+        Each value on the half type's grid (its subnormals included);
+        magnitudes beyond its largest finite value become infinities.
+    """
+    bits, min_exp = _half_format(dtype)
+    v = np.asarray(values, dtype=np.float64)
+    _, e = np.frexp(v)  # v = m * 2**e, 0.5 <= |m| < 1
+    q = np.maximum(e - bits, min_exp)  # the grid spacing's exponent at v
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.where(np.isfinite(v), np.ldexp(np.rint(np.ldexp(v, -q)), q), v)
+        return r.astype(dtype)  # exact: r is on the grid (or beyond it: inf)
+
+
+def half_ulps(result, reference):
+    """Units in the last place between a half-precision result and the float64
+    reference rounded to its type (`round_half`).
+
+    Parameters
+    ----------
+    result : ndarray of float16 or bfloat16
+    reference : array_like
+        float64 values of ``result``'s shape.
+
+    Returns
+    -------
+    ndarray of float64
+        The number of representable values between them (0: the correctly
+        rounded result; +0 and -0 count as one value); inf where exactly one
+        of them is NaN, 0 where both are.
+    """
+    result = np.asarray(result)
+    expected = round_half(reference, result.dtype)
+
+    def order(a):
+        bits = a.view(np.uint16).astype(np.int64)
+        magnitude = bits & 0x7FFF
+        return np.where(bits & 0x8000, -magnitude, magnitude)
+
+    nan_r = np.isnan(result.astype(np.float64))
+    nan_e = np.isnan(expected.astype(np.float64))
+    d = np.abs(order(result) - order(expected)).astype(np.float64)
+    return np.where(nan_r | nan_e, np.where(nan_r == nan_e, 0.0, np.inf), d)

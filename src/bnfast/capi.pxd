@@ -35,6 +35,8 @@ cdef extern from "bnfast/bnfast.h" nogil:
     ctypedef enum bn_dtype:
         BN_FLOAT32
         BN_FLOAT64
+        BN_FLOAT16
+        BN_BFLOAT16
     ctypedef struct bn_run:
         int nthreads
         int isa

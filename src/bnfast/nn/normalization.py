@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._functional import Moments, batch_norm_backward, batch_norm_forward, batch_norm_inference, moments
+from .._functional import _is_half
 from .._normalization import (
     filter_response_norm_backward,
     filter_response_norm_forward,
@@ -87,7 +88,10 @@ def _float_dtype(dtype: Any) -> np.dtype:
     except TypeError:
         dt = None
     if dtype is None or dt is None or dt not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64 (got {dtype!r})")
+        hint = ""
+        if dt is not None and _is_half(dt):
+            hint = "; a float32 BatchNorm layer takes float16/bfloat16 input and keeps float32 parameters"
+        raise TypeError(f"dtype must be float32 or float64 (got {dtype!r}){hint}")
     return dt
 
 
@@ -180,6 +184,10 @@ class BatchNorm(Module):
         Dtype of the parameters and buffers, float32 or float64.  Inputs must
         have this dtype: an input of the other float dtype raises TypeError
         (convert it with ``x.astype(layer.dtype)``; no silent conversion).
+        A float32 layer also takes float16 and ``ml_dtypes.bfloat16`` input
+        (output and ``backward``'s gradient in the input's dtype; parameters,
+        running statistics and their gradients stay float32, as PyTorch's
+        CPU batch norm keeps them).
     bias : bool, default True
         Keyword-only, as in recent PyTorch (2.13): with ``affine=True`` and
         ``bias=False`` the layer learns only ``weight`` (``bias`` is None and
@@ -438,6 +446,13 @@ class BatchNorm(Module):
         self._check_rank(x.ndim)
         if x.dtype is not self._dtype:  # (the common case skips the call)
             _check_float_input(self, x, self._dtype)
+            if _is_half(x.dtype) and self._dtype != np.float32:
+                raise TypeError(
+                    f"{type(self).__name__} has {self._dtype} parameters but the input is {x.dtype}; "
+                    f"half-precision input needs a float32 layer (its parameters and running "
+                    f"statistics stay float32, as in PyTorch), or convert the input with "
+                    f"x.astype(np.{self._dtype})"
+                )
         ax = self._axis
         if x.ndim >= 2 and -x.ndim <= ax < x.ndim and x.shape[ax] != self._num_features:
             raise ValueError(
@@ -681,7 +696,7 @@ _RANKED_BATCH_NORM_PARAMETERS = """    :class:`BatchNorm` describes the paramete
         The channel axis of the input (keyword only); ``-1`` for channels-last.
     dtype : numpy dtype, default numpy.float32
         Dtype of the parameters, buffers and inputs, float32 or float64
-        (keyword only).
+        (keyword only); a float32 layer also takes float16 and bfloat16 input.
     bias : bool, default True
         With ``affine=True``, whether the layer learns ``bias`` (keyword only).
     virtual_batch_size : int or None, default None
