@@ -548,3 +548,70 @@ def test_half_bench_torch_callables_match_bnfast(channels_last):
                 theirs = theirs.permute(0, *range(2, theirs.ndim), 1)
             t = theirs.detach().float().contiguous().numpy()
             np.testing.assert_allclose(_f64(ours), t, rtol=0, atol=0.05 if d.name == "bfloat16" else 0.01)
+
+
+# ---- fused activations and residual (batch_norm_act_*) in half precision ----
+
+_ACT_CASES = [("relu", True), ("leaky_relu", True), ("leaky_relu", False), ("elu", True),
+              ("identity", True), ("identity", False)]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("act, with_x", _ACT_CASES)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_fused_ops_in_half_precision_follow_float32(dtype, act, with_x, residual, axis):
+    """The fused forward is the float32 computation rounded once (bit for bit);
+    its backward (from x, or in place from y) stays within a few half ulps of
+    the float32 backward on the same values, per-channel results float32."""
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(11)
+    shape = (4, 6, 5, 3) if axis == 1 else (4, 5, 3, 6)
+    x = rng.standard_normal(shape).astype(dt)
+    z = rng.standard_normal(shape).astype(dt) if residual else None
+    g = rng.standard_normal(shape).astype(dt)
+    w = (rng.random(6) + 0.5).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+    rm32, rv32 = rm.copy(), rv.copy()
+
+    def f32(a):
+        return None if a is None else a.astype(np.float32)
+
+    y, m, s = bnfast.batch_norm_act_forward(x, w, b, rm, rv, activation=act, residual=z, axis=axis)
+    y32, m32, s32 = bnfast.batch_norm_act_forward(f32(x), w, b, rm32, rv32, activation=act,
+                                                  residual=f32(z), axis=axis)
+    assert y.dtype == dt and m.dtype == s.dtype == np.float32
+    np.testing.assert_array_equal(y.view(np.uint16), y32.astype(dt).view(np.uint16))
+    np.testing.assert_array_equal(m, m32)
+    np.testing.assert_array_equal(rv, rv32)
+    yi = bnfast.batch_norm_act_inference(x, rm, rv, w, b, activation=act, residual=z, axis=axis)
+    yi32 = bnfast.batch_norm_act_inference(f32(x), rm, rv, w, b, activation=act, residual=f32(z), axis=axis)
+    np.testing.assert_array_equal(yi.view(np.uint16), yi32.astype(dt).view(np.uint16))
+
+    # the float32 reference backward on the very values the half backward sees
+    gx, gw, gb, gz = bnfast.batch_norm_act_backward(g, y, m, s, w, b, activation=act, residual=z,
+                                                    x=x if with_x else None, axis=axis)
+    ref = bnfast.batch_norm_act_backward(f32(g), f32(y), m, s, w, b, activation=act, residual=f32(z),
+                                         x=f32(x) if with_x else None, axis=axis)
+    assert gx.dtype == dt and gw.dtype == gb.dtype == np.float32
+    assert (gz is None) == (z is None) and (gz is None or gz.dtype == dt)
+    u = 2.0**-11 if dt == np.float16 else 2.0**-8
+    for got, want in zip((gx, gw, gb) + ((gz,) if z is not None else ()), ref):
+        want = np.asarray(want, np.float64)
+        err = np.abs(np.asarray(got, np.float64) - want).max()
+        assert err <= 8 * u * np.abs(want).max(), (err, np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_fused_ops_half_bad_input(dtype):
+    dt = np.dtype(dtype)
+    x = np.ones((4, 3, 2, 2), dt)
+    with pytest.raises(TypeError, match="residual"):
+        bnfast.batch_norm_act_forward(x, residual=np.ones(x.shape, np.float32))
+    rm, rv = np.zeros(3, np.float16), np.ones(3, np.float16)
+    before = rm.copy(), rv.copy()
+    with pytest.raises(TypeError):
+        bnfast.batch_norm_act_forward(x, running_mean=rm, running_var=rv)
+    np.testing.assert_array_equal(rm, before[0])
+    np.testing.assert_array_equal(rv, before[1])

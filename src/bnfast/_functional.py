@@ -374,7 +374,7 @@ def _residual(z, x: np.ndarray, name: str = "residual", of: str = "x") -> np.nda
     (named ``of`` in messages)."""
     if z is None:
         return None
-    z = _float_array(z, name)
+    z = _float_array(z, name, half=_is_half(x.dtype))
     if z.shape != x.shape:
         raise ValueError(f"{name} must have the shape of {of} {x.shape}, got {z.shape}")
     if z.dtype != x.dtype:  # both native now

@@ -211,13 +211,13 @@ def _check_recoverable(
     by ``sqrt(u)``; elu refuses outputs within ``sqrt(u)`` of its saturation
     at -1 (where ``log1p`` amplifies the rounding of y beyond that bound).
     """
-    u = np.finfo(y.dtype).eps / 2
+    u, tiny = _unit_roundoff(y.dtype)
     root = float(np.sqrt(u))
     scale = np.abs(bias.astype(np.float64))
     if z is not None and z.size:
         scale = scale + np.abs(z).max(axis=_other_axes(z.ndim, ax)).astype(np.float64)
     w = np.abs(weight.astype(np.float64))
-    bad = ~np.isfinite(w) | (w == 0.0) | (w < root * scale) | (w < np.finfo(y.dtype).tiny)
+    bad = ~np.isfinite(w) | (w == 0.0) | (w < root * scale) | (w < tiny)
     if bad.any():
         channels = np.flatnonzero(bad)
         raise ValueError(
@@ -233,6 +233,29 @@ def _check_recoverable(
         )
 
 
+def _unit_roundoff(dtype: np.dtype) -> tuple[float, float]:
+    """(unit roundoff, smallest normal) of a float dtype, half types included."""
+    if F._is_half(dtype):
+        return (2.0**-11, 2.0**-14) if dtype.char == "e" else (2.0**-8, 2.0**-126)
+    info = np.finfo(dtype)
+    return float(info.eps) / 2, float(info.tiny)
+
+
+def _in_float32(fn):
+    """Run an elementwise helper in float32 for half-precision operands and
+    round its result once to the half type (NumPy's float16 arithmetic would
+    round every step; bfloat16 has none)."""
+    def wrapper(name, slope, *arrays, **kw):
+        first = arrays[0]
+        if not F._is_half(first.dtype):
+            return fn(name, slope, *arrays, **kw)
+        wide = [None if a is None else a.astype(np.float32) for a in arrays]
+        return fn(name, slope, *wide, **kw).astype(first.dtype)
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+@_in_float32
 def _grad_pre_activation(name: str, slope: float, grad_out: np.ndarray, y: np.ndarray,
                          copy: bool = True) -> np.ndarray:
     """``grad_out * act'(v)`` from the output ``y`` (the same sign as v), in
@@ -251,6 +274,7 @@ def _grad_pre_activation(name: str, slope: float, grad_out: np.ndarray, y: np.nd
     return dv
 
 
+@_in_float32
 def _pre_activation(name: str, slope: float, y: np.ndarray, z: np.ndarray | None) -> np.ndarray:
     """``v = act^-1(y) - residual = BN(x)`` (invertible activations only), one new array."""
     if name == "identity":
@@ -357,20 +381,21 @@ def batch_norm_act_backward(
     two (grad_input, grad_residual).
     """
     name, slope = _activation(activation, negative_slope)
-    y = F._float_array(y, "y")
-    grad_out = F._float_array(grad_out, "grad_out")
+    y = F._float_array(y, "y", half=True)
+    grad_out = F._float_array(grad_out, "grad_out", half=True)
     ax = F._channel_axis(y, axis)
     if grad_out.shape != y.shape:
         raise ValueError(f"grad_out must have the shape of y {y.shape}, got {grad_out.shape}")
     if grad_out.dtype != y.dtype:
         raise TypeError(f"grad_out must have the dtype of y ({y.dtype}), got {grad_out.dtype}")
     channels = y.shape[ax]
-    save_mean = F._vector(save_mean, "save_mean", channels, y.dtype)
-    save_invstd = F._vector(save_invstd, "save_invstd", channels, y.dtype)
+    cdt = F._channel_dtype(y.dtype)  # float32 per-channel arrays for half-precision y
+    save_mean = F._vector(save_mean, "save_mean", channels, cdt)
+    save_invstd = F._vector(save_invstd, "save_invstd", channels, cdt)
     if save_mean is None or save_invstd is None:
         raise ValueError("save_mean and save_invstd are required")
-    weight = F._vector(weight, "weight", channels, y.dtype)
-    bias = F._vector(bias, "bias", channels, y.dtype)
+    weight = F._vector(weight, "weight", channels, cdt)
+    bias = F._vector(bias, "bias", channels, cdt)
     z = F._residual(residual, y, of="y")
     if x is not None:
         x = F._residual(x, y, "x", of="y")
@@ -380,8 +405,8 @@ def batch_norm_act_backward(
         raise ValueError(
             f"{why} (the input is lost where y is 0 or folded): pass x=, the forward's input"
         )
-    w = weight if weight is not None else np.ones(channels, y.dtype)
-    b = bias if bias is not None else np.zeros(channels, y.dtype)
+    w = weight if weight is not None else np.ones(channels, cdt)
+    b = bias if bias is not None else np.zeros(channels, cdt)
     if x is None:
         _check_recoverable(name, y, z, w, b, ax)
     if x is not None:
@@ -392,8 +417,8 @@ def batch_norm_act_backward(
     # 1 / weight: xhat = (v - bias) / weight; its weight w' = weight^2 *
     # invstd makes w' * (1 / weight) = weight * invstd, the gradient's factor
     w64 = w.astype(np.float64)
-    inv = (1.0 / w64).astype(y.dtype)
-    scale = (w64 * w64 * save_invstd.astype(np.float64)).astype(y.dtype)
+    inv = (1.0 / w64).astype(cdt)
+    scale = (w64 * w64 * save_invstd.astype(np.float64)).astype(cdt)
     if not np.isfinite(scale).all():
         raise ValueError("weight * weight * save_invstd overflows the dtype: pass x=")
     if z is None and name != "identity":
