@@ -237,20 +237,19 @@ def batch_norm_double_backward(
     spec = letters + "->" + letters[ax]
     shape = [1] * x.ndim
     shape[ax] = channels
-    # x - mean once (x's dtype, like the kernels' centred form), for the centred sums
-    xc = x - save_mean.reshape(shape)
-    # the means that appear in the formulas (float64 per channel)
-    g_mean = _sum(grad_out, None, spec) / n
-    gxh_mean = s * _sum(grad_out, xc, spec) / n  # <g xh>
-    if ggi is not None:
-        G_mean = _sum(ggi, None, spec) / n
-        Gxh_mean = s * _sum(ggi, xc, spec) / n  # <G xh>
-        Gg_mean = _sum(ggi, grad_out, spec) / n  # <G g>
-    else:
-        G_mean = Gxh_mean = Gg_mean = zero
-    del xc
-
+    # the means that appear in the formulas (float64 per channel); eval mode needs only <G g>
+    Gg_mean = zero if ggi is None else _sum(ggi, grad_out, spec) / n  # <G g>
     if training:
+        # x - mean once (x's dtype, like the kernels' centred form), for the centred sums
+        xc = x - save_mean.reshape(shape)
+        g_mean = _sum(grad_out, None, spec) / n
+        gxh_mean = s * _sum(grad_out, xc, spec) / n  # <g xh>
+        if ggi is not None:
+            G_mean = _sum(ggi, None, spec) / n
+            Gxh_mean = s * _sum(ggi, xc, spec) / n  # <G xh>
+        else:
+            G_mean = Gxh_mean = zero
+        del xc
         cross = Gg_mean - G_mean * g_mean - Gxh_mean * gxh_mean  # <G P(g)>
         grad_weight = n * s * cross
         # dL/dx = alpha s P(g) + beta s P(G) + delta xh, expanded into a g + b G + c (x - mean) + d
