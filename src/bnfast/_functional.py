@@ -929,14 +929,14 @@ def _add_grad_through_stats(partial: np.ndarray, x: np.ndarray, mean: np.ndarray
     ``grad_input = weight * invstd * (g - sum_g / n - xhat * sum_gx / n)``
     where ``sum_g``, ``sum_gx`` (float64, (C,)) and ``n = count`` are those
     of the whole batch: ``partial`` holds the first term; the other two, an
-    affine function of ``x`` per channel, come from one inference call.
+    affine function of ``x`` per channel, come from one fused inference call
+    that adds ``partial`` as its residual and writes over it (one pass).
     """
     dt = x.dtype
     mh, ml = _split_mean(mean, dt)
     a = (1.0 if weight is None else weight.astype(np.float64)) * invstd
     k0 = -a * sum_g / count  # + k1 * (x - mean)
     k1 = -a * invstd * sum_gx / count
-    through = batch_norm_inference(x, mh, np.ones_like(mh), k1.astype(dt), (k0 - ml * k1).astype(dt),
-                                   eps=0.0, axis=axis)
-    np.add(partial, through, out=partial)
-    return partial
+    identity = 1  # bn_activation's BN_ACT_IDENTITY (ops.h): the affine step plus the residual
+    return _inference(x, mh, np.ones_like(mh), k1.astype(dt), (k0 - ml * k1).astype(dt), 0.0, axis,
+                      partial, fused=(identity, 0.0, partial))
