@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .._functional import _momentum, _real, batch_norm_backward
+from .._functional import _momentum, _real, batch_norm_backward, moments
 from .._variants import shared_batch_norm_backward, statistics_forward
 from .layers import Conv2d, Linear
 from .normalization import BatchNorm, _plain
@@ -507,7 +507,7 @@ def _moment_gradients(cols: np.ndarray, y2: np.ndarray) -> tuple[np.ndarray, np.
     layer's weight gradient), for ``y = cols @ W.T + b`` of M rows; ``y2`` is
     ``y`` as (M, C), or as (N, C, positions) for a channels-first output."""
     m = cols.shape[0]
-    dmu = cols.sum(axis=0, dtype=_F64) / m
+    dmu = moments(cols, axis=-1).mean  # the column means in float64, at kernel speed (not a float64 sum)
     if y2.ndim == 3:  # (N, C, HW): channels-first output, cols rows in (n, position) order
         prod = (y2 @ cols.reshape(y2.shape[0], y2.shape[2], -1)).sum(axis=0, dtype=_F64)
     else:
