@@ -567,3 +567,13 @@ def test_statistics_forward_arguments():
     assert np.array_equal(y, y_bn) and np.array_equal(mean, mean_bn) and np.array_equal(invstd, invstd_bn)
     np.testing.assert_allclose(stats[0], x.astype(np.float64).mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats[1], x.astype(np.float64).var(0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 5, 5), (4, 3, 0, 5)])
+def test_ghost_batches_refuse_an_empty_batch(shape):
+    layer = nn.BatchNorm2d(3, virtual_batch_size=2)
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match="empty batch"):
+        layer(np.ones(shape, np.float32))
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])

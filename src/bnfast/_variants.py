@@ -47,6 +47,8 @@ def _chunks(x: np.ndarray, virtual_batch_size, axis) -> tuple[int, int]:
     if ax == 0:
         raise ValueError("with virtual_batch_size the channel axis cannot be axis 0, the batch axis")
     n = x.shape[0]
+    if n == 0 or (x.size == 0 and x.shape[ax] > 0):
+        raise ValueError(f"cannot compute batch statistics of an empty batch (input shape {x.shape})")
     if n % v:
         raise ValueError(
             f"the batch size {n} is not a multiple of virtual_batch_size={v}; pass batches of a multiple "
