@@ -328,3 +328,21 @@ def test_in_kernel_recovery_threads_and_composition(axis, act, dtype):
     for got, comp, r in zip(results[0][:3], composed[:3], reference[:3]):
         _close(got, r, dtype, 50)
         _close(got, comp, dtype, 50)
+
+
+def test_bench_fused_runs(tmp_path, capsys):
+    """``python -m bnfast bench --fused`` at a tiny size: the speed rows, the memory rows, JSON written."""
+    import json
+
+    from bnfast import _bench
+
+    out = tmp_path / "fused.json"
+    assert _bench.main(["--fused", "--shapes", "2x4x8x8", "--threads", "1", "--no-torch", "--quick",
+                        "--rounds", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fused forward act(BN(x)+z)" in text and "unfused inference (NumPy ops)" in text
+    assert "leaky_unfused -> leaky_inplace" in text
+    data = json.loads(out.read_text())
+    assert data["speed"][0]["shape"] == [2, 4, 8, 8] and data["speed"][0]["threads"] == 1
+    assert all(t > 0 for t in data["speed"][0]["seconds"].values())
+    assert {r["kind"] for r in data["memory"]} == {"leaky_unfused", "leaky_inplace", "relu_unfused", "relu_fused"}

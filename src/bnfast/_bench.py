@@ -431,6 +431,12 @@ def _parser() -> argparse.ArgumentParser:
              "batch norm (64x64x112x112 or --shapes; NCHW and NHWC; bfloat16 needs ml_dtypes)",
     )  # fmt: skip
     parser.add_argument(
+        "--fused", action="store_true",
+        help="time the fused batch norm + residual + ReLU ops against NumPy-level and PyTorch sequences "
+             "(32x64x56x56 or --shapes, NCHW float32) and measure a training step's memory, unfused "
+             "against fused in place",
+    )  # fmt: skip
+    parser.add_argument(
         "--jax", action="store_true",
         help="time bnfast.contrib.jax.batch_norm against jax.numpy batch norm (jit, forward+backward, "
              "float32 32x64x56x56 or the first of --shapes; needs jax)",
@@ -492,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_family(args, threads)
     if args.variants:
         return _main_variants(args, threads, layouts, shapes if args.shapes else None)
+    if args.fused:
+        from ._bench_fused import main_fused  # noqa: PLC0415
+
+        return main_fused(args, threads, _parse_shapes(args.shapes) if args.shapes else None)
     if args.half:
         from ._bench_half import main_half  # noqa: PLC0415
 
