@@ -484,9 +484,12 @@ def batch_norm_forward(
     return _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out)
 
 
-def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out, fused=None):
+def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out, fused=None,
+                   statistics=None):
     """The validating path of `batch_norm_forward`; ``fused``: (activation
-    code, negative slope, residual or None) of ``batch_norm_act_forward``."""
+    code, negative slope, residual or None) of ``batch_norm_act_forward``;
+    ``statistics``: the kernel's other normalizing statistics (see
+    ``_variants.statistics_forward``), already validated."""
     source = x
     x = _float_array(x, "x", half=True)
     ax = _channel_axis(x, axis)
@@ -526,7 +529,7 @@ def _forward_train(x, weight, bias, running_mean, running_var, momentum, eps, ax
     rv = _state_buffer(running_var, cdt)
     _kernels.forward_train(
         plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd,
-        act=act,
+        act=act, statistics=statistics,
     )
     if rm is not None and rm is not running_mean:
         running_mean[...] = rm
@@ -669,10 +672,13 @@ def batch_norm_backward(
     return _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out)
 
 
-def _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out, fused=None):
+def _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out, fused=None, share=1.0,
+              ref_mean=None):
     """The validating path of `batch_norm_backward`; ``fused``: (activation
     code, negative slope) of in-place activated batch norm, ``x`` then being
-    the forward's output (see ``batch_norm_act_backward``)."""
+    the forward's output (see ``batch_norm_act_backward``); ``share`` and
+    ``ref_mean`` (float64, validated): statistics of which the batch is a
+    share (see ``_variants.shared_batch_norm_backward``)."""
     x = _float_array(x, "x", half=True)
     grad_out = _float_array(grad_out, "grad_out", half=True)
     ax = _channel_axis(x, axis)
@@ -700,7 +706,7 @@ def _backward(grad_out, x, save_mean, save_invstd, weight, training, axis, out, 
     _kernels.backward(
         plan.shape, g, gs, plan.x, plan.xs, grad_in, gis,
         save_mean, save_invstd, weight, training, grad_weight, grad_bias,
-        act=None if fused is None else (fused[0], fused[1], None, None),
+        act=None if fused is None else (fused[0], fused[1], None, None), share=share, ref_mean=ref_mean,
     )  # fmt: skip
     return _finish(grad_in, out), grad_weight, grad_bias
 

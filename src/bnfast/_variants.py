@@ -15,20 +15,11 @@ import numbers
 import numpy as np
 from numpy.typing import ArrayLike
 
-from . import _kernels
 from ._functional import (
+    _backward,
     _channel_axis,
-    _check_out,
-    _check_state_aliasing,
-    _eps,
-    _finish,
     _float_array,
-    _input,
-    _momentum,
-    _output,
-    _plan,
-    _state_buffer,
-    _state_vector,
+    _forward_train,
     _vector,
 )
 from ._normalization import instance_norm_backward, instance_norm_forward
@@ -198,30 +189,13 @@ def shared_batch_norm_backward(
     TypeError, ValueError
         For bad dtypes or shapes, or a share outside (0, 1].
     """
-    x = _float_array(x, "x")
-    grad_out = _float_array(grad_out, "grad_out")
-    ax = _channel_axis(x, axis)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have the shape of x {x.shape}, got {grad_out.shape}")
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"grad_out must have the dtype of x ({x.dtype}), got {grad_out.dtype}")
+    xa = _float_array(x, "x", native=False, half=True)
+    channels = xa.shape[_channel_axis(xa, axis)]
     share = float(share)
     if not 0.0 < share <= 1.0:
         raise ValueError(f"share must be in (0, 1], got {share}")
-    channels = x.shape[ax]
-    mean = _vector(mean, "mean", channels, x.dtype)
-    invstd = _vector(invstd, "invstd", channels, x.dtype)
-    weight = _vector(weight, "weight", channels, x.dtype)
     ref = None if ref_mean is None else _vector(ref_mean, "ref_mean", channels, np.dtype(np.float64))
-    grad_weight, grad_bias = np.zeros(channels, x.dtype), np.zeros(channels, x.dtype)
-    if x.size == 0:
-        return np.empty_like(x), grad_weight, grad_bias
-    plan = _plan(x, ax)
-    g, gs = _input(plan, grad_out)
-    grad_in, gis = _output(plan, None, (plan.x, g))
-    _kernels.backward(plan.shape, g, gs, plan.x, plan.xs, grad_in, gis, mean, invstd, weight, True,
-                      grad_weight, grad_bias, (), share=share, ref_mean=ref)
-    return _finish(grad_in, None), grad_weight, grad_bias
+    return _backward(grad_out, x, mean, invstd, weight, True, axis, None, share=share, ref_mean=ref)
 
 
 def statistics_forward(
@@ -280,39 +254,19 @@ def statistics_forward(
     TypeError, ValueError
         As `bnfast.batch_norm_forward`; nothing is modified then.
     """
-    source = x
-    x = _float_array(x, "x")
-    ax = _channel_axis(x, axis)
-    channels = x.shape[ax]
-    weight = _vector(weight, "weight", channels, x.dtype)
-    bias = _vector(bias, "bias", channels, x.dtype)
-    running_mean = _state_vector(running_mean, "running_mean", channels, x.dtype)
-    running_var = _state_vector(running_var, "running_var", channels, x.dtype)
-    momentum, eps = _momentum(momentum), _eps(eps)
-    _check_out(None, x)
-    _check_state_aliasing({"running_mean": running_mean, "running_var": running_var},
-                          {"x": source, "weight": weight, "bias": bias})
+    xa = _float_array(x, "x", native=False, half=True)
+    channels = xa.shape[_channel_axis(xa, axis)]
+    for name, state in (("running_mean", running_mean), ("running_var", running_var)):
+        if state is None:
+            raise TypeError(f"{name} must be a numpy.ndarray updated in place, got NoneType")
     f64 = np.dtype(np.float64)
     if (prior_mean is None) != (prior_var is None):
         raise ValueError("pass both prior_mean and prior_var, or neither")
     pm = None if prior_mean is None else _vector(prior_mean, "prior_mean", channels, f64)
     pv = None if prior_var is None else _vector(prior_var, "prior_var", channels, f64)
-    per_channel = x.size // channels if channels else 0
-    if per_channel == 0:
-        raise ValueError(f"cannot compute batch statistics of an empty batch (input shape {x.shape})")
-    if per_channel == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-    save_mean, save_invstd = np.empty(channels, x.dtype), np.empty(channels, x.dtype)
     stats = np.zeros((4, channels), f64)
-    plan = _plan(x, ax)
-    y, ys = _output(plan, None, (plan.x,), (weight, bias))
-    rm, rv = _state_buffer(running_mean, x.dtype), _state_buffer(running_var, x.dtype)
-    _kernels.forward_train(
-        plan.shape, plan.x, plan.xs, y, ys, weight, bias, rm, rv, momentum, eps, save_mean, save_invstd, (),
+    y, save_mean, save_invstd = _forward_train(
+        x, weight, bias, running_mean, running_var, momentum, eps, axis, None,
         statistics=(float(share), float(r_max), float(d_max), pm, pv, int(bool(prior_moments)), stats),
     )
-    if rm is not running_mean:
-        running_mean[...] = rm
-    if rv is not running_var:
-        running_var[...] = rv
-    return _finish(y, None), save_mean, save_invstd, stats
+    return y, save_mean, save_invstd, stats
