@@ -5,8 +5,10 @@
  * is float), BN_VEC_BYTES (SIMD register width) and BN_SFX (the name
  * suffix), then include this file.  No include guard on purpose.
  *
- * Statistics and gradient sums accumulate in double whatever BN_T is; the
- * apply phase (apply_body.h) computes in BN_AT on the centred form.  Vector
+ * Statistics and gradient sums accumulate in double whatever BN_T is (the
+ * training forward of float and half data first tries float blocks of
+ * bounded error: planar_float_sums_); the apply phase (apply_body.h)
+ * computes in BN_AT on the centred form.  Vector
  * loops and their scalar tails evaluate the same expressions, and which
  * elements a vector loop covers depends on the shape and addresses only, so
  * results are bit-identical for any thread count. */
@@ -293,15 +295,180 @@ static inline void BN_FN(state_of_sums_)(double pilot, double s1, double s2, dou
     *m2 = v > 0.0 ? v : v == v ? 0.0 : v; /* rounding never makes it negative; NaN stays */
 }
 
+#define BN_FLOAT_SUMS BN_VECTORS
+
+#if BN_FLOAT_SUMS
+/* The fast form of those sums: y = x - pilot and y * y accumulate in float
+ * lanes (BN_AT, the full vector width) over BN_FLUSH steps of each lane, and
+ * those short partial sums are added up in double lanes, then the lanes in a
+ * fixed order: a third of the double sums' work.  The blocking depends on
+ * positions within the task only, so the bits do not depend on the thread
+ * count.  A task keeps its float sums only where float_sums_ok_ bounds their
+ * error below the statistics' bar; anywhere else (overflow, underflow, NaN,
+ * a pilot far from the mean) it is summed again in double. */
+#define BN_FLUSH 8
+#define BN_FLOAT_SUMS_MIN 4096
+
+/* Double accumulators of the float lanes: VW, WA / 2 doubles (the full
+ * width); acc[0] += the low half of v's lanes, acc[1] += the high half. */
+typedef double BN_FN(vw_) __attribute__((vector_size(BN_VEC_BYTES)));
+typedef BN_AT BN_FN(vh_) __attribute__((vector_size(BN_VEC_BYTES / 2)));
+#if BN_VEC_BYTES == 64
+#define BN_HALVES_(v, lo, hi)                                                                      \
+    (lo) = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),                                  \
+    (hi) = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
+#elif BN_VEC_BYTES == 32
+#define BN_HALVES_(v, lo, hi)                                                                      \
+    (lo) = __builtin_shufflevector(v, v, 0, 1, 2, 3), (hi) = __builtin_shufflevector(v, v, 4, 5, 6, 7)
+#else
+#define BN_HALVES_(v, lo, hi)                                                                      \
+    (lo) = __builtin_shufflevector(v, v, 0, 1), (hi) = __builtin_shufflevector(v, v, 2, 3)
+#endif
+/* (no memcpy of v: taking its address would keep the accumulators in memory) */
+static BN_ALWAYS_INLINE void BN_FN(flush_)(BN_FN(vw_) *acc, BN_FN(va_) v)
+{
+    BN_FN(vh_) lo, hi;
+    BN_HALVES_(v, lo, hi);
+    acc[0] += __builtin_convertvector(lo, BN_FN(vw_));
+    acc[1] += __builtin_convertvector(hi, BN_FN(vw_));
+}
+#undef BN_HALVES_
+
+/* The lanes of acc[0 .. 2 * BN_U): a fixed tree over the vectors (BN_U is
+ * a power of two), then the lanes of the last one in order. */
+static BN_ALWAYS_INLINE double BN_FN(lanes_sum_)(BN_FN(vw_) *acc)
+{
+    for (int half = BN_U; half >= 1; half /= 2)
+        for (int j = 0; j < half; j++) acc[j] += acc[j + half];
+    double t = 0.0;
+    for (ptrdiff_t l = 0; l < WA / 2; l++) t += acc[0][l];
+    return t;
+}
+
+/* Whether float-block sums s1 = sum(y), s2 = sum(y * y) of count values,
+ * y = x - pilot, are as good as the statistics need.  Each y and each partial
+ * sum of at most BN_FLUSH terms is rounded in float (u = 2^-24), errors
+ * relative to |y|, so the sums are used only where (a) s2 is finite (no float
+ * overflow), (b) the mean square is at least 2^-100 (a square that underflows
+ * loses at most 2^-150: their total stays below 2^-50 of s2) and (c) the pilot
+ * lies within 2 deviations of the mean, d^2 <= 4 var with d = mean - pilot.
+ * Then, to first order, M2 = s2 - s1^2 / n is off by at most
+ * (BN_FLUSH + 1) u (1 + d^2/var) + 2 BN_FLUSH u |d| sqrt(var + d^2) / var
+ * <= 117 u = 7.0e-6 of itself, and the mean by BN_FLUSH u sqrt(var + d^2)
+ * <= 1.1e-6 deviations: within the bar of float32 data's statistics (1e-5)
+ * even in the worst case; typical errors are orders of magnitude smaller.
+ * Constant data (M2 = 0) and NaN fail (b) or (c) and take the double path,
+ * which keeps their exact results. */
+static inline int BN_FN(float_sums_ok_)(double s1, double s2, double count)
+{
+    /* (c) as (s1 / n)^2 <= 4 (s2 / n - (s1 / n)^2), without a division */
+    return (s2 <= DBL_MAX) & (s2 >= count * 0x1p-100) & (5.0 * (s1 * s1) <= 4.0 * (count * s2));
+}
+
+/* The float sums' pilot: the mean, in float, of the vectors at p, p + step,
+ * ..., p + (m - 1) step (WA lanes each; a few deviations from the mean at
+ * most, unlike a single element, which may be an outlier). */
+static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(pilot_mean_)(const BN_T *p, ptrdiff_t step, ptrdiff_t m)
+{
+    BN_FN(va_) t = BN_LDA(p);
+    for (ptrdiff_t r = 1; r < m; r++) t += BN_LDA(p + r * step);
+    return t / BN_SPLATA((BN_AT)m);
+}
+
+/* Whether a statistics task of count values takes the float sums: not for
+ * moments (its float64 state is the product: it keeps double sums, exact to
+ * ~1e-16), nor below BN_FLOAT_SUMS_MIN values, where a task's fixed costs
+ * outweigh the gain. */
+static inline int BN_FN(float_sums_wanted_)(const bn_context *k, double count)
+{
+    return k->op != BN_OP_MOMENTS && count >= BN_FLOAT_SUMS_MIN;
+}
+
+static void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task *u, double *pilot,
+                                      double *sum1, double *sum2)
+{
+    const ptrdiff_t c = u->channel, len = u->len, body = len - len % (BN_U * WA);
+    const ptrdiff_t rest = (len - body) / WA, part = (len - body) % WA;
+    const BN_T *first = (const BN_T *)k->x.data + u->row0 * k->x.outer_stride + c * k->x.channel_stride
+                        + u->offset;
+    BN_AT p = BN_TO_A(first[0]);
+    if (len >= BN_U * WA) { /* the mean of the task's first BN_U * WA values */
+        const BN_FN(va_) m = BN_FN(pilot_mean_)(first, WA, BN_U);
+        p = (BN_AT)0;
+        for (ptrdiff_t l = 0; l < WA; l++) p += m[l];
+        p /= (BN_AT)WA;
+    }
+    *pilot = (double)p;
+    const BN_FN(va_) vp = BN_SPLATA(p);
+    BN_FN(va_) sa[BN_U], sb[BN_U];
+    BN_FN(vw_) da[2 * BN_U], db[2 * BN_U];
+    for (int v = 0; v < BN_U; v++) {
+        sa[v] = sb[v] = BN_SPLATA((BN_AT)0);
+        da[2 * v] = da[2 * v + 1] = db[2 * v] = db[2 * v + 1] = (BN_FN(vw_)){0};
+    }
+    int steps = 0;
+#define BN_STEP_(v, xv)                                                                            \
+    do {                                                                                           \
+        const BN_FN(va_) y = (xv) - vp;                                                            \
+        sa[v] += y;                                                                                \
+        sb[v] += y * y;                                                                            \
+    } while (0)
+#define BN_COUNT_STEP_()                                                                           \
+    if (++steps == BN_FLUSH) {                                                                     \
+        steps = 0;                                                                                 \
+        for (int v = 0; v < BN_U; v++) {                                                           \
+            BN_FN(flush_)(da + 2 * v, sa[v]);                                                      \
+            BN_FN(flush_)(db + 2 * v, sb[v]);                                                      \
+            sa[v] = sb[v] = BN_SPLATA((BN_AT)0);                                                   \
+        }                                                                                          \
+    }
+    for (ptrdiff_t n = u->row0; n < u->row1; n++) {
+        const BN_T *x = first + (n - u->row0) * k->x.outer_stride;
+        for (ptrdiff_t i = 0; i < body; i += BN_U * WA) {
+            for (int v = 0; v < BN_U; v++) BN_STEP_(v, BN_LDA(x + i + v * WA));
+            BN_COUNT_STEP_()
+        }
+        /* the row's tail: whole vectors, then the part, padded with the
+         * pilot (y = 0 there), into the first accumulators (constant indices
+         * keep them all in registers), one step each */
+        for (ptrdiff_t j = 0; j < rest; j++) {
+            BN_STEP_(0, BN_LDA(x + body + j * WA));
+            BN_COUNT_STEP_()
+        }
+        if (part) {
+            BN_AT buf[WA];
+            for (ptrdiff_t l = 0; l < WA; l++) buf[l] = l < part ? BN_TO_A(x[body + rest * WA + l]) : p;
+            BN_STEP_(0, BN_LDP(buf));
+            BN_COUNT_STEP_()
+        }
+    }
+#undef BN_STEP_
+#undef BN_COUNT_STEP_
+    for (int v = 0; v < BN_U; v++) {
+        BN_FN(flush_)(da + 2 * v, sa[v]);
+        BN_FN(flush_)(db + 2 * v, sb[v]);
+    }
+    *sum1 = BN_FN(lanes_sum_)(da);
+    *sum2 = BN_FN(lanes_sum_)(db);
+}
+#endif
+
 static void BN_FN(stats_planar_sums_)(const bn_context *k, const bn_planar_task *u)
 {
     const BN_T *base = (const BN_T *)k->x.data + u->channel * k->x.channel_stride + u->offset;
-    const double pilot = (double)BN_TO_A(base[u->row0 * k->x.outer_stride]);
-    double s1, s2;
-    BN_FN(planar_sums_)(k, u, pilot, 0, &s1, &s2, NULL, 0.0);
+    const double count = (double)((u->row1 - u->row0) * u->len);
+    double pilot, s1, s2;
+#if BN_FLOAT_SUMS
+    const int fast = BN_FN(float_sums_wanted_)(k, count);
+    if (fast) BN_FN(planar_float_sums_)(k, u, &pilot, &s1, &s2);
+    if (!fast || !BN_FN(float_sums_ok_)(s1, s2, count))
+#endif
+    {
+        pilot = (double)BN_TO_A(base[u->row0 * k->x.outer_stride]);
+        BN_FN(planar_sums_)(k, u, pilot, 0, &s1, &s2, NULL, 0.0);
+    }
     const ptrdiff_t i = u->prow * k->geo.channels + u->channel;
-    BN_FN(state_of_sums_)(pilot, s1, s2, (double)((u->row1 - u->row0) * u->len), k->part.mean + i,
-                          k->part.m2 + i);
+    BN_FN(state_of_sums_)(pilot, s1, s2, count, k->part.mean + i, k->part.m2 + i);
 }
 #endif
 
@@ -435,8 +602,68 @@ static BN_ALWAYS_INLINE void BN_FN(rows_sums_)(const bn_context *k, const bn_row
 }
 
 #if BN_T_IS_FLOAT
+#if BN_FLOAT_SUMS
+/* Channels-last: planar_float_sums_ per channel of rows task u, into sum_a
+ * and sum_b, strip by strip (BN_U vectors of channels, then one), each strip
+ * over the task's rows with its double lanes in registers and a flush every
+ * BN_FLUSH rows; a channel's pilot (into pilot) is the mean of its first
+ * BN_FLUSH rows at most.  The last channels (less than a vector) are summed
+ * in double by rows_sums_, with the pilots given.  Returns whether every
+ * channel's float sums pass float_sums_ok_. */
+static BN_ALWAYS_INLINE void BN_FN(rows_float_strip_)(const BN_T *first, ptrdiff_t xs, ptrdiff_t rows,
+                                                      const int nv, double *restrict pilot,
+                                                      double *restrict sum_a, double *restrict sum_b)
+{
+    BN_FN(va_) vp[BN_U], sa[BN_U], sb[BN_U];
+    BN_FN(vw_) da[2 * BN_U], db[2 * BN_U];
+    for (int v = 0; v < nv; v++) {
+        vp[v] = BN_FN(pilot_mean_)(first + v * WA, xs, bn_min(rows, BN_FLUSH));
+        for (ptrdiff_t l = 0; l < WA; l++) pilot[v * WA + l] = (double)vp[v][l];
+        sa[v] = sb[v] = BN_SPLATA((BN_AT)0);
+        da[2 * v] = da[2 * v + 1] = db[2 * v] = db[2 * v + 1] = (BN_FN(vw_)){0};
+    }
+    for (ptrdiff_t r0 = 0; r0 < rows; r0 += BN_FLUSH) {
+        for (ptrdiff_t r = r0; r < bn_min(rows, r0 + BN_FLUSH); r++)
+            for (int v = 0; v < nv; v++) {
+                const BN_FN(va_) y = BN_LDA(first + r * xs + v * WA) - vp[v];
+                sa[v] += y;
+                sb[v] += y * y;
+            }
+        for (int v = 0; v < nv; v++) {
+            BN_FN(flush_)(da + 2 * v, sa[v]);
+            BN_FN(flush_)(db + 2 * v, sb[v]);
+            sa[v] = sb[v] = BN_SPLATA((BN_AT)0);
+        }
+    }
+    for (int v = 0; v < nv; v++) {
+        memcpy(sum_a + v * WA, da + 2 * v, 2 * sizeof da[0]);
+        memcpy(sum_b + v * WA, db + 2 * v, 2 * sizeof db[0]);
+    }
+}
+
+static int BN_FN(rows_float_sums_)(const bn_context *k, const bn_rows_task *u, double *pilot,
+                                   double *restrict sum_a, double *restrict sum_b)
+{
+    const ptrdiff_t nc = u->c1 - u->c0, xs = k->x.outer_stride, rows = u->row1 - u->row0;
+    const ptrdiff_t wide = nc - nc % (BN_U * WA), vec = nc - nc % WA;
+    const BN_T *first = (const BN_T *)k->x.data + u->row0 * xs + u->c0;
+    for (ptrdiff_t c = 0; c < wide; c += BN_U * WA)
+        BN_FN(rows_float_strip_)(first + c, xs, rows, BN_U, pilot + c, sum_a + c, sum_b + c);
+    for (ptrdiff_t c = wide; c < vec; c += WA)
+        BN_FN(rows_float_strip_)(first + c, xs, rows, 1, pilot + c, sum_a + c, sum_b + c);
+    if (vec < nc) {
+        bn_rows_task rest = *u;
+        rest.c0 += vec;
+        BN_FN(rows_sums_)(k, &rest, pilot + vec, 0, sum_a + vec, sum_b + vec);
+    }
+    int ok = 1;
+    for (ptrdiff_t j = 0; j < vec; j++) ok &= BN_FN(float_sums_ok_)(sum_a[j], sum_b[j], (double)rows);
+    return ok;
+}
+#endif
+
 /* Channels-last float data: as stats_planar_sums_, per channel, with each
- * channel's value in the task's first row as its pilot. */
+ * channel's value in the task's first row as the double sums' pilot. */
 static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
 {
     const ptrdiff_t nc = u->c1 - u->c0;
@@ -445,8 +672,17 @@ static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
     const BN_T *first = (const BN_T *)k->x.data + u->row0 * k->x.outer_stride + u->c0;
     double pilot[BN_CHANNEL_TILE];
     for (ptrdiff_t j = 0; j < nc; j++) pilot[j] = (double)BN_TO_A(first[j]);
-    BN_FN(rows_sums_)(k, u, pilot, 0, ps1, ps2);
     const double count = (double)(u->row1 - u->row0);
+    int done = 0;
+#if BN_FLOAT_SUMS
+    /* (tasks of few rows, wide in channels, measured faster in double: the
+     * pilots' pass and the strips' flushes weigh on few rows) */
+    if (count >= 8 * BN_FLUSH && BN_FN(float_sums_wanted_)(k, count * (double)nc)) {
+        done = BN_FN(rows_float_sums_)(k, u, pilot, ps1, ps2);
+        for (ptrdiff_t j = 0; !done && j < nc; j++) pilot[j] = (double)BN_TO_A(first[j]);
+    }
+#endif
+    if (!done) BN_FN(rows_sums_)(k, u, pilot, 0, ps1, ps2);
     for (ptrdiff_t j = 0; j < nc; j++)
         BN_FN(state_of_sums_)(pilot[j], ps1[j], ps2[j], count, ps1 + j, ps2 + j);
 }
@@ -1433,6 +1669,9 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 }
 
 #undef BN_ROW_BLOCK
+#undef BN_FLOAT_SUMS
+#undef BN_FLOAT_SUMS_MIN
+#undef BN_FLUSH
 #undef BN_SUM_ROWS
 #undef BN_LINE_T
 #undef BN_FINISH_BLOCK

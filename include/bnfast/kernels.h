@@ -6,6 +6,7 @@
 #ifndef BNFAST_KERNELS_H
 #define BNFAST_KERNELS_H
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -1,0 +1,137 @@
+"""The training forward's statistics of float32 and half-precision data.
+
+Tasks of at least 4096 values sum ``y = x - pilot`` and ``y * y`` in float
+lanes over blocks of 8 and in double across the blocks (``planar_float_sums_``
+and ``rows_float_sums_`` in ``kernel_body.h``), and take those sums only where
+``float_sums_ok_`` bounds their error: the relative error of M2 to 117 u =
+7.0e-6 (u = 2**-24) and that of the mean to 1.1e-6 deviations; everywhere else
+(float overflow or underflow, NaN, constant data, a pilot far from the mean)
+they sum again in double.  These tests read the statistics in float64 (the
+kernel's ``stats`` output, `bnfast._variants.statistics_forward`) on shapes
+whose tasks take that path, in both layouts, and check them against the exact
+float64 statistics of the same values.  ``moments`` keeps double sums
+throughout (its float64 state is its product): test_functional checks it to
+1e-12.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bnfast
+from bnfast._variants import statistics_forward
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - optional dependency
+    BF16 = None
+
+DTYPES = [
+    pytest.param(np.dtype(np.float32), id="float32"),
+    pytest.param(np.dtype(np.float16), id="float16"),
+    pytest.param(BF16, id="bfloat16",
+                 marks=pytest.mark.skipif(BF16 is None, reason="ml_dtypes is not installed")),
+]
+
+# planar tasks of 16 x 1000 values; channels-last tasks of 16384 values over
+# 64 channels (4 whole vectors in every variant) and 70 (a partial one)
+LAYOUTS = [((16, 3, 40, 25), 1), ((16, 40, 25, 64), -1), ((300, 70), 1), ((8, 3, 33, 131), 1)]
+
+M2_BOUND = 117 * 2.0**-24  # relative error of the biased variance
+MEAN_BOUND = 1.1e-6  # error of the mean in deviations
+
+
+def _stats(x, axis):
+    C = x.shape[axis]
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    *_, stats = statistics_forward(x, None, None, rm, rv, momentum=0.1, eps=1e-5, axis=axis)
+    return stats[0], stats[1]
+
+
+def _exact(x, axis):
+    x64 = np.moveaxis(x.astype(np.float64), axis, 0).reshape(x.shape[axis], -1)
+    mean = x64.mean(axis=1)
+    return mean, ((x64 - mean[:, None]) ** 2).mean(axis=1)
+
+
+def _check(x, axis):
+    mean, var = _stats(x, axis)
+    want_mean, want_var = _exact(x, axis)
+    sd = np.sqrt(want_var)
+    assert np.all(np.abs(mean - want_mean) <= MEAN_BOUND * sd + 1e-300), (mean, want_mean)
+    assert np.all(np.abs(var - want_var) <= M2_BOUND * want_var), (var, want_var)
+    return np.max(np.abs(var - want_var) / want_var)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1e3])
+def test_statistics_within_the_bound(dtype, shape, axis, offset):
+    rng = np.random.default_rng(7)
+    x = (offset + rng.standard_normal(shape)).astype(dtype)
+    _check(x, axis)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("offset", [1e4, 1e5, 1e6])
+def test_float32_at_large_offsets(shape, axis, offset):
+    rng = np.random.default_rng(8)
+    _check((offset + rng.standard_normal(shape)).astype(np.float32), axis)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_outlier_in_the_pilot_sample(dtype, shape, axis):
+    """A first value 60 deviations out: the pilot is a mean of several values,
+    and a task whose pilot still lands far from the mean sums in double."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape)
+    first = (0,) * x.ndim
+    x[first] = 60.0
+    _check(x.astype(dtype), axis)
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_magnitudes_where_float_squares_fail(shape, axis, scale):
+    """Squares that underflow or overflow float: the tasks sum in double."""
+    rng = np.random.default_rng(10)
+    x = (scale * rng.standard_normal(shape)).astype(np.float32)
+    mean, var = _stats(x, axis)
+    want_mean, want_var = _exact(x, axis)
+    assert np.all(np.isfinite(var)) and np.all(var > 0)
+    np.testing.assert_allclose(var, want_var, rtol=1e-12)
+    np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-12 * np.sqrt(want_var).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_constant_and_nonfinite_channels(dtype, shape, axis):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape)
+    xm = np.moveaxis(x, axis, 0)  # a view: channel first
+    xm[0] = 3.25  # constant: exactly its value, variance exactly 0
+    xm[1].flat[xm[1].size // 2] = np.nan
+    x = x.astype(dtype)
+    mean, var = _stats(x, axis)
+    assert mean[0] == 3.25 and var[0] == 0.0
+    assert np.isnan(mean[1]) and np.isnan(var[1])
+    want_mean, want_var = _exact(x, axis)
+    sd = np.sqrt(want_var[2:])
+    assert np.all(np.abs(mean[2:] - want_mean[2:]) <= MEAN_BOUND * sd)
+    assert np.all(np.abs(var[2:] - want_var[2:]) <= M2_BOUND * want_var[2:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_bits_for_any_thread_count(dtype):
+    data = [((5.0 + np.random.default_rng(12).standard_normal(shape)).astype(dtype), axis)
+            for shape, axis in LAYOUTS]
+    results = []
+    for threads in (1, 2, 3):
+        bnfast.set_num_threads(threads)
+        results.append(np.concatenate([np.concatenate(_stats(x, axis)) for x, axis in data]))
+    for other in results[1:]:
+        assert np.array_equal(results[0], other)
