@@ -169,3 +169,26 @@ def test_ghost_batches_refuse_a_fused_activation():
         nn.BatchNorm2d(4, virtual_batch_size=2, activation="relu")
     with pytest.raises(ValueError, match="virtual_batch_size"):
         nn.BatchNorm2d(4, virtual_batch_size=2, inplace=True)
+
+
+@pytest.mark.parametrize("kernel,axis", [(1, -1), (3, 1)])
+def test_inplace_training_step_retains_less_activation_memory(kernel, axis):
+    """Issue 16's memory bar, measured with tracemalloc (deterministic, not a
+    timing): a training step of 4 x Conv-BN-LeakyReLU retains at least 30%
+    less memory fused in place than unfused, 3x3 convolutions included (the
+    convolution keeps its input, not its im2col matrix)."""
+    from bnfast._bench_fused import training_step_memory
+
+    shape = (4, 16, 16, 16)
+    unfused = training_step_memory("leaky_unfused", shape, kernel, axis)
+    inplace = training_step_memory("leaky_inplace", shape, kernel, axis)
+    assert inplace["retained"] <= 0.7 * unfused["retained"], (unfused, inplace)
+    assert inplace["peak"] < unfused["peak"]
+
+
+def test_conv_keeps_its_input_not_the_im2col_matrix():
+    conv = nn.Conv2d(4, 8, 3, padding=1, rng=0)
+    x = np.random.default_rng(0).standard_normal((2, 4, 9, 9)).astype(np.float32)
+    conv(x)
+    assert conv._cache[0] is x
+    assert all(a.nbytes <= x.nbytes for a in conv._cache if isinstance(a, np.ndarray))

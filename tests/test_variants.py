@@ -357,7 +357,7 @@ def test_cross_iteration_compensation_matches_finite_difference(axis):
         return rows.mean(0), (rows * rows).mean(0), y
 
     mu0, nu0, y0 = stats()
-    cols = conv._cache[0]
+    cols = conv._columns(conv._cache[0])[0]
     dmu, dnu = _moment_gradients(cols, np.moveaxis(y0, axis, -1).reshape(-1, 3))
     if axis == 1:  # the layer's channels-first form gives the same derivatives
         d2 = _moment_gradients(cols, y0.reshape(2, 3, -1))

@@ -313,7 +313,16 @@ static inline void BN_FN(state_of_sums_)(double pilot, double s1, double s2, dou
  * width); acc[0] += the low half of v's lanes, acc[1] += the high half. */
 typedef double BN_FN(vw_) __attribute__((vector_size(BN_VEC_BYTES)));
 typedef BN_AT BN_FN(vh_) __attribute__((vector_size(BN_VEC_BYTES / 2)));
-#if BN_VEC_BYTES == 64
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector) /* GCC 12, clang */
+#define BN_SHUFFLE_ 1
+#endif
+#endif
+#ifndef BN_SHUFFLE_
+/* older compilers: through memory (slower, the same values) */
+#define BN_HALVES_(v, lo, hi)                                                                      \
+    memcpy(&(lo), &(v), sizeof(lo)), memcpy(&(hi), (const char *)&(v) + sizeof(lo), sizeof(hi))
+#elif BN_VEC_BYTES == 64
 #define BN_HALVES_(v, lo, hi)                                                                      \
     (lo) = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),                                  \
     (hi) = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15)
@@ -324,7 +333,8 @@ typedef BN_AT BN_FN(vh_) __attribute__((vector_size(BN_VEC_BYTES / 2)));
 #define BN_HALVES_(v, lo, hi)                                                                      \
     (lo) = __builtin_shufflevector(v, v, 0, 1), (hi) = __builtin_shufflevector(v, v, 2, 3)
 #endif
-/* (no memcpy of v: taking its address would keep the accumulators in memory) */
+/* (a shuffle, not a memcpy of v: taking its address would keep the
+ * accumulators in memory) */
 static BN_ALWAYS_INLINE void BN_FN(flush_)(BN_FN(vw_) *acc, BN_FN(va_) v)
 {
     BN_FN(vh_) lo, hi;
@@ -333,6 +343,7 @@ static BN_ALWAYS_INLINE void BN_FN(flush_)(BN_FN(vw_) *acc, BN_FN(va_) v)
     acc[1] += __builtin_convertvector(hi, BN_FN(vw_));
 }
 #undef BN_HALVES_
+#undef BN_SHUFFLE_
 
 /* The lanes of acc[0 .. 2 * BN_U): a fixed tree over the vectors (BN_U is
  * a power of two), then the lanes of the last one in order. */

@@ -280,7 +280,10 @@ class Conv2d(_WeightBiasLayer):
 
     Implemented as im2col (``numpy.lib.stride_tricks.sliding_window_view``)
     followed by one matrix product; the backward pass is a matrix product and
-    a scatter-add over the kernel offsets.
+    a scatter-add over the kernel offsets.  Like ``torch.nn.Conv2d`` (and
+    :class:`Linear`) it keeps a reference to its input for the backward pass,
+    not the ``kh * kw`` times larger im2col matrix, which the backward pass
+    rebuilds; so do not modify the input in place between the two.
 
     Parameters
     ----------
@@ -357,18 +360,31 @@ class Conv2d(_WeightBiasLayer):
             of ``x``, with ``H_out = (H + 2*pad - kh) // stride + 1``.
         """
         x = _as_float_4d(x, self.axis, "Conv2d")
-        xn = _to_nhwc(x, self.axis)
-        n, h, w, c = xn.shape
+        n, h, w, c = _to_nhwc(x, self.axis).shape
         if c != self.in_channels:
             raise ValueError(
                 f"Conv2d(in_channels={self.in_channels}, axis={self.axis}): input {_LAYOUTS[self.axis]} has "
                 f"{c} channels (shape {x.shape})"
             )
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
         if h + 2 * ph < kh or w + 2 * pw < kw:
             raise ValueError(
                 f"Conv2d: padded input ({h + 2 * ph}x{w + 2 * pw}) is smaller than the kernel ({kh}x{kw})"
             )
+        cols, (oh, ow) = self._columns(x)
+        out = self._matmul_forward(cols).reshape(n, oh, ow, self.out_channels)
+        out = _from_nhwc(out, self.axis)
+        # the input itself, as torch saves it (and as Linear does): backward
+        # rebuilds the columns, which are kh * kw times larger
+        self._cache = (x, (n, h, w, c), (oh, ow))
+        self._out_shape = out.shape
+        return out
+
+    def _columns(self, x: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """im2col of a validated input: ``(N * OH * OW, C * kh * kw)`` and ``(OH, OW)``."""
+        xn = _to_nhwc(x, self.axis)
+        n, h, w, c = xn.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         if ph or pw:
             xn = np.pad(xn, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
         oh = (h + 2 * ph - kh) // sh + 1
@@ -376,12 +392,7 @@ class Conv2d(_WeightBiasLayer):
         # (N, OH, OW, C, kh, kw) view; the reshape is the one im2col copy and
         # orders each row (C, kh, kw) like a row of the weight matrix.
         win = np.lib.stride_tricks.sliding_window_view(xn, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
-        cols = win.reshape(n * oh * ow, c * kh * kw)
-        out = self._matmul_forward(cols).reshape(n, oh, ow, self.out_channels)
-        out = _from_nhwc(out, self.axis)
-        self._cache = (cols, (n, h, w, c), (oh, ow))
-        self._out_shape = out.shape
-        return out
+        return win.reshape(n * oh * ow, c * kh * kw), (oh, ow)
 
     def backward(self, grad_out: np.ndarray) -> np.ndarray:
         """Compute the gradients of ``weight``, ``bias`` and the input.
@@ -397,7 +408,8 @@ class Conv2d(_WeightBiasLayer):
             Same shape and layout as the last input.
         """
         g = _check_grad(grad_out, self._out_shape, "Conv2d")
-        cols, (n, h, w, c), (oh, ow) = self._cache
+        x, (n, h, w, c), (oh, ow) = self._cache
+        cols = self._columns(x)[0]
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         g2 = _to_nhwc(g, self.axis).reshape(n * oh * ow, self.out_channels)
         dcols = self._matmul_backward(g2, cols).reshape(n, oh, ow, c, kh, kw)

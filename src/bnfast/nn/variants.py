@@ -449,7 +449,7 @@ class _CrossIterationBatchNorm(_StatisticsNorm):
             y2 = x
         elif isinstance(layer, Conv2d) and x.ndim == 4 and layer._cache is not None \
                 and layer.axis % 4 == self._axis % 4:
-            cols = layer._cache[0]
+            cols = layer._columns(layer._cache[0])[0]
             # NCHW: (N, C, HW) against cols as (N, HW, fan_in), no transposed copy of x
             y2 = x.reshape(x.shape[0], x.shape[1], -1) if self._axis % 4 == 1 else x.reshape(-1, x.shape[3])
         else:
