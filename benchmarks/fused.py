@@ -12,7 +12,7 @@ memory held before it ("peak"), for
 
 Speed: ``act(BN(x) + z)`` as one fused call vs batch norm, add and ReLU as
 three NumPy-level operations, and vs PyTorch's unfused sequence (if torch is
-installed), forward (training) and inference; median of repeats.
+installed), forward (training) and inference; best of interleaved rounds.
 
 The functions live in ``bnfast._bench_fused`` (``python -m bnfast bench
 --fused`` runs them with pinned thread counts).  Run::
@@ -36,13 +36,15 @@ def main(argv=None) -> None:
     p.add_argument("--memory", action="store_true", help="peak memory of a training step (tracemalloc)")
     p.add_argument("--speed", action="store_true", help="fused vs unfused timings")
     p.add_argument("--shape", default=None, help="N,C,H,W (default 16,32,32,32 memory; 32,64,56,56 speed)")
-    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=20, help="rounds")
     args = p.parse_args(argv)
     shape = tuple(int(s) for s in args.shape.split(",")) if args.shape else None
     if args.memory or not args.speed:
         memory_report(shape or (16, 32, 32, 32))
     if args.speed:
-        speed_report(shape or (32, 64, 56, 56), args.repeat)
+        from bnfast._bench import _torch
+
+        speed_report(shape or (32, 64, 56, 56), args.repeat, _torch())
 
 
 if __name__ == "__main__":

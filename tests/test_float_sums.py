@@ -1,6 +1,7 @@
 """The training forward's statistics of float32 and half-precision data.
 
-Tasks of at least 4096 values sum ``y = x - pilot`` and ``y * y`` in float
+Tasks whose lanes sum at least 64 values each (planar tasks of 4096 values
+with AVX-512) sum ``y = x - pilot`` and ``y * y`` in float
 lanes over blocks of 8 and in double across the blocks (``planar_float_sums_``
 and ``rows_float_sums_`` in ``kernel_body.h``), and take those sums only where
 ``float_sums_ok_`` bounds their error: the relative error of M2 to 117 u =

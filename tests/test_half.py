@@ -304,13 +304,13 @@ _VARIANT = textwrap.dedent(
             yi = bnfast.batch_norm_inference(x, rm, rv, w, b, axis=axis)
             # the ops after the forward from the reference's statistics: the
             # forward's own may differ in the last bit between the variants
-            ref_mean, ref_var = bnfast.moments(x, axis=axis).mean, bnfast.moments(x, axis=axis).m2
-            m0 = ref_mean.astype(np.float32)
-            s0 = (1.0 / np.sqrt(ref_var / x.size * C + 1e-5)).astype(np.float32)
+            moments = bnfast.moments(x, axis=axis)
+            m0 = moments.mean.astype(np.float32)
+            s0 = (1.0 / np.sqrt(moments.m2 / moments.count + 1e-5)).astype(np.float32)
             out = [bnfast.batch_norm_inference(x, m0, 1.0 / s0**2, w, b, axis=axis)]
             out += bnfast.batch_norm_backward(g, x, m0, s0, w, axis=axis)
             out += bnfast.batch_norm_backward(g, x, m0, s0, w, training=False, axis=axis)
-            out += [bnfast.moments(x, axis=axis).m2]
+            out += [moments.m2]
             for a in out:
                 digest.update(np.ascontiguousarray(a).tobytes())
             ry, *_ = _reference.batch_norm_forward(x, w, b, axis=axis)

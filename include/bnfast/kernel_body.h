@@ -307,7 +307,7 @@ static inline void BN_FN(state_of_sums_)(double pilot, double s1, double s2, dou
  * error below the statistics' bar; anywhere else (overflow, underflow, NaN,
  * a pilot far from the mean) it is summed again in double. */
 #define BN_FLUSH 8
-#define BN_FLOAT_SUMS_MIN 4096
+#define BN_FLOAT_SUMS_MIN_BLOCKS 8
 
 /* Double accumulators of the float lanes: VW, WA / 2 doubles (the full
  * width); acc[0] += the low half of v's lanes, acc[1] += the high half. */
@@ -377,8 +377,8 @@ static inline int BN_FN(float_sums_ok_)(double s1, double s2, double count)
 }
 
 /* The float sums' pilot: the mean, in float, of the vectors at p, p + step,
- * ..., p + (m - 1) step (WA lanes each; a few deviations from the mean at
- * most, unlike a single element, which may be an outlier). */
+ * ..., p + (m - 1) step (WA lanes each), the first values of a task's first
+ * rows -- near the mean, unlike a single element, which may be an outlier. */
 static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(pilot_mean_)(const BN_T *p, ptrdiff_t step, ptrdiff_t m)
 {
     BN_FN(va_) t = BN_LDA(p);
@@ -386,13 +386,15 @@ static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(pilot_mean_)(const BN_T *p, ptrdiff_t s
     return t / BN_SPLATA((BN_AT)m);
 }
 
-/* Whether a statistics task of count values takes the float sums: not for
- * moments (its float64 state is the product: it keeps double sums, exact to
- * ~1e-16), nor below BN_FLOAT_SUMS_MIN values, where a task's fixed costs
- * outweigh the gain. */
-static inline int BN_FN(float_sums_wanted_)(const bn_context *k, double count)
+/* Whether a statistics task whose lanes each sum per_lane values takes the
+ * float sums: not for moments (its float64 state is the product: it keeps
+ * double sums, exact to ~1e-16), nor for lanes of fewer than
+ * BN_FLOAT_SUMS_MIN_BLOCKS blocks, where the task's fixed costs (pilots,
+ * flushes, the lanes' reduction) outweigh the gain: measured on planar tasks
+ * of 512 values and on channels-last tasks of 21 rows. */
+static inline int BN_FN(float_sums_wanted_)(const bn_context *k, double per_lane)
 {
-    return k->op != BN_OP_MOMENTS && count >= BN_FLOAT_SUMS_MIN;
+    return k->op != BN_OP_MOMENTS && per_lane >= BN_FLOAT_SUMS_MIN_BLOCKS * BN_FLUSH;
 }
 
 static void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task *u, double *pilot,
@@ -403,8 +405,8 @@ static void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task 
     const BN_T *first = (const BN_T *)k->x.data + u->row0 * k->x.outer_stride + c * k->x.channel_stride
                         + u->offset;
     BN_AT p = BN_TO_A(first[0]);
-    if (len >= BN_U * WA) { /* the mean of the task's first BN_U * WA values */
-        const BN_FN(va_) m = BN_FN(pilot_mean_)(first, WA, BN_U);
+    if (len >= WA) { /* the mean of the first vector of the task's first BN_U rows */
+        const BN_FN(va_) m = BN_FN(pilot_mean_)(first, k->x.outer_stride, bn_min(u->row1 - u->row0, BN_U));
         p = (BN_AT)0;
         for (ptrdiff_t l = 0; l < WA; l++) p += m[l];
         p /= (BN_AT)WA;
@@ -470,7 +472,7 @@ static void BN_FN(stats_planar_sums_)(const bn_context *k, const bn_planar_task 
     const double count = (double)((u->row1 - u->row0) * u->len);
     double pilot, s1, s2;
 #if BN_FLOAT_SUMS
-    const int fast = BN_FN(float_sums_wanted_)(k, count);
+    const int fast = BN_FN(float_sums_wanted_)(k, count / (double)(BN_U * WA));
     if (fast) BN_FN(planar_float_sums_)(k, u, &pilot, &s1, &s2);
     if (!fast || !BN_FN(float_sums_ok_)(s1, s2, count))
 #endif
@@ -686,9 +688,7 @@ static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
     const double count = (double)(u->row1 - u->row0);
     int done = 0;
 #if BN_FLOAT_SUMS
-    /* (tasks of few rows, wide in channels, measured faster in double: the
-     * pilots' pass and the strips' flushes weigh on few rows) */
-    if (count >= 8 * BN_FLUSH && BN_FN(float_sums_wanted_)(k, count * (double)nc)) {
+    if (BN_FN(float_sums_wanted_)(k, count)) { /* a lane per channel, over the rows */
         done = BN_FN(rows_float_sums_)(k, u, pilot, ps1, ps2);
         for (ptrdiff_t j = 0; !done && j < nc; j++) pilot[j] = (double)BN_TO_A(first[j]);
     }
@@ -1681,7 +1681,7 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 
 #undef BN_ROW_BLOCK
 #undef BN_FLOAT_SUMS
-#undef BN_FLOAT_SUMS_MIN
+#undef BN_FLOAT_SUMS_MIN_BLOCKS
 #undef BN_FLUSH
 #undef BN_SUM_ROWS
 #undef BN_LINE_T

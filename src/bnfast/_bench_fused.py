@@ -2,7 +2,7 @@
 
 Speed: ``relu(BN(x) + z)`` as one fused call against batch norm, add and ReLU
 as three NumPy-level operations, and against PyTorch's unfused sequence (if
-torch is importable), training forward and inference; median of repeats, the
+torch is importable), training forward and inference; the best of interleaved rounds, the
 thread count pinned for both libraries.
 
 Memory (tracemalloc, NumPy's allocations): one training step (forward, MSE
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
-import time
 import tracemalloc
 
 import numpy as np
@@ -93,18 +91,11 @@ def memory_report(shape=(16, 32, 32, 32)) -> list[dict]:
     return rows
 
 
-def _median_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def speed_report(shape=(32, 64, 56, 56), rounds: int = 20, torch=None) -> dict:
+    """Best times of the fused ops against their unfused sequences (NumPy-level ops, and PyTorch's
+    when ``torch`` is given), rounds interleaved (`bnfast._bench._time_interleaved`), printed."""
+    from ._bench import _time_interleaved  # noqa: PLC0415
 
-
-def speed_report(shape=(32, 64, 56, 56), repeat: int = 20, use_torch: bool = True) -> dict:
-    """Median times of the fused ops against their unfused sequences (NumPy-level ops, PyTorch), printed."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
     z = rng.standard_normal(shape).astype(np.float32)
@@ -121,37 +112,22 @@ def speed_report(shape=(32, 64, 56, 56), repeat: int = 20, use_torch: bool = Tru
         "unfused inference (NumPy ops)": lambda: np.maximum(
             np.add(bnfast.batch_norm_inference(x, rm, rv, w, b, out=y), z, out=y), 0, out=y),
     }
-    try:
-        if not use_torch:
-            raise ImportError
-        import torch
-
+    if torch is not None:
         F = torch.nn.functional
         tx, tz = torch.from_numpy(x), torch.from_numpy(z)
         tw, tb, trm, trv = (torch.from_numpy(a.copy()) for a in (w, b, rm, rv))
-        with torch.no_grad():
-            cases["torch forward relu(bn(x)+z)"] = lambda: F.relu(
-                F.batch_norm(tx, trm, trv, tw, tb, training=True) + tz)
-            cases["torch inference relu(bn(x)+z)"] = lambda: F.relu(
-                F.batch_norm(tx, trm, trv, tw, tb, training=False) + tz)
-        torch_ok = True
-    except ImportError:
-        torch_ok = False
-    results = {}
-    for name, fn in cases.items():
-        if name.startswith("torch"):
-            import torch
-
-            with torch.no_grad():
-                results[name] = _median_time(fn, repeat)
-        else:
-            results[name] = _median_time(fn, repeat)
-        print(f"{name:45s} {results[name] * 1e3:9.3f} ms")
+        cases["torch forward relu(bn(x)+z)"] = lambda: F.relu(
+            F.batch_norm(tx, trm, trv, tw, tb, training=True) + tz)
+        cases["torch inference relu(bn(x)+z)"] = lambda: F.relu(
+            F.batch_norm(tx, trm, trv, tw, tb, training=False) + tz)
+    results = _time_interleaved(cases, rounds, 0.0, torch)
+    for name, t in results.items():
+        print(f"{name:45s} {t * 1e3:9.3f} ms")
     f, u = results["fused forward act(BN(x)+z)"], results["unfused forward BN, +z, relu (NumPy ops)"]
     print(f"forward: unfused / fused = {u / f:.2f}x")
     fi, ui = results["fused inference"], results["unfused inference (NumPy ops)"]
     print(f"inference: unfused / fused = {ui / fi:.2f}x")
-    if torch_ok:
+    if torch is not None:
         print(f"forward: torch / fused = {results['torch forward relu(bn(x)+z)'] / f:.2f}x; "
               f"inference: torch / fused = {results['torch inference relu(bn(x)+z)'] / fi:.2f}x")
     return results
@@ -175,8 +151,9 @@ def main_fused(args: argparse.Namespace, threads: list[int], shapes) -> int:
             if torch is not None:
                 torch.set_num_threads(t)
             for shape in shapes or [(32, 64, 56, 56)]:
-                print(f"-- {'x'.join(map(str, shape))} float32 NCHW, {t} thread(s), median of {args.rounds * 5}")
-                times = speed_report(tuple(shape), repeat=args.rounds * 5, use_torch=torch is not None)
+                print(f"-- {'x'.join(map(str, shape))} float32 NCHW, {t} thread(s), best of {args.rounds * 5} "
+                      "interleaved rounds")
+                times = speed_report(tuple(shape), rounds=args.rounds * 5, torch=torch)
                 results.append({"shape": list(shape), "threads": t, "seconds": times})
     finally:
         bnfast.set_num_threads(before)
