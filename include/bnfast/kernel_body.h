@@ -6,9 +6,10 @@
  * suffix), then include this file.  No include guard on purpose.
  *
  * Statistics and gradient sums accumulate in double whatever BN_T is (the
- * training forward of float and half data first tries float blocks of
- * bounded error: planar_float_sums_); the apply phase (apply_body.h)
- * computes in BN_AT on the centred form.  Vector
+ * training forward's statistics and the backward's gradient sums of float
+ * and half data first try float blocks of bounded error: planar_float_sums_,
+ * rows_float_sums_); the apply phase (apply_body.h) computes in BN_AT on
+ * the centred form.  Vector
  * loops and their scalar tails evaluate the same expressions, and which
  * elements a vector loop covers depends on the shape and addresses only, so
  * results are bit-identical for any thread count. */
@@ -397,15 +398,34 @@ static inline int BN_FN(float_sums_wanted_)(const bn_context *k, double per_lane
     return k->op != BN_OP_MOMENTS && per_lane >= BN_FLOAT_SUMS_MIN_BLOCKS * BN_FLUSH;
 }
 
-static void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task *u, double *pilot,
-                                      double *sum1, double *sum2)
+/* v with its first WA - part lanes replaced by fill's (bitwise: an inf or
+ * NaN in a replaced lane leaves no trace). */
+typedef int32_t BN_FN(vmask_) __attribute__((vector_size(BN_VEC_BYTES)));
+static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(last_lanes_)(BN_FN(va_) v, BN_FN(va_) fill, ptrdiff_t part)
+{
+    BN_FN(vmask_) lane;
+    for (ptrdiff_t l = 0; l < WA; l++) lane[l] = (int32_t)l;
+    const BN_FN(vmask_) keep = lane >= (int32_t)(WA - part);
+    return (BN_FN(va_))(((BN_FN(vmask_))v & keep) | ((BN_FN(vmask_))fill & ~keep));
+}
+
+/* The float-block sums of planar task u: with_g = 0, the statistics' sums
+ * of y = x - pilot with the pilot chosen here (into *pilot); with_g = 1, the
+ * gradient sums a = g, b = g * y with y = x - *pilot, the pilot given (the
+ * caller's shift, rounded to BN_AT). */
+static BN_ALWAYS_INLINE void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task *u,
+                                                       const int with_g, double *pilot, double *sum1,
+                                                       double *sum2)
 {
     const ptrdiff_t c = u->channel, len = u->len, body = len - len % (BN_U * WA);
     const ptrdiff_t rest = (len - body) / WA, part = (len - body) % WA;
     const BN_T *first = (const BN_T *)k->x.data + u->row0 * k->x.outer_stride + c * k->x.channel_stride
                         + u->offset;
-    BN_AT p = BN_TO_A(first[0]);
-    if (len >= WA) { /* the mean of the first vector of the task's first BN_U rows */
+    const BN_T *gfirst = with_g ? (const BN_T *)k->g.data + u->row0 * k->g.outer_stride
+                                      + c * k->g.channel_stride + u->offset
+                                : first;
+    BN_AT p = with_g ? (BN_AT)*pilot : BN_TO_A(first[0]);
+    if (!with_g && len >= WA) { /* the mean of the first vector of the task's first BN_U rows */
         const BN_FN(va_) m = BN_FN(pilot_mean_)(first, k->x.outer_stride, bn_min(u->row1 - u->row0, BN_U));
         p = (BN_AT)0;
         for (ptrdiff_t l = 0; l < WA; l++) p += m[l];
@@ -420,11 +440,12 @@ static void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task 
         da[2 * v] = da[2 * v + 1] = db[2 * v] = db[2 * v + 1] = (BN_FN(vw_)){0};
     }
     int steps = 0;
-#define BN_STEP_(v, xv)                                                                            \
+#define BN_STEP_(v, xv, gv)                                                                        \
     do {                                                                                           \
         const BN_FN(va_) y = (xv) - vp;                                                            \
-        sa[v] += y;                                                                                \
-        sb[v] += y * y;                                                                            \
+        const BN_FN(va_) a = with_g ? (gv) : y;                                                    \
+        sa[v] += a;                                                                                \
+        sb[v] += a * y;                                                                            \
     } while (0)
 #define BN_COUNT_STEP_()                                                                           \
     if (++steps == BN_FLUSH) {                                                                     \
@@ -435,26 +456,38 @@ static void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task 
             sa[v] = sb[v] = BN_SPLATA((BN_AT)0);                                                   \
         }                                                                                          \
     }
+#define BN_G_(ptr) (with_g ? BN_LDA(ptr) : vp)
     for (ptrdiff_t n = u->row0; n < u->row1; n++) {
         const BN_T *x = first + (n - u->row0) * k->x.outer_stride;
+        const BN_T *g = gfirst + (n - u->row0) * k->g.outer_stride;
         for (ptrdiff_t i = 0; i < body; i += BN_U * WA) {
-            for (int v = 0; v < BN_U; v++) BN_STEP_(v, BN_LDA(x + i + v * WA));
+            for (int v = 0; v < BN_U; v++) BN_STEP_(v, BN_LDA(x + i + v * WA), BN_G_(g + i + v * WA));
             BN_COUNT_STEP_()
         }
         /* the row's tail: whole vectors, then the part, padded with the
-         * pilot (y = 0 there), into the first accumulators (constant indices
-         * keep them all in registers), one step each */
+         * pilot (y = 0 there) and g = 0, into the first accumulators
+         * (constant indices keep them all in registers), one step each; the
+         * part through the row's last vector where the row has one */
         for (ptrdiff_t j = 0; j < rest; j++) {
-            BN_STEP_(0, BN_LDA(x + body + j * WA));
+            BN_STEP_(0, BN_LDA(x + body + j * WA), BN_G_(g + body + j * WA));
             BN_COUNT_STEP_()
         }
-        if (part) {
-            BN_AT buf[WA];
-            for (ptrdiff_t l = 0; l < WA; l++) buf[l] = l < part ? BN_TO_A(x[body + rest * WA + l]) : p;
-            BN_STEP_(0, BN_LDP(buf));
+        if (part && len >= WA) { /* the row's last vector, its first lanes (counted) replaced */
+            const BN_FN(va_) zero = BN_SPLATA((BN_AT)0);
+            BN_STEP_(0, BN_FN(last_lanes_)(BN_LDA(x + len - WA), vp, part),
+                     BN_FN(last_lanes_)(BN_G_(g + len - WA), zero, part));
+            BN_COUNT_STEP_()
+        } else if (part) {
+            BN_AT bx[WA], bg[WA];
+            for (ptrdiff_t l = 0; l < WA; l++) {
+                bx[l] = l < part ? BN_TO_A(x[body + rest * WA + l]) : p;
+                bg[l] = l < part && with_g ? BN_TO_A(g[body + rest * WA + l]) : (BN_AT)0;
+            }
+            BN_STEP_(0, BN_LDP(bx), BN_LDP(bg));
             BN_COUNT_STEP_()
         }
     }
+#undef BN_G_
 #undef BN_STEP_
 #undef BN_COUNT_STEP_
     for (int v = 0; v < BN_U; v++) {
@@ -463,6 +496,19 @@ static void BN_FN(planar_float_sums_)(const bn_context *k, const bn_planar_task 
     }
     *sum1 = BN_FN(lanes_sum_)(da);
     *sum2 = BN_FN(lanes_sum_)(db);
+}
+
+/* Whether float-block gradient sums a = sum(g), b = sum(g * y) of count
+ * values are as good as the double sums for the backward: both finite (no
+ * float overflow of a product), and |b| >= count 2^-100, so that products
+ * which underflow in float (each off by at most 2^-150) change b by less
+ * than 2^-50 of itself.  Otherwise each sum is off by at most, to first
+ * order, (BN_FLUSH + 2) u of the sum of its terms' magnitudes (u = 2^-24):
+ * in grad_input = invstd w (g - a / n - xhat invstd b / n), a few roundings
+ * of float32 arithmetic on the terms, as in the apply phase itself. */
+static inline int BN_FN(grad_float_sums_ok_)(double a, double b, double count)
+{
+    return (fabs(a) <= DBL_MAX) & (fabs(b) <= DBL_MAX) & (fabs(b) >= count * 0x1p-100);
 }
 #endif
 
@@ -473,7 +519,7 @@ static void BN_FN(stats_planar_sums_)(const bn_context *k, const bn_planar_task 
     double pilot, s1, s2;
 #if BN_FLOAT_SUMS
     const int fast = BN_FN(float_sums_wanted_)(k, count / (double)(BN_U * WA));
-    if (fast) BN_FN(planar_float_sums_)(k, u, &pilot, &s1, &s2);
+    if (fast) BN_FN(planar_float_sums_)(k, u, 0, &pilot, &s1, &s2);
     if (!fast || !BN_FN(float_sums_ok_)(s1, s2, count))
 #endif
     {
@@ -617,21 +663,28 @@ static BN_ALWAYS_INLINE void BN_FN(rows_sums_)(const bn_context *k, const bn_row
 #if BN_T_IS_FLOAT
 #if BN_FLOAT_SUMS
 /* Channels-last: planar_float_sums_ per channel of rows task u, into sum_a
- * and sum_b, strip by strip (BN_U vectors of channels, then one), each strip
- * over the task's rows with its double lanes in registers and a flush every
- * BN_FLUSH rows; a channel's pilot (into pilot) is the mean of its first
- * BN_FLUSH rows at most.  The last channels (less than a vector) are summed
- * in double by rows_sums_, with the pilots given.  Returns whether every
- * channel's float sums pass float_sums_ok_. */
-static BN_ALWAYS_INLINE void BN_FN(rows_float_strip_)(const BN_T *first, ptrdiff_t xs, ptrdiff_t rows,
-                                                      const int nv, double *restrict pilot,
+ * and sum_b.  The statistics (shift NULL): a channel's pilot (into pilot) is
+ * the mean of its first BN_FLUSH rows at most; the gradient sums (a = g,
+ * b = g * y): the pilot is shift[c] rounded to BN_AT (into pilot).  Both
+ * loops below read the rows in memory order, which the prefetchers follow,
+ * and flush the float sums into the double sums every BN_FLUSH rows, so they
+ * give the same bits: a task of at most BN_U vectors of channels keeps its
+ * sums in registers (rows_float_strip_); a wider one keeps float sums per
+ * channel in L1.  (Strips of channels over the task's rows, with every sum in
+ * registers, measured 1.4-1.7x slower for 392 rows of 256 channels; the L1
+ * sums 1.3x slower for 4096 rows of 64.)  The last channels (less than a
+ * vector) are summed in double by rows_sums_ with y = x - shift, or the
+ * pilots given.  Returns whether every channel's float sums pass
+ * float_sums_ok_ (grad_float_sums_ok_). */
+static BN_ALWAYS_INLINE void BN_FN(rows_float_strip_)(const BN_T *first, ptrdiff_t xs, const BN_T *gfirst,
+                                                      ptrdiff_t gs, ptrdiff_t rows, const int nv,
+                                                      const int with_g, const BN_AT *pilot,
                                                       double *restrict sum_a, double *restrict sum_b)
 {
     BN_FN(va_) vp[BN_U], sa[BN_U], sb[BN_U];
     BN_FN(vw_) da[2 * BN_U], db[2 * BN_U];
     for (int v = 0; v < nv; v++) {
-        vp[v] = BN_FN(pilot_mean_)(first + v * WA, xs, bn_min(rows, BN_FLUSH));
-        for (ptrdiff_t l = 0; l < WA; l++) pilot[v * WA + l] = (double)vp[v][l];
+        vp[v] = BN_LDP(pilot + v * WA);
         sa[v] = sb[v] = BN_SPLATA((BN_AT)0);
         da[2 * v] = da[2 * v + 1] = db[2 * v] = db[2 * v + 1] = (BN_FN(vw_)){0};
     }
@@ -639,8 +692,9 @@ static BN_ALWAYS_INLINE void BN_FN(rows_float_strip_)(const BN_T *first, ptrdiff
         for (ptrdiff_t r = r0; r < bn_min(rows, r0 + BN_FLUSH); r++)
             for (int v = 0; v < nv; v++) {
                 const BN_FN(va_) y = BN_LDA(first + r * xs + v * WA) - vp[v];
-                sa[v] += y;
-                sb[v] += y * y;
+                const BN_FN(va_) a = with_g ? BN_LDA(gfirst + r * gs + v * WA) : y;
+                sa[v] += a;
+                sb[v] += a * y;
             }
         for (int v = 0; v < nv; v++) {
             BN_FN(flush_)(da + 2 * v, sa[v]);
@@ -654,23 +708,72 @@ static BN_ALWAYS_INLINE void BN_FN(rows_float_strip_)(const BN_T *first, ptrdiff
     }
 }
 
-static int BN_FN(rows_float_sums_)(const bn_context *k, const bn_rows_task *u, double *pilot,
-                                   double *restrict sum_a, double *restrict sum_b)
+static BN_ALWAYS_INLINE int BN_FN(rows_float_sums_)(const bn_context *k, const bn_rows_task *u,
+                                                    const double *shift, double *pilot,
+                                                    double *restrict sum_a, double *restrict sum_b)
 {
     const ptrdiff_t nc = u->c1 - u->c0, xs = k->x.outer_stride, rows = u->row1 - u->row0;
-    const ptrdiff_t wide = nc - nc % (BN_U * WA), vec = nc - nc % WA;
+    const int with_g = shift != NULL;
+    const ptrdiff_t gs = with_g ? k->g.outer_stride : xs, vec = nc - nc % WA;
     const BN_T *first = (const BN_T *)k->x.data + u->row0 * xs + u->c0;
-    for (ptrdiff_t c = 0; c < wide; c += BN_U * WA)
-        BN_FN(rows_float_strip_)(first + c, xs, rows, BN_U, pilot + c, sum_a + c, sum_b + c);
-    for (ptrdiff_t c = wide; c < vec; c += WA)
-        BN_FN(rows_float_strip_)(first + c, xs, rows, 1, pilot + c, sum_a + c, sum_b + c);
+    const BN_T *gfirst = with_g ? (const BN_T *)k->g.data + u->row0 * gs + u->c0 : first;
+    BN_AT fp[BN_CHANNEL_TILE], fa[BN_CHANNEL_TILE], fb[BN_CHANNEL_TILE];
+    for (ptrdiff_t c = 0; c < vec; c += WA) {
+        if (with_g) {
+            for (ptrdiff_t l = 0; l < WA; l++) fp[c + l] = (BN_AT)shift[c + l];
+        } else {
+            const BN_FN(va_) m = BN_FN(pilot_mean_)(first + c, xs, bn_min(rows, BN_FLUSH));
+            memcpy(fp + c, &m, sizeof m);
+        }
+        for (ptrdiff_t l = 0; l < WA; l++) {
+            pilot[c + l] = (double)fp[c + l];
+            sum_a[c + l] = sum_b[c + l] = 0.0;
+        }
+    }
+    if (vec == BN_U * WA) {
+        BN_FN(rows_float_strip_)(first, xs, gfirst, gs, rows, BN_U, with_g, fp, sum_a, sum_b);
+    } else if (vec < BN_U * WA) {
+        for (ptrdiff_t c = 0; c < vec; c += WA)
+            BN_FN(rows_float_strip_)(first + c, xs, gfirst + c, gs, rows, 1, with_g, fp + c, sum_a + c,
+                                     sum_b + c);
+    } else {
+        for (ptrdiff_t c = 0; c < vec; c++) fa[c] = fb[c] = (BN_AT)0;
+        for (ptrdiff_t r = 0; r < rows; r++) {
+            const BN_T *x = first + r * xs, *g = gfirst + r * gs;
+            for (ptrdiff_t c = 0; c < vec; c += WA) {
+                const BN_FN(va_) y = BN_LDA(x + c) - BN_LDP(fp + c);
+                const BN_FN(va_) av = with_g ? BN_LDA(g + c) : y;
+                const BN_FN(va_) na = BN_LDP(fa + c) + av, nb = BN_LDP(fb + c) + av * y;
+                memcpy(fa + c, &na, sizeof na);
+                memcpy(fb + c, &nb, sizeof nb);
+            }
+            if ((r + 1) % BN_FLUSH != 0 && r + 1 < rows) continue;
+            for (ptrdiff_t c = 0; c < vec; c += WA) { /* flush into the double sums */
+                BN_FN(vw_) da[2], db[2];
+                memcpy(da, sum_a + c, sizeof da);
+                memcpy(db, sum_b + c, sizeof db);
+                BN_FN(flush_)(da, BN_LDP(fa + c));
+                BN_FN(flush_)(db, BN_LDP(fb + c));
+                memcpy(sum_a + c, da, sizeof da);
+                memcpy(sum_b + c, db, sizeof db);
+                for (ptrdiff_t l = 0; l < WA; l++) fa[c + l] = fb[c + l] = (BN_AT)0;
+            }
+        }
+    }
     if (vec < nc) {
         bn_rows_task rest = *u;
         rest.c0 += vec;
-        BN_FN(rows_sums_)(k, &rest, pilot + vec, 0, sum_a + vec, sum_b + vec);
+        if (with_g) {
+            for (ptrdiff_t j = vec; j < nc; j++) pilot[j] = shift[j];
+            BN_FN(rows_sums_)(k, &rest, shift + vec, 1, sum_a + vec, sum_b + vec);
+        } else {
+            BN_FN(rows_sums_)(k, &rest, pilot + vec, 0, sum_a + vec, sum_b + vec);
+        }
     }
     int ok = 1;
-    for (ptrdiff_t j = 0; j < vec; j++) ok &= BN_FN(float_sums_ok_)(sum_a[j], sum_b[j], (double)rows);
+    for (ptrdiff_t j = 0; j < vec; j++)
+        ok &= with_g ? BN_FN(grad_float_sums_ok_)(sum_a[j], sum_b[j], (double)rows)
+                     : BN_FN(float_sums_ok_)(sum_a[j], sum_b[j], (double)rows);
     return ok;
 }
 #endif
@@ -689,7 +792,7 @@ static void BN_FN(stats_rows_sums_)(const bn_context *k, const bn_rows_task *u)
     int done = 0;
 #if BN_FLOAT_SUMS
     if (BN_FN(float_sums_wanted_)(k, count)) { /* a lane per channel, over the rows */
-        done = BN_FN(rows_float_sums_)(k, u, pilot, ps1, ps2);
+        done = BN_FN(rows_float_sums_)(k, u, NULL, pilot, ps1, ps2);
         for (ptrdiff_t j = 0; !done && j < nc; j++) pilot[j] = (double)BN_TO_A(first[j]);
     }
 #endif
@@ -767,7 +870,20 @@ static void BN_FN(grad_sums_planar_)(const bn_context *k, ptrdiff_t t)
     switch (BN_FN(xf_mode_)(k)) { /* constant modes: one specialized loop each */
     case BN_XF_LEAKY: BN_FN(planar_sums_)(k, &u, k->mean[u.channel], BN_XF_LEAKY, sa, sb, NULL, 0.0); break;
     case BN_XF_ELU: BN_FN(planar_sums_)(k, &u, k->mean[u.channel], BN_XF_ELU, sa, sb, NULL, 0.0); break;
-    default: BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, sa, sb, NULL, 0.0);
+    default:
+#if BN_T_IS_FLOAT && BN_FLOAT_SUMS
+        if (BN_FN(float_sums_wanted_)(k, (double)((u.row1 - u.row0) * u.len) / (double)(BN_U * WA))) {
+            const double mean = k->mean[u.channel];
+            double pilot = mean, a, b;
+            BN_FN(planar_float_sums_)(k, &u, 1, &pilot, &a, &b);
+            if (BN_FN(grad_float_sums_ok_)(a, b, (double)((u.row1 - u.row0) * u.len))) {
+                *sa = a;
+                *sb = b + (pilot - mean) * a; /* sum(g * (x - mean)) */
+                break;
+            }
+        }
+#endif
+        BN_FN(planar_sums_)(k, &u, k->mean[u.channel], 1, sa, sb, NULL, 0.0);
     }
 }
 
@@ -806,6 +922,15 @@ static void BN_FN(grad_sums_rows_)(const bn_context *k, ptrdiff_t t)
         else BN_FN(rows_sums_)(k, &u, mu, BN_XF_ELU, psg, psgx);
         return;
     }
+#if BN_T_IS_FLOAT && BN_FLOAT_SUMS
+    if (BN_FN(float_sums_wanted_)(k, (double)(u.row1 - u.row0))) { /* a lane per channel */
+        double pilot[BN_CHANNEL_TILE];
+        if (BN_FN(rows_float_sums_)(k, &u, mu, pilot, psg, psgx)) {
+            for (ptrdiff_t j = 0; j < nc; j++) psgx[j] += (pilot[j] - mu[j]) * psg[j];
+            return;
+        }
+    }
+#endif
     if (nc > 64 && u.row1 - u.row0 <= 2 * BN_ROW_BLOCK) {
         BN_FN(rows_sums_)(k, &u, mu, 1, psg, psgx);
         return;
@@ -1700,6 +1825,7 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 #undef BN_FROM_A
 #undef BN_F16C
 #undef BN_NEON_F16
+#undef BN_BF16_X86
 #undef WA
 #undef VD
 #undef W

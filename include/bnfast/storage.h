@@ -42,6 +42,16 @@
 #else
 #define BN_NEON_F16 0
 #endif
+/* bfloat16 vectors in AVX2/AVX-512 integer intrinsics (one widening move and
+ * a shift in, the rounding below out): GCC lowers the generic vector code's
+ * 16 <-> 32-bit lane conversions into several shuffles each. */
+#if BN_STORAGE == BN_STORE_BF16 && BN_X86 && BN_VEC_BYTES == 64 && (defined(BN_ISA_TARGET) || defined(__AVX512F__))
+#define BN_BF16_X86 64
+#elif BN_STORAGE == BN_STORE_BF16 && BN_X86 && BN_VEC_BYTES == 32 && (defined(BN_ISA_TARGET) || defined(__AVX2__))
+#define BN_BF16_X86 32
+#else
+#define BN_BF16_X86 0
+#endif
 
 /* ---- one element ---------------------------------------------------------- */
 
@@ -262,6 +272,12 @@ static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(lda_)(const BN_T *p)
     return (BN_FN(va_))_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(const void *)p));
 #elif BN_NEON_F16
     return (BN_FN(va_))vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+#elif BN_BF16_X86 == 64
+    const __m256i h = _mm256_loadu_si256((const __m256i *)(const void *)p);
+    return (BN_FN(va_))_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif BN_BF16_X86 == 32
+    const __m128i h = _mm_loadu_si128((const __m128i *)(const void *)p);
+    return (BN_FN(va_))_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 #else
     return (BN_FN(va_))BN_FN(haload_)(p);
 #endif
@@ -280,6 +296,23 @@ static BN_ALWAYS_INLINE void BN_FN(sta_)(BN_T *p, BN_FN(va_) v)
                      _mm_cvtps_ph((__m128)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #elif BN_NEON_F16
     vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32((float32x4_t)v)));
+#elif BN_BF16_X86 == 64
+    /* the rounding of from_a_: ties to even in the upper half, NaN quieted */
+    const __m512i u = _mm512_castps_si512((__m512)v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q), u,
+                             _mm512_set1_epi32(0x00400000));
+    _mm256_storeu_si256((__m256i *)(void *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+#elif BN_BF16_X86 == 32
+    const __m256i u = _mm256_castps_si256((__m256)v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    _mm_storeu_si128((__m128i *)(void *)p,
+                     _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
 #else
     BN_FN(hastore_)(p, (BN_FN(haf_))v);
 #endif
