@@ -92,19 +92,23 @@ static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptr
 /* Channels-last task t: each row of the task is one span over its channels.
  * For the affine op, rows of few channels that follow each other in memory
  * go coef_rows at a time (the coefficients repeat that often): 1.0-4.9x
- * faster for 3 to 64 channels on AVX-512.  The gradient op stays row by row:
- * measured 5x slower in long spans (not understood yet). */
+ * faster for 3 to 64 channels on AVX-512.  Ops with a second input (the
+ * gradient, a residual) do so only for rows shorter than two vectors, whose
+ * row-by-row loop is all tails: 2.3x faster for 3 channels and 1.3x for 16,
+ * but 1.4x slower for 64 (AVX-512, float32 backward; not understood yet). */
 static void BN_AFN(rows_)(const bn_context *k, ptrdiff_t t)
 {
     const bn_rows_task u = bn_rows_task_of(&k->grid, &k->geo, t);
     const bn_array xa = k->BN_APPLY_X;
     const ptrdiff_t C = k->geo.channels, R = k->coef_rows;
     ptrdiff_t r = u.row0;
-    if (!BN_APPLY_G && R > 1 && xa.outer_stride == C && k->y.outer_stride == C) {
+    if (R > 1 && xa.outer_stride == C && k->y.outer_stride == C
+        && (!BN_APPLY_G || (k->g.outer_stride == C && C < 2 * WA))) {
         for (; r < u.row1; r += R) {
             const ptrdiff_t rows = bn_min(R, u.row1 - r);
-            BN_AFN(span_)(k, NULL, (const BN_T *)xa.data + r * C, (BN_T *)k->y.data + r * C, rows * C,
-                          0, 1, NULL, NULL);
+            BN_AFN(span_)(k, BN_APPLY_G ? (const BN_T *)k->g.data + r * C : NULL,
+                          (const BN_T *)xa.data + r * C, (BN_T *)k->y.data + r * C, rows * C, 0, 1, NULL,
+                          NULL);
         }
     }
     for (; r < u.row1; r++) {
