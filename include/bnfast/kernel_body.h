@@ -387,8 +387,8 @@ static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(pilot_mean_)(const BN_T *p, ptrdiff_t s
     return t / BN_SPLATA((BN_AT)m);
 }
 
-/* Whether a statistics task whose lanes each sum per_lane values takes the
- * float sums: not for moments (its float64 state is the product: it keeps
+/* Whether a statistics or gradient-sums task whose lanes each sum per_lane
+ * values takes the float sums: not for moments (its float64 state is the product: it keeps
  * double sums, exact to ~1e-16), nor for lanes of fewer than
  * BN_FLOAT_SUMS_MIN_BLOCKS blocks, where the task's fixed costs (pilots,
  * flushes, the lanes' reduction) outweigh the gain: measured on planar tasks
