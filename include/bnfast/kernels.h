@@ -251,6 +251,36 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
 #define BN_HAVE_AVX512_VARIANT 0
 #endif
 
+/* The instantiations a translation unit makes.  By default all of them: the
+ * header alone is the library.  A build may instead compile each one in a
+ * unit of its own, side by side (the Python extension does: setup.py): every
+ * unit then defines BN_SPLIT_VARIANTS; a variant unit also defines
+ * BN_VARIANT_ISA (a BN_ISA_*) and BN_VARIANT_DTYPE (a BN_DT_*) and makes that
+ * one instantiation, its kernel set bn_kernels_<type>_<isa> external; the
+ * other units make none and take the sets from the variant units. */
+#define BN_DT_F32 0 /* the values of bn_dtype, for the preprocessor */
+#define BN_DT_F64 1
+#define BN_DT_F16 2
+#define BN_DT_BF16 3
+#if defined(__GNUC__) || defined(__clang__)
+#define BN_HIDDEN __attribute__((visibility("hidden"))) /* not exported from a shared library */
+#else
+#define BN_HIDDEN
+#endif
+#if !defined(BN_SPLIT_VARIANTS)
+#define BN_WANT_ISA(isa) 1
+#define BN_WANT_DTYPE(d) 1
+#define BN_KERNEL_SET_LINKAGE static
+#elif defined(BN_VARIANT_ISA)
+#define BN_WANT_ISA(isa) ((isa) == BN_VARIANT_ISA)
+#define BN_WANT_DTYPE(d) ((d) == BN_VARIANT_DTYPE)
+#define BN_KERNEL_SET_LINKAGE BN_HIDDEN
+#else
+#define BN_WANT_ISA(isa) 0
+#define BN_WANT_DTYPE(d) 0
+#endif
+
+#if BN_WANT_ISA(BN_ISA_BASELINE)
 #if defined(__AVX512F__)
 #define BN_VEC_BYTES 64 /* a -march build that already has AVX-512 */
 #elif defined(__AVX__)
@@ -262,8 +292,9 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
 #include "instantiate.h"
 #undef BN_ISA_SFX
 #undef BN_VEC_BYTES
+#endif
 
-#if BN_HAVE_AVX2_VARIANT
+#if BN_HAVE_AVX2_VARIANT && BN_WANT_ISA(BN_ISA_AVX2)
 #ifndef BN_AVX2_VEC_BYTES
 #define BN_AVX2_VEC_BYTES 32
 #endif
@@ -276,7 +307,7 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
 #undef BN_VEC_BYTES
 #endif
 
-#if BN_HAVE_AVX512_VARIANT
+#if BN_HAVE_AVX512_VARIANT && BN_WANT_ISA(BN_ISA_AVX512)
 #define BN_VEC_BYTES 64
 #define BN_ISA_SFX avx512
 #define BN_ISA_TARGET "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c"
@@ -356,35 +387,47 @@ static inline int bn_isa_best(void)
 
 /* ---- the [dtype][isa] table --------------------------------------------- */
 
-#define BN_KERNEL_SET(sfx) {moments_##sfx, forward_train_##sfx, inference_##sfx, backward_##sfx}
+#if !defined(BN_VARIANT_ISA)
+#if defined(BN_SPLIT_VARIANTS) /* the sets are made in the variant units */
+#define BN_DECLARE_SETS_(isa)                                                                     \
+    extern BN_HIDDEN const bn_kernel_set bn_kernels_f32_##isa, bn_kernels_f64_##isa,            \
+        bn_kernels_f16_##isa, bn_kernels_bf16_##isa;
+BN_DECLARE_SETS_(base)
 #if BN_HAVE_AVX2_VARIANT
-#define BN_KERNEL_SET_AVX2(t) BN_KERNEL_SET(t##_avx2)
-#else
-#define BN_KERNEL_SET_AVX2(t) BN_KERNEL_SET(t##_base) /* never chosen: not available */
+BN_DECLARE_SETS_(avx2)
 #endif
 #if BN_HAVE_AVX512_VARIANT
-#define BN_KERNEL_SET_AVX512(t) BN_KERNEL_SET(t##_avx512)
-#else
-#define BN_KERNEL_SET_AVX512(t) BN_KERNEL_SET(t##_base)
+BN_DECLARE_SETS_(avx512)
+#endif
+#undef BN_DECLARE_SETS_
 #endif
 
-static const bn_kernel_set bn_kernel_table[BN_DTYPES][BN_ISAS] = {
-    {BN_KERNEL_SET(f32_base), BN_KERNEL_SET_AVX2(f32), BN_KERNEL_SET_AVX512(f32)},
-    {BN_KERNEL_SET(f64_base), BN_KERNEL_SET_AVX2(f64), BN_KERNEL_SET_AVX512(f64)},
-    {BN_KERNEL_SET(f16_base), BN_KERNEL_SET_AVX2(f16), BN_KERNEL_SET_AVX512(f16)},
-    {BN_KERNEL_SET(bf16_base), BN_KERNEL_SET_AVX2(bf16), BN_KERNEL_SET_AVX512(bf16)},
-};
+#if BN_HAVE_AVX2_VARIANT
+#define BN_SET_AVX2_(t) &bn_kernels_##t##_avx2
+#else
+#define BN_SET_AVX2_(t) &bn_kernels_##t##_base /* never chosen: not available */
+#endif
+#if BN_HAVE_AVX512_VARIANT
+#define BN_SET_AVX512_(t) &bn_kernels_##t##_avx512
+#else
+#define BN_SET_AVX512_(t) &bn_kernels_##t##_base
+#endif
+#define BN_SETS_(t) {&bn_kernels_##t##_base, BN_SET_AVX2_(t), BN_SET_AVX512_(t)}
 
-#undef BN_KERNEL_SET
-#undef BN_KERNEL_SET_AVX2
-#undef BN_KERNEL_SET_AVX512
+static const bn_kernel_set *const bn_kernel_table[BN_DTYPES][BN_ISAS] = {
+    BN_SETS_(f32), BN_SETS_(f64), BN_SETS_(f16), BN_SETS_(bf16)};
+
+#undef BN_SETS_
+#undef BN_SET_AVX2_
+#undef BN_SET_AVX512_
 
 /* The kernels a call runs: its dtype's, in variant run->isa (-1: the widest
  * available); NULL when that variant cannot run here. */
 static inline const bn_kernel_set *bn_kernels_for(bn_dtype dtype, const bn_run *run)
 {
     const int isa = run->isa < 0 ? bn_isa_best() : run->isa;
-    return bn_isa_available(isa) ? &bn_kernel_table[dtype][isa] : NULL;
+    return bn_isa_available(isa) ? bn_kernel_table[dtype][isa] : NULL;
 }
+#endif
 
 #endif

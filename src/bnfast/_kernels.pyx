@@ -287,7 +287,9 @@ cdef inline bn_run _run_config(const bn_geometry *geo) noexcept:
     cdef bn_run run
     run.nthreads = _threads()
     run.isa = _isa
-    run.stream_bytes = _stream_bytes
+    # resolved here, once per process: the kernels' own units (setup.py)
+    # would each detect the cache sizes again on their first call
+    run.stream_bytes = _stream_bytes if _stream_bytes >= 0 else <long long>bn_stream_threshold_default()
     run.interrupted = NULL
     run.arg = NULL
     if (geo.outer * geo.channels * geo.inner >= _INTERRUPTIBLE_ELEMS
