@@ -10,11 +10,11 @@ Environment:
 
 import os
 import shlex
-from concurrent.futures import ThreadPoolExecutor
 import shutil
 import sys
 import tempfile
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from Cython.Build import cythonize
@@ -71,6 +71,7 @@ def _variant_sources(directory):
 
 
 def _jobs():
+    """Units compiled at once: BNFAST_BUILD_JOBS, else the CPUs at hand."""
     if os.environ.get("BNFAST_BUILD_JOBS"):
         return max(1, int(os.environ["BNFAST_BUILD_JOBS"]))
     try:

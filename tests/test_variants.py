@@ -324,11 +324,41 @@ def test_momentum_bn_with_big_batches_is_batch_norm():
         assert np.array_equal(mbn.running_var, bn.running_var)
 
 
+def test_momentum_bn_counts_epochs_with_steps_per_epoch():
+    # the paper's t is the epoch: lambda stays the same within one, and T counts epochs
+    mbn = bnfast.MomentumBatchNorm1d(2, total_steps=4, ideal_batch_size=8, steps_per_epoch=3, dtype=np.float64)
+    lams = []
+    for step in range(1, 16):
+        mbn(_data((2, 2), np.float64, seed=step))
+        lams.append(mbn.last_lambda)
+    expected = [mbn_lambda((step - 1) // 3 + 1, 4, 2, 8) for step in range(1, 16)]
+    assert lams == expected
+    assert lams[:3] == [0.0, 0.0, 0.0] and lams[3] == lams[5] > 0.0 and lams[9] == lams[14] == pytest.approx(1 - 2 / 8)
+    assert "steps_per_epoch=3" in repr(mbn)
+
+
+def test_momentum_bn_paper_inference_statistics():
+    # tau = tau0 ** (m / m0): running = tau * running + (1 - tau) * batch, as momentum = 1 - tau
+    m, m0 = 4, 32
+    tau = 0.9 ** (m / m0)
+    mbn = bnfast.MomentumBatchNorm1d(3, momentum=1 - tau, total_steps=10, ideal_batch_size=m0, dtype=np.float64)
+    rm, rv = np.zeros(3), np.ones(3)
+    for step in range(1, 4):
+        x = _data((m, 3), np.float64, seed=step, shift=step)
+        mbn(x)
+        rm = tau * rm + (1 - tau) * x.mean(axis=0)
+        rv = tau * rv + (1 - tau) * x.var(axis=0, ddof=1)
+    np.testing.assert_allclose(mbn.running_mean, rm, rtol=1e-12)
+    np.testing.assert_allclose(mbn.running_var, rv, rtol=1e-12)
+
+
 def test_momentum_bn_bad_arguments():
     with pytest.raises(ValueError, match="total_steps"):
         bnfast.MomentumBatchNorm1d(3, total_steps=1)
     with pytest.raises(ValueError, match="ideal_batch_size"):
         bnfast.MomentumBatchNorm1d(3, total_steps=10, ideal_batch_size=0)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        bnfast.MomentumBatchNorm1d(3, total_steps=10, steps_per_epoch=0)
     mbn = bnfast.MomentumBatchNorm1d(3, total_steps=10)
     before = _state(mbn)
     with pytest.raises(TypeError):

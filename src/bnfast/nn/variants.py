@@ -308,15 +308,21 @@ class _MomentumBatchNorm(_StatisticsNorm):
     """Momentum Batch Normalization; see MomentumBatchNorm1d/2d/3d."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Any = 0.1, affine: bool = True, *,
-                 total_steps: int, ideal_batch_size: int = 32, axis: int = 1, dtype: Any = np.float32) -> None:
+                 total_steps: int, ideal_batch_size: int = 32, steps_per_epoch: int | None = None,
+                 axis: int = 1, dtype: Any = np.float32) -> None:
+        def positive_int(value, name, least=1):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name} must be an int >= {least} (got {value!r})")
+            return int(value)
+
+        total_steps = positive_int(total_steps, "total_steps", 2)
+        ideal_batch_size = positive_int(ideal_batch_size, "ideal_batch_size")
+        if steps_per_epoch is not None:
+            steps_per_epoch = positive_int(steps_per_epoch, "steps_per_epoch")
         super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype)
-        if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)) or total_steps < 2:
-            raise ValueError(f"total_steps must be an int >= 2 (got {total_steps!r})")
-        if isinstance(ideal_batch_size, bool) or not isinstance(ideal_batch_size, (int, np.integer)) \
-                or ideal_batch_size < 1:
-            raise ValueError(f"ideal_batch_size must be a positive int (got {ideal_batch_size!r})")
-        self.total_steps = int(total_steps)
-        self.ideal_batch_size = int(ideal_batch_size)
+        self.total_steps = total_steps
+        self.ideal_batch_size = ideal_batch_size
+        self.steps_per_epoch = steps_per_epoch
         C, dt = self.num_features, self._dtype
         self.register_buffer("momentum_mean", np.zeros(C, dtype=dt))
         self.register_buffer("momentum_var", np.ones(C, dtype=dt))
@@ -329,6 +335,8 @@ class _MomentumBatchNorm(_StatisticsNorm):
 
     def _train_forward(self, x, w, b, factor, count):
         step = count if count is not None else 1
+        if self.steps_per_epoch is not None:  # the paper's t: the epoch, 1 from the first step on
+            step = (step - 1) // self.steps_per_epoch + 1
         lam = mbn_lambda(step, self.total_steps, x.shape[0], self.ideal_batch_size)
         mm, mv = self._buffers["momentum_mean"], self._buffers["momentum_var"]
         y, mean, invstd, stats = self._kernel_forward(x, w, b, factor, share=1.0 - lam,
@@ -348,7 +356,8 @@ class _MomentumBatchNorm(_StatisticsNorm):
         str
             BatchNorm's, then ``total_steps`` and ``ideal_batch_size``.
         """
-        return f"{super().extra_repr()}, total_steps={self.total_steps}, ideal_batch_size={self.ideal_batch_size}"
+        text = f"{super().extra_repr()}, total_steps={self.total_steps}, ideal_batch_size={self.ideal_batch_size}"
+        return text + (f", steps_per_epoch={self.steps_per_epoch}" if self.steps_per_epoch is not None else "")
 
 
 _MBN_DOC = """Momentum Batch Normalization of {shape} input (Yong et al. 2020).
@@ -363,14 +372,18 @@ _MBN_DOC = """Momentum Batch Normalization of {shape} input (Yong et al. 2020).
 
     with the paper's dynamic momentum (:func:`mbn_lambda`)
     ``lambda_t = rho ** (T / (T - 1) * max(T - t, 0)) - rho ** T``,
-    ``rho = min(m / m0, 1) ** (1 / T)``, t the step (``num_batches_tracked``),
-    m the batch size and m0 ``ideal_batch_size``: batch normalization at the
-    start, an ever longer memory at small batches.  The gradient flows
-    through the current batch's share ``1 - lambda``.  ``momentum_mean`` and
-    ``momentum_var`` are buffers (in the state dict); eval mode uses the
-    running statistics, updated from the batch statistics as
-    :class:`BatchNorm` does.  The layer's ``last_lambda`` is the momentum of
-    the last training step.
+    ``rho = min(m / m0, 1) ** (1 / T)``, t the step (``num_batches_tracked``)
+    or, with ``steps_per_epoch``, the epoch as in the paper (lambda constant
+    within an epoch, T in epochs), m the batch size and m0
+    ``ideal_batch_size``: batch normalization at the start, an ever longer
+    memory at small batches.  The gradient flows through the current batch's
+    share ``1 - lambda`` (the history is a constant).  ``momentum_mean`` and
+    ``momentum_var`` (initially 0 and 1) are buffers in the state dict; eval
+    mode uses the running statistics, updated from the batch statistics as
+    :class:`BatchNorm` does (unbiased variance).  The paper's inference
+    statistics average with ``tau = tau0 ** (m / m0)``, tau0 = 0.9: pass
+    ``momentum=1 - 0.9 ** (m / m0)``.  The layer's ``last_lambda`` is the
+    momentum of the last training step.
 
     Parameters
     ----------
@@ -386,6 +399,9 @@ _MBN_DOC = """Momentum Batch Normalization of {shape} input (Yong et al. 2020).
         T, in training steps (keyword only).
     ideal_batch_size : int, default 32
         The paper's m0 (keyword only).
+    steps_per_epoch : int or None, default None
+        Training steps per epoch: t and T count epochs, as in the paper;
+        None: they count steps (keyword only).
     axis : int, default 1
         The channel axis (keyword only).
     dtype : float32 or float64, default float32
