@@ -13,7 +13,8 @@ with one build and then the other, alternating round by round; each side
 keeps its best time.  On a shared or virtual machine two processes can run the
 same code 15-30% apart (memory placement, frequency, neighbours), far more
 than most kernel changes: within one process the two builds see the same
-machine, and the ratio this/other is what a change did.
+machine.  Cases that spill out of the cache can still swing between runs
+(by up to 20% on a Zen 4 VM): repeat a run before trusting a ratio.
 
 A case SPEC is ``OP:SHAPE[:LAYOUT[:DTYPE]]``:
 
