@@ -72,8 +72,11 @@ def _variant_sources(directory):
 
 def _jobs():
     """Units compiled at once: BNFAST_BUILD_JOBS, else the CPUs at hand."""
-    if os.environ.get("BNFAST_BUILD_JOBS"):
-        return max(1, int(os.environ["BNFAST_BUILD_JOBS"]))
+    text = os.environ.get("BNFAST_BUILD_JOBS", "").strip()
+    if text:
+        if not text.isdigit() or int(text) < 1:
+            raise SystemExit(f"BNFAST_BUILD_JOBS must be a positive integer, got {text!r}")
+        return int(text)
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
