@@ -354,7 +354,8 @@ class _MomentumBatchNorm(_StatisticsNorm):
         Returns
         -------
         str
-            BatchNorm's, then ``total_steps`` and ``ideal_batch_size``.
+            BatchNorm's, then ``total_steps``, ``ideal_batch_size`` and, when
+            set, ``steps_per_epoch``.
         """
         text = f"{super().extra_repr()}, total_steps={self.total_steps}, ideal_batch_size={self.ideal_batch_size}"
         return text + (f", steps_per_epoch={self.steps_per_epoch}" if self.steps_per_epoch is not None else "")
@@ -396,7 +397,7 @@ _MBN_DOC = """Momentum Batch Normalization of {shape} input (Yong et al. 2020).
     affine : bool, default True
         Learn ``weight`` and ``bias``.
     total_steps : int >= 2
-        T, in training steps (keyword only).
+        T, in training steps, or in epochs with ``steps_per_epoch`` (keyword only).
     ideal_batch_size : int, default 32
         The paper's m0 (keyword only).
     steps_per_epoch : int or None, default None
