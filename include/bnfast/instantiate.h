@@ -7,7 +7,7 @@
  * type's entry points are gathered in the kernel set bn_kernels_<suffix>
  * (with BN_KERNEL_SET_LINKAGE: static, or external in a split build's
  * variant unit, kernels.h).  BN_WANT_DTYPE(d) selects the element types
- * (BN_DT_* of kernels.h).  No include guard on purpose. */
+ * (BN_DT_* of ops.h).  No include guard on purpose. */
 
 #define BN_ISA_CAT_(a, b) a##b
 #define BN_ISA_CAT(a, b) BN_ISA_CAT_(a, b)

@@ -255,13 +255,9 @@ static inline ptrdiff_t bn_keys_group(const bn_keys *q) { return q->group > 1 ? 
  * header alone is the library.  A build may instead compile each one in a
  * unit of its own, side by side (the Python extension does: setup.py): every
  * unit then defines BN_SPLIT_VARIANTS; a variant unit also defines
- * BN_VARIANT_ISA (a BN_ISA_*) and BN_VARIANT_DTYPE (a BN_DT_*) and makes that
+ * BN_VARIANT_ISA (a BN_ISA_*) and BN_VARIANT_DTYPE (a BN_DT_* of ops.h) and makes that
  * one instantiation, its kernel set bn_kernels_<type>_<isa> external; the
  * other units make none and take the sets from the variant units. */
-#define BN_DT_F32 0 /* the values of bn_dtype, for the preprocessor */
-#define BN_DT_F64 1
-#define BN_DT_F16 2
-#define BN_DT_BF16 3
 #if defined(__GNUC__) || defined(__clang__)
 #define BN_HIDDEN __attribute__((visibility("hidden"))) /* not exported from a shared library */
 #else

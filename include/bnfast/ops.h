@@ -12,7 +12,16 @@
  * computed in float; their per-channel arrays (weight, bias, running
  * statistics, save_mean/save_invstd, grad_weight/grad_bias) are float32.
  * Every other type's per-channel arrays have the element type. */
-typedef enum { BN_FLOAT32 = 0, BN_FLOAT64 = 1, BN_FLOAT16 = 2, BN_BFLOAT16 = 3 } bn_dtype;
+#define BN_DT_F32 0 /* the values also as macros, for the preprocessor (kernels.h) */
+#define BN_DT_F64 1
+#define BN_DT_F16 2
+#define BN_DT_BF16 3
+typedef enum {
+    BN_FLOAT32 = BN_DT_F32,
+    BN_FLOAT64 = BN_DT_F64,
+    BN_FLOAT16 = BN_DT_F16,
+    BN_BFLOAT16 = BN_DT_BF16
+} bn_dtype;
 #define BN_DTYPES 4
 
 /* The normalization family on one view.  An operand is `batch` samples of

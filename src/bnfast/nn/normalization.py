@@ -74,6 +74,13 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _int_at_least(value: Any, name: str, least: int) -> int:
+    """``value`` as an int >= ``least``, else ValueError (``"burn_in must be an int >= 0"``)."""
+    if not _is_int(value) or value < least:
+        raise ValueError(f"{name} must be an int >= {least} (got {value!r})")
+    return int(value)
+
+
 def _int_axis(axis: Any, name: str = "axis") -> int:
     """``axis`` as an int, else TypeError; its range is checked against each input."""
     if not _is_int(axis):

@@ -28,7 +28,7 @@ import numpy as np
 from .._functional import _momentum, _real, batch_norm_backward, moments
 from .._variants import shared_batch_norm_backward, statistics_forward
 from .layers import Conv2d, Linear
-from .normalization import BatchNorm, _plain
+from .normalization import BatchNorm, _int_at_least, _plain
 
 __all__ = [
     "BatchRenorm1d",
@@ -310,15 +310,10 @@ class _MomentumBatchNorm(_StatisticsNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Any = 0.1, affine: bool = True, *,
                  total_steps: int, ideal_batch_size: int = 32, steps_per_epoch: int | None = None,
                  axis: int = 1, dtype: Any = np.float32) -> None:
-        def positive_int(value, name, least=1):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-                raise ValueError(f"{name} must be an int >= {least} (got {value!r})")
-            return int(value)
-
-        total_steps = positive_int(total_steps, "total_steps", 2)
-        ideal_batch_size = positive_int(ideal_batch_size, "ideal_batch_size")
+        total_steps = _int_at_least(total_steps, "total_steps", 2)
+        ideal_batch_size = _int_at_least(ideal_batch_size, "ideal_batch_size", 1)
         if steps_per_epoch is not None:
-            steps_per_epoch = positive_int(steps_per_epoch, "steps_per_epoch")
+            steps_per_epoch = _int_at_least(steps_per_epoch, "steps_per_epoch", 1)
         super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype)
         self.total_steps = total_steps
         self.ideal_batch_size = ideal_batch_size
@@ -438,12 +433,11 @@ class _CrossIterationBatchNorm(_StatisticsNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Any = 0.1, affine: bool = True, *,
                  window_size: int = 4, burn_in: int = 100, axis: int = 1, dtype: Any = np.float32) -> None:
+        window_size = _int_at_least(window_size, "window_size", 1)
+        burn_in = _int_at_least(burn_in, "burn_in", 0)
         super().__init__(num_features, eps, momentum, affine, True, axis=axis, dtype=dtype)
-        for name, value, low in (("window_size", window_size, 1), ("burn_in", burn_in, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name} must be an int >= {low} (got {value!r})")
-        self.window_size = int(window_size)
-        self.burn_in = int(burn_in)
+        self.window_size = window_size
+        self.burn_in = burn_in
         # (mu, nu, d mu/d W, d nu/d W, W, bias) of earlier iterations, newest first
         self.__dict__["_history"] = []
         self.__dict__["_preceding"] = None
