@@ -109,3 +109,46 @@ def try_backward(
     axis: object,
     out: object = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def try_rows_forward(
+    x: object,
+    normalized_shape: object,
+    weight: object,
+    bias: object,
+    eps: object,
+    rms: bool,
+    out: object = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def try_rows_backward(
+    grad_out: object,
+    x: object,
+    normalized_shape: object,
+    mean: object,
+    invstd: object,
+    weight: object,
+    rms: bool,
+    out: object = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def try_keyed_forward(
+    x: object,
+    num_groups: object,
+    weight: object,
+    bias: object,
+    running_mean: object,
+    running_var: object,
+    momentum: object,
+    eps: object,
+    axis: object,
+    instance: bool,
+    out: object = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...
+def try_keyed_backward(
+    grad_out: object,
+    x: object,
+    num_groups: object,
+    mean: object,
+    invstd: object,
+    weight: object,
+    axis: object,
+    instance: bool,
+    out: object = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None: ...

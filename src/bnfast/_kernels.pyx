@@ -605,6 +605,11 @@ cdef inline bint _disjoint_from(object a, object b, object c, object d, object e
     return True
 
 
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
+    cdef int nd = cnp.PyArray_NDIM(b)
+    return cnp.PyArray_NDIM(a) == nd and cnp.PyArray_CompareLists(cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(b), nd)
+
+
 cdef object _result(object out, cnp.ndarray x, int t, object other):
     """Where a canonical call writes its full-size result: a new array when
     ``out`` is None, ``out`` itself when it is canonical, writable, of x's
@@ -615,10 +620,7 @@ cdef object _result(object out, cnp.ndarray x, int t, object other):
     if _canonical_float(out) != t:
         return None
     cdef cnp.ndarray o = <cnp.ndarray>out
-    cdef int nd = cnp.PyArray_NDIM(x)
-    if not (cnp.PyArray_FLAGS(o) & cnp.NPY_ARRAY_WRITEABLE) or cnp.PyArray_NDIM(o) != nd:
-        return None
-    if not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(o), cnp.PyArray_DIMS(x), nd):
+    if not (cnp.PyArray_FLAGS(o) & cnp.NPY_ARRAY_WRITEABLE) or not _same_shape(o, x):
         return None
     if out is not x and not _disjoint(o, x):
         return None
@@ -690,8 +692,7 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
     if not _contiguous_geometry(<cnp.ndarray>x, axis, &geo):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
-    cdef int nd = cnp.PyArray_NDIM(xa)
-    if cnp.PyArray_NDIM(ga) != nd or not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(ga), cnp.PyArray_DIMS(xa), nd):
+    if not _same_shape(ga, xa):
         return None
     if not (_channel_vector(save_mean, t, geo.channels, False)
             and _channel_vector(save_invstd, t, geo.channels, False)
@@ -708,4 +709,285 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
     _run_backward(geo, _dtype_of(xa), _contiguous_operand(ga, &geo), _contiguous_operand(xa, &geo),
                   _contiguous_operand(grad_in, &geo), save_mean, save_invstd, weight, training,
                   grad_weight, grad_bias, _keys(()), _act(None))
+    return grad_in, grad_weight, grad_bias
+
+
+# ---- the family's fast path (bnfast._normalization), on the same rules ----
+#
+# Canonical calls of layer/RMS norm (rows of the trailing dims) and of group
+# and instance norm (keys per sample and group of channels), as their
+# validating paths would plan them: one row plan (1, rows, D), or one sample
+# plan (outer, C, inner) with the samples C * outer * inner apart.
+
+cdef inline Py_ssize_t _trailing_dims(cnp.ndarray x, object normalized_shape):
+    """How many trailing dims of ``x`` an int or a tuple/list of ints
+    ``normalized_shape`` names, when it matches them; else 0."""
+    cdef int nd = cnp.PyArray_NDIM(x)
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(x)
+    if type(normalized_shape) is int:
+        return 1 if nd >= 1 and normalized_shape == dims[nd - 1] else 0
+    if type(normalized_shape) is not tuple and type(normalized_shape) is not list:
+        return 0
+    cdef Py_ssize_t k = len(normalized_shape), i
+    if k == 0 or k > nd:
+        return 0
+    for i in range(k):
+        n = normalized_shape[i]
+        if type(n) is not int or n != dims[nd - k + i]:
+            return 0
+    return k
+
+
+cdef inline bint _rows_view(cnp.ndarray x, object normalized_shape, Py_ssize_t *k, Py_ssize_t *rows,
+                            Py_ssize_t *d):
+    """Layer norm's view of ``x``: k trailing dims (``normalized_shape``) of
+    d values in each of ``rows`` rows; False to decline (no match, one value
+    per row or no rows: the validating path)."""
+    k[0] = _trailing_dims(x, normalized_shape)
+    if k[0] == 0:
+        return False
+    cdef int nd = cnp.PyArray_NDIM(x), i
+    rows[0], d[0] = 1, 1
+    for i in range(nd):
+        if i < nd - k[0]:
+            rows[0] *= cnp.PyArray_DIM(x, i)
+        else:
+            d[0] *= cnp.PyArray_DIM(x, i)
+    return d[0] >= 2 and rows[0] >= 1
+
+
+cdef inline bint _shaped(object v, int t, int nd, cnp.npy_intp *dims):
+    """Whether ``v`` is a canonical array of type ``t`` and shape ``dims[:nd]``."""
+    if _canonical_float(v) != t:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>v
+    return cnp.PyArray_NDIM(arr) == nd and cnp.PyArray_CompareLists(cnp.PyArray_DIMS(arr), dims, nd)
+
+
+cdef inline bint _per_row(object v, int t, cnp.ndarray x, Py_ssize_t k):
+    """Whether ``v`` is a canonical per-row statistic of x's rows over its
+    trailing ``k`` dims: of shape x.shape[:-k] or x.shape[:-k] + (1,) * k."""
+    if _canonical_float(v) != t:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>v
+    cdef int nd = cnp.PyArray_NDIM(x), i
+    if cnp.PyArray_NDIM(arr) == nd - k:
+        return cnp.PyArray_CompareLists(cnp.PyArray_DIMS(arr), cnp.PyArray_DIMS(x), nd - k)
+    if cnp.PyArray_NDIM(arr) != nd or not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(arr), cnp.PyArray_DIMS(x), nd - k):
+        return False
+    for i in range(nd - k, nd):
+        if cnp.PyArray_DIM(arr, i) != 1:
+            return False
+    return True
+
+
+cdef inline bn_array _rows_operand(cnp.ndarray a, Py_ssize_t rows, Py_ssize_t d):
+    cdef bn_array op
+    op.data = cnp.PyArray_DATA(a)
+    op.outer_stride, op.channel_stride, op.batch_stride = 0, d if rows > 1 else 0, 0
+    return op
+
+
+cdef inline double _rms_default_eps(int t):
+    return 2.0 ** -23 if t == cnp.NPY_FLOAT32 else 2.0 ** -52  # numpy.finfo(dtype).eps
+
+
+cdef object _ones(cnp.npy_intp d, int t):
+    """A (d,) array of ones of float type ``t``: the weight of a layer
+    without one (the kernel reads a weight per element)."""
+    cdef cnp.ndarray a = cnp.PyArray_EMPTY(1, &d, t, 0)
+    cdef Py_ssize_t i
+    if t == cnp.NPY_FLOAT32:
+        for i in range(d):
+            (<float *>cnp.PyArray_DATA(a))[i] = 1.0
+    else:
+        for i in range(d):
+            (<double *>cnp.PyArray_DATA(a))[i] = 1.0
+    return a
+
+
+cdef object _row_stats(cnp.ndarray x, Py_ssize_t k, int t, bint zeros):
+    """A per-row statistic of shape x.shape[:-k] + (1,) * k."""
+    cdef int nd = cnp.PyArray_NDIM(x), i
+    cdef cnp.npy_intp dims[64]  # NPY_MAXDIMS
+    for i in range(nd):
+        dims[i] = cnp.PyArray_DIM(x, i) if i < nd - k else 1
+    return cnp.PyArray_ZEROS(nd, dims, t, 0) if zeros else cnp.PyArray_EMPTY(nd, dims, t, 0)
+
+
+def try_rows_forward(x, normalized_shape, weight, bias, eps, bint rms, out=None):
+    """``(y, mean, invstd)`` of layer norm (``rms``: RMS norm, bias None) for
+    canonical arguments, else None; ``eps`` None (RMS norm) is the dtype's."""
+    cdef int t = _canonical_float(x)
+    if t < 0:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    cdef Py_ssize_t k, rows, d
+    if not _rows_view(xa, normalized_shape, &k, &rows, &d):
+        return None
+    cdef cnp.npy_intp *inner_dims = cnp.PyArray_DIMS(xa) + (cnp.PyArray_NDIM(xa) - k)
+    cdef double e
+    if rms and eps is None:
+        e = _rms_default_eps(t)
+    elif _nonnegative_finite(eps):
+        e = eps
+    else:
+        return None
+    if not ((weight is None or _shaped(weight, t, k, inner_dims))
+            and (bias is None or (not rms and _shaped(bias, t, k, inner_dims)))):
+        return None
+    result = _result(out, xa, t, None)
+    if result is None or (out is not None and not _disjoint_from(out, weight, bias, None, None)):
+        return None
+    cdef cnp.ndarray y = <cnp.ndarray>result
+    w = weight if weight is not None else _ones(d, t)
+    cdef cnp.npy_intp dd = d
+    b = bias if bias is not None else cnp.PyArray_ZEROS(1, &dd, t, 0)
+    mean, invstd = _row_stats(xa, k, t, True), _row_stats(xa, k, t, False)
+    cdef bn_geometry geo
+    geo.outer, geo.channels, geo.inner = 1, rows, d
+    _run_forward_train(geo, _dtype_of(xa), _rows_operand(xa, rows, d), _rows_operand(y, rows, d),
+                       w, b, None, None, 0.0, e, mean, invstd, _keys((1, 1, rms, 1)), _act(None))
+    return y, mean, invstd
+
+
+def try_rows_backward(grad_out, x, normalized_shape, mean, invstd, weight, bint rms, out=None):
+    """``(grad_input, grad_weight, grad_bias)`` of layer norm (``rms``: RMS
+    norm, mean None) for canonical arguments, else None."""
+    cdef int t = _canonical_float(x)
+    if t < 0 or _canonical_float(grad_out) != t:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
+    cdef Py_ssize_t k, rows, d
+    if not _same_shape(ga, xa) or not _rows_view(xa, normalized_shape, &k, &rows, &d):
+        return None
+    cdef cnp.npy_intp *inner_dims = cnp.PyArray_DIMS(xa) + (cnp.PyArray_NDIM(xa) - k)
+    if not (_per_row(invstd, t, xa, k) and ((rms and mean is None) or (not rms and _per_row(mean, t, xa, k)))
+            and (weight is None or _shaped(weight, t, k, inner_dims))):
+        return None
+    result = _result(out, xa, t, grad_out)
+    if result is None or (out is not None and not _disjoint_from(out, mean, invstd, weight, None)):
+        return None
+    cdef cnp.ndarray grad_in = <cnp.ndarray>result
+    w = weight if weight is not None else _ones(d, t)
+    grad_weight = cnp.PyArray_ZEROS(k, inner_dims, t, 0)
+    grad_bias = cnp.PyArray_ZEROS(k, inner_dims, t, 0)
+    cdef bn_geometry geo
+    geo.outer, geo.channels, geo.inner = 1, rows, d
+    _run_backward(geo, _dtype_of(xa), _rows_operand(ga, rows, d), _rows_operand(xa, rows, d),
+                  _rows_operand(grad_in, rows, d), mean, invstd, w, True, grad_weight, grad_bias,
+                  _keys((1, 1, rms, 1)), _act(None))
+    return grad_in, grad_weight, grad_bias
+
+
+cdef inline bint _sample_geometry(cnp.ndarray x, object axis, bn_geometry *geo):
+    """The sample plan of a C-contiguous ``x``: (outer, C, inner) of one
+    sample around the channel axis (not 0); False if unusual."""
+    if not _contiguous_geometry(x, axis, geo):
+        return False
+    cdef int nd = cnp.PyArray_NDIM(x)
+    cdef long ax = axis if axis >= 0 else axis + nd
+    if ax == 0:
+        return False
+    geo.outer //= cnp.PyArray_DIM(x, 0)
+    return True
+
+
+cdef inline bn_array _sample_operand(cnp.ndarray a, const bn_geometry *geo):
+    """A C-contiguous operand as the validating path's sample plan sees it:
+    planar where inner > 1, else channels-last rows; strides of dims of one
+    element are 0 (or 1 for one channel), as that path merges them."""
+    cdef bn_array op
+    op.data = cnp.PyArray_DATA(a)
+    op.batch_stride = geo.outer * geo.channels * geo.inner
+    if geo.inner > 1:
+        op.outer_stride = geo.channels * geo.inner if geo.outer > 1 else 0
+        op.channel_stride = geo.inner if geo.channels > 1 else 1
+    else:
+        op.outer_stride = geo.channels if geo.outer > 1 else 0
+        op.channel_stride = 1
+    return op
+
+
+cdef inline Py_ssize_t _group_size(object num_groups, bint instance, Py_ssize_t channels):
+    """Channels per group: 1 for instance norm, else C / num_groups for an
+    int that divides C; 0 to decline."""
+    if instance:
+        return 1
+    if type(num_groups) is not int or not 1 <= num_groups <= channels:
+        return 0
+    cdef Py_ssize_t g = num_groups
+    return channels // g if channels % g == 0 else 0
+
+
+def try_keyed_forward(x, num_groups, weight, bias, running_mean, running_var, momentum, eps, axis,
+                      bint instance, out=None):
+    """``(y, mean, invstd)`` of group norm, or of instance norm (``instance``,
+    num_groups ignored; optional running statistics), for canonical
+    arguments, else None; the statistics of shape (N, groups)."""
+    cdef int t = _canonical_float(x)
+    cdef bn_geometry geo
+    if t < 0 or not _sample_geometry(<cnp.ndarray>x, axis, &geo):
+        return None
+    cdef Py_ssize_t group = _group_size(num_groups, instance, geo.channels)
+    if group == 0 or not _unit_interval(momentum) or not _nonnegative_finite(eps):
+        return None
+    if instance and geo.outer * geo.inner < 2:  # one value per instance: the validating path
+        return None
+    if not (_optional_vector(weight, t, geo.channels) and _optional_vector(bias, t, geo.channels)):
+        return None
+    if running_mean is None:
+        if running_var is not None:
+            return None
+    elif not (instance
+              and _channel_vector(running_mean, t, geo.channels, True)
+              and _channel_vector(running_var, t, geo.channels, True)
+              and _disjoint_from(running_mean, running_var, x, weight, bias)
+              and _disjoint_from(running_var, x, weight, bias, None)):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    result = _result(out, xa, t, None)
+    if result is None or (out is not None
+                          and not _disjoint_from(out, weight, bias, running_mean, running_var)):
+        return None
+    cdef cnp.ndarray y = <cnp.ndarray>result
+    cdef cnp.npy_intp n = cnp.PyArray_DIM(xa, 0)
+    cdef cnp.npy_intp stat_dims[2]
+    stat_dims[0], stat_dims[1] = n, geo.channels // group
+    mean = cnp.PyArray_ZEROS(2, stat_dims, t, 0)
+    invstd = cnp.PyArray_EMPTY(2, stat_dims, t, 0)
+    _run_forward_train(geo, _dtype_of(xa), _sample_operand(xa, &geo), _sample_operand(y, &geo),
+                       weight, bias, running_mean, running_var, momentum, eps, mean, invstd,
+                       _keys((n, group, 0, 0)), _act(None))
+    return y, mean, invstd
+
+
+def try_keyed_backward(grad_out, x, num_groups, mean, invstd, weight, axis, bint instance, out=None):
+    """``(grad_input, grad_weight, grad_bias)`` of group norm, or of instance
+    norm (``instance``, num_groups ignored), for canonical arguments, else None."""
+    cdef int t = _canonical_float(x)
+    cdef bn_geometry geo
+    if t < 0 or _canonical_float(grad_out) != t or not _sample_geometry(<cnp.ndarray>x, axis, &geo):
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray>x, ga = <cnp.ndarray>grad_out
+    if not _same_shape(ga, xa):
+        return None
+    cdef Py_ssize_t group = _group_size(num_groups, instance, geo.channels)
+    if group == 0:
+        return None
+    cdef cnp.npy_intp stat_dims[2]
+    stat_dims[0], stat_dims[1] = cnp.PyArray_DIM(xa, 0), geo.channels // group
+    if not (_shaped(mean, t, 2, stat_dims) and _shaped(invstd, t, 2, stat_dims)
+            and _optional_vector(weight, t, geo.channels)):
+        return None
+    result = _result(out, xa, t, grad_out)
+    if result is None or (out is not None and not _disjoint_from(out, mean, invstd, weight, None)):
+        return None
+    cdef cnp.ndarray grad_in = <cnp.ndarray>result
+    cdef cnp.npy_intp channels = geo.channels
+    grad_weight = cnp.PyArray_ZEROS(1, &channels, t, 0)
+    grad_bias = cnp.PyArray_ZEROS(1, &channels, t, 0)
+    _run_backward(geo, _dtype_of(xa), _sample_operand(ga, &geo), _sample_operand(xa, &geo),
+                  _sample_operand(grad_in, &geo), mean, invstd, weight, True, grad_weight, grad_bias,
+                  _keys((stat_dims[0], group, 0, 0)), _act(None))
     return grad_in, grad_weight, grad_bias

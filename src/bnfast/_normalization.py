@@ -19,7 +19,11 @@ RMS norm           row, RMS                      as layer norm, uncentered
 The sample view reuses batch norm's layout planning (``_functional``) on one
 sample; the batch axis is always axis 0.  Validation lives here, once per
 member, and nothing a call changes (running statistics, ``out=``) is touched
-before every argument has been checked.
+before every argument has been checked.  As in ``_functional``, each op
+first offers its arguments to the compiled fast path (``_kernels.try_rows_*``
+for layer/RMS norm, ``_kernels.try_keyed_*`` for group and instance norm),
+which takes only canonical calls, plans them as this module would, and
+declines the rest without judging them.
 """
 
 from __future__ import annotations
@@ -268,12 +272,15 @@ def _empty_result(x: np.ndarray, out) -> np.ndarray:
 
 
 def _rows_forward(x, normalized_shape, weight, bias, eps, out, rms: bool):
+    done = _kernels.try_rows_forward(x, normalized_shape, weight, bias, eps, rms, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     shape = _normalized_shape(normalized_shape, x)
     k, d = len(shape), math.prod(shape)
     weight = _per_value(weight, "weight", shape, x.dtype)
     bias = _per_value(bias, "bias", shape, x.dtype)
-    eps = _eps(eps)
+    eps = _rms_eps(eps, x) if rms else _eps(eps)
     _check_out(out, x)
     lead = x.shape[: x.ndim - k]
     rows = math.prod(lead)
@@ -299,6 +306,9 @@ def _rows_forward(x, normalized_shape, weight, bias, eps, out, rms: bool):
 
 
 def _rows_backward(grad_out, x, normalized_shape, mean, invstd, weight, out, rms: bool):
+    done = _kernels.try_rows_backward(grad_out, x, normalized_shape, mean, invstd, weight, rms, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     grad_out = _grad_out(grad_out, x)
     shape = _normalized_shape(normalized_shape, x)
@@ -493,8 +503,7 @@ def rms_norm_forward(
     TypeError, ValueError
         As `layer_norm_forward`.
     """
-    x = _float_array(x, "x")
-    y, _, invstd = _rows_forward(x, normalized_shape, weight, None, _rms_eps(eps, x), out, True)
+    y, _, invstd = _rows_forward(x, normalized_shape, weight, None, eps, out, True)
     return y, invstd
 
 
@@ -665,6 +674,9 @@ def group_norm_forward(
     --------
     group_norm_backward : Its gradients.
     """
+    done = _kernels.try_keyed_forward(x, num_groups, weight, bias, None, None, 0.0, eps, axis, False, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     ax = _sample_axis(x, axis)
     channels = x.shape[ax]
@@ -754,6 +766,9 @@ def group_norm_backward(
     TypeError, ValueError
         As `group_norm_forward`, and for saved statistics of the wrong shape.
     """
+    done = _kernels.try_keyed_backward(grad_out, x, num_groups, mean, invstd, weight, axis, False, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     grad_out = _grad_out(grad_out, x)
     ax = _sample_axis(x, axis)
@@ -820,6 +835,11 @@ def instance_norm_forward(
     --------
     instance_norm_backward : Its gradients.
     """
+    done = _kernels.try_keyed_forward(
+        x, None, weight, bias, running_mean, running_var, momentum, eps, axis, True, out
+    )
+    if done is not None:
+        return done
     source = x
     x = _float_array(x, "x")
     ax = _sample_axis(x, axis)
@@ -931,6 +951,9 @@ def instance_norm_backward(grad_out, x, mean, invstd, weight=None, *, axis: int 
     batch_norm_backward : With ``training=False``, the gradient of
         `instance_norm` with ``use_input_stats=False``.
     """
+    done = _kernels.try_keyed_backward(grad_out, x, None, mean, invstd, weight, axis, True, out)
+    if done is not None:
+        return done
     x = _float_array(x, "x")
     grad_out = _grad_out(grad_out, x)
     ax = _sample_axis(x, axis)
