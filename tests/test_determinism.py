@@ -171,8 +171,10 @@ def test_streamed_outputs_match_reference(layout, stream_threshold):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_channels_last_spans_match_rows(channels, dtype):
     """Contiguous channels-last rows of few channels are applied several rows
-    per span (forward and backward); rows with a gap between them go row by
-    row: the same bits, element for element."""
+    per span (inference, backward with given statistics, fused activation);
+    rows with a gap between them go row by row: the same bits, element for
+    element.  The batch statistics agree to rounding (packed rows of fewer
+    channels than a vector sum in periodic lanes, strided ones per row)."""
     rng = np.random.default_rng(channels)
     wide = (rng.standard_normal((4096, channels + 1)) * 3 + 1).astype(dtype)
     g_wide = rng.standard_normal((4096, channels + 1)).astype(dtype)
@@ -180,11 +182,20 @@ def test_channels_last_spans_match_rows(channels, dtype):
     dense, g_dense = np.ascontiguousarray(strided), np.ascontiguousarray(g_strided)
     w = rng.uniform(0.5, 2, channels).astype(dtype)
     b = rng.standard_normal(channels).astype(dtype)
-    outs = []
+    rm = rng.standard_normal(channels).astype(dtype)
+    rv = rng.uniform(0.5, 2, channels).astype(dtype)
+    invstd = (1 / np.sqrt(rv.astype(np.float64) + 1e-5)).astype(dtype)
+    applied, batch = [], []
     for x, g in ((dense, g_dense), (strided, g_strided)):
-        y, mean, invstd = bnfast.batch_norm_forward(x, w, b, axis=-1)
-        gi, gw, gb = bnfast.batch_norm_backward(g, x, mean, invstd, w, axis=-1)
-        ya = bnfast.batch_norm_act_forward(x, w, b, activation="relu", residual=g, axis=-1)[0]
-        outs.append([y, mean, invstd, gi, gw, gb, ya])
-    for a, b_ in zip(*outs):
+        y = bnfast.batch_norm_inference(x, rm, rv, w, b, axis=-1)
+        gi = bnfast.batch_norm_backward(g, x, rm, invstd, w, training=False, axis=-1)[0]
+        ya = bnfast.batch_norm_act_inference(x, rm, rv, w, b, activation="relu", residual=g, axis=-1)
+        applied.append([y, gi, ya])
+        y, mean, invstd_b = bnfast.batch_norm_forward(x, w, b, axis=-1)
+        batch.append([y, mean, invstd_b, *bnfast.batch_norm_backward(g, x, mean, invstd_b, w, axis=-1)])
+    for a, b_ in zip(*applied):
         assert a.dtype == b_.dtype and np.array_equal(a, b_)
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    for a, b_ in zip(*batch):
+        assert a.dtype == b_.dtype
+        np.testing.assert_allclose(a, b_, rtol=tol, atol=tol)

@@ -47,8 +47,12 @@ DTYPES = [
 ]
 
 # planar tasks of 16 x 1000 values; channels-last tasks of 16384 values over
-# 64 channels (4 whole vectors in every variant) and 70 (a partial one)
-LAYOUTS = [((16, 3, 40, 25), 1), ((16, 40, 25, 64), -1), ((300, 70), 1), ((8, 3, 33, 131), 1)]
+# 64 channels (4 whole vectors in every variant) and 70 (a partial one); packed
+# channels-last rows of fewer channels than a vector (periodic lanes): 3 and 4
+# channels, 6 and 12 with a run that ends inside a period, and 7 (a period
+# too long: per row)
+LAYOUTS = [((16, 3, 40, 25), 1), ((16, 40, 25, 64), -1), ((300, 70), 1), ((8, 3, 33, 131), 1),
+           ((16, 40, 25, 3), -1), ((64, 33, 4), -1), ((4001, 6), 1), ((2003, 12), 1), ((700, 7), 1)]
 
 M2_BOUND = 117 * 2.0**-24  # relative error of the biased variance
 MEAN_BOUND = 1.1e-6  # error of the mean in deviations
