@@ -140,3 +140,29 @@ def test_family_bench_torch_callables_match_bnfast():
             t = t.reshape(shape)  # instance norm's backward runs on the (1, N*C, H, W) view
             t = t.numpy() if layout != "NHWC" else t.permute(0, 2, 3, 1).numpy()
             np.testing.assert_allclose(a, t.reshape(a.shape), rtol=1e-4, atol=1e-4, err_msg=f"{member} {layout} {direction}")
+
+
+def test_contention_bench_times_every_load(capsys, tmp_path):
+    """`bench --contention` on a small case: one row per implementation and
+    thread count with a median per load, the busy process gone afterwards."""
+    import json
+
+    path = tmp_path / "contention.json"
+    assert _bench.main(["--contention", "--threads", "1,2", "--no-torch", "--shapes", "2x3x4x4",
+                        "--ops", "inference,backward", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["op"], r["threads"]) for r in rows] == [("inference", 1), ("inference", 2),
+                                                       ("backward", 1), ("backward", 2)]
+    assert all(r["impl"] == "bnfast" and r["quiet"] > 0 and r["1 busy thread"] > 0 and r["2 busy threads"] > 0
+               for r in rows)
+    assert "x quiet" in capsys.readouterr().out
+
+
+def test_busy_process_runs_during_the_block_only():
+    from bnfast import _bench_contention as con
+
+    with con.busy(0) as none:
+        assert none is None
+    with con.busy(2) as proc:
+        assert proc.poll() is None  # spinning
+    assert proc.poll() is not None  # stopped

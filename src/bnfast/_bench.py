@@ -446,6 +446,12 @@ def _parser() -> argparse.ArgumentParser:
         help="time Ghost BN, Batch Renorm, Momentum BN and cross-iteration BN (training forward and backward) "
              "against plain BatchNorm2d on 32x64x56x56 float32, or the first of --shapes",
     )  # fmt: skip
+    parser.add_argument(
+        "--contention", action="store_true",
+        help="time batch norm (and PyTorch) quiet and beside another process with one and with two busy "
+             "threads: median times and their ratio to quiet (32x64x56x56 and 32x64x28x28 NCHW float32, "
+             "or --shapes with --ops)",
+    )  # fmt: skip
     parser.add_argument("--threads", default="1,2", help="thread counts, e.g. 1,2 (default 1,2)")
     parser.add_argument("--ops", default=",".join(OPS), help="train,inference,backward")
     parser.add_argument("--dtypes", default=None, help="float32,float64 (quick: float32)")
@@ -496,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.family:
         return _main_family(args, threads)
+    if args.contention:
+        return _main_contention(args, threads, ops, shapes if args.shapes else None)
     if args.variants:
         return _main_variants(args, threads, layouts, shapes if args.shapes else None)
     if args.fused:
@@ -567,6 +575,29 @@ def _main_family(args: argparse.Namespace, threads: list[int]) -> int:
         meta = dict(machine_info(), numpy=np.__version__, torch=torch.__version__ if torch is not None else None)
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=1)
+        print(f"raw figures written to {args.json}")
+    return 0
+
+
+def _main_contention(args: argparse.Namespace, threads: list[int], ops: list[str], shapes) -> int:
+    """``--contention``: each case's median time quiet and under load, JSON if asked."""
+    from . import _bench_contention as con  # noqa: PLC0415
+
+    cases = [(op, tuple(s)) for s in shapes for op in ops] if shapes else con.DEFAULT_CASES
+    torch = None if args.no_torch else _torch()
+    print("bnfast bench --contention: NCHW float32, median of interleaved rounds per load")
+    for line in header_lines(torch):
+        print("  " + line)
+    print("x quiet: the median time beside the busy process / the median time with nothing else running")
+    print(con.HEADER)
+    print("-" * len(con.HEADER))
+    rows = con.run_contention(
+        cases, tuple(threads), rounds=max(args.rounds, 30), use_torch=not args.no_torch,
+        progress=lambda r: print(con.format_contention_row(r), flush=True),
+    )  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": dict(machine_info(), numpy=np.__version__), "results": rows}, f, indent=1)
         print(f"raw figures written to {args.json}")
     return 0
 
