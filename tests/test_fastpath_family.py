@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import bnfast
 from bnfast import _kernels
-from test_fastpath_property import _memory
+from test_fastpath_property import _memory, _same
 
 FAST = ("try_rows_forward", "try_rows_backward", "try_keyed_forward", "try_keyed_backward")
 OPS = (
@@ -190,10 +190,6 @@ def _outcome(r):
         return ("raised", type(exc)), [a.copy() for a in arrays]
     result = (result,) if isinstance(result, np.ndarray) else result
     return ("returned", tuple(np.array(a, copy=True) for a in result)), [a.copy() for a in arrays]
-
-
-def _same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
 
 
 def _both_paths(r):

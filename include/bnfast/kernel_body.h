@@ -733,10 +733,11 @@ static inline ptrdiff_t BN_FN(period_)(ptrdiff_t nc)
 }
 
 static BN_ALWAYS_INLINE void BN_FN(rows_period_sums_)(const BN_T *first, const BN_T *gfirst, ptrdiff_t n,
-                                                      ptrdiff_t nc, const int with_g, const BN_AT *fp,
-                                                      double *restrict sum_a, double *restrict sum_b)
+                                                      ptrdiff_t nc, ptrdiff_t P, const int with_g,
+                                                      const BN_AT *fp, double *restrict sum_a,
+                                                      double *restrict sum_b)
 {
-    const ptrdiff_t P = BN_FN(period_)(nc), L = P * WA, body = n - n % L;
+    const ptrdiff_t L = P * WA, body = n - n % L; /* P: period_(nc) */
     BN_FN(va_) vp[BN_PERIOD_MAX], sa[BN_PERIOD_MAX], sb[BN_PERIOD_MAX];
     BN_FN(vw_) da[2 * BN_PERIOD_MAX], db[2 * BN_PERIOD_MAX];
     for (ptrdiff_t v = 0; v < P; v++) {
@@ -801,8 +802,9 @@ static BN_ALWAYS_INLINE int BN_FN(rows_float_sums_)(const bn_context *k, const b
     const BN_T *first = (const BN_T *)k->x.data + u->row0 * xs + u->c0;
     const BN_T *gfirst = with_g ? (const BN_T *)k->g.data + u->row0 * gs + u->c0 : first;
     BN_AT fp[BN_CHANNEL_TILE], fa[BN_CHANNEL_TILE], fb[BN_CHANNEL_TILE];
-    if (nc < WA && xs == nc && gs == nc && BN_FN(period_)(nc) <= BN_PERIOD_MAX
-        && BN_FN(float_sums_wanted_)(k, (double)(rows * nc) / (double)(BN_FN(period_)(nc) * WA))) {
+    const ptrdiff_t period = nc < WA ? BN_FN(period_)(nc) : 0;
+    if (period && period <= BN_PERIOD_MAX && xs == nc && gs == nc
+        && BN_FN(float_sums_wanted_)(k, (double)(rows * nc) / (double)(period * WA))) {
         for (ptrdiff_t c = 0; c < nc; c++) {
             if (with_g) {
                 fp[c] = (BN_AT)shift[c];
@@ -814,7 +816,7 @@ static BN_ALWAYS_INLINE int BN_FN(rows_float_sums_)(const bn_context *k, const b
             }
             pilot[c] = (double)fp[c];
         }
-        BN_FN(rows_period_sums_)(first, gfirst, rows * nc, nc, with_g, fp, sum_a, sum_b);
+        BN_FN(rows_period_sums_)(first, gfirst, rows * nc, nc, period, with_g, fp, sum_a, sum_b);
         return BN_FN(rows_sums_ok_)(sum_a, sum_b, nc, (double)rows, with_g);
     }
     for (ptrdiff_t c = 0; c < vec; c += WA) {

@@ -473,6 +473,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    """The raw figures of a run (``--json``)."""
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    print(f"raw figures written to {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; the exit status is 0, or 2 for bad arguments or a missing matplotlib."""
     parser = _parser()
@@ -539,9 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             machine_info(), numpy=np.__version__, torch=torch.__version__ if torch is not None else None,
             processor=platform.processor(),
         )  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
-        print(f"raw figures written to {args.json}")
+        _write_json(args.json, meta, rows)
     if args.plot:
         note = "--no-torch was given" if args.no_torch else "PyTorch is not installed (pip install torch)"
         plot(rows, args.plot, torch_note=None if torch is not None else note, title=f"bnfast on {cpu_model()}")
@@ -573,9 +578,7 @@ def _main_family(args: argparse.Namespace, threads: list[int]) -> int:
               f"(min {min(speedups):.2f}x, max {max(speedups):.2f}x)")
     if args.json:
         meta = dict(machine_info(), numpy=np.__version__, torch=torch.__version__ if torch is not None else None)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
-        print(f"raw figures written to {args.json}")
+        _write_json(args.json, meta, rows)
     return 0
 
 
@@ -596,9 +599,7 @@ def _main_contention(args: argparse.Namespace, threads: list[int], ops: list[str
         progress=lambda r: print(con.format_contention_row(r), flush=True),
     )  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": dict(machine_info(), numpy=np.__version__), "results": rows}, f, indent=1)
-        print(f"raw figures written to {args.json}")
+        _write_json(args.json, dict(machine_info(), numpy=np.__version__), rows)
     return 0
 
 
@@ -620,7 +621,5 @@ def _main_variants(args: argparse.Namespace, threads: list[int], layouts: list[s
         progress=lambda r: print(var.format_variant_row(r), flush=True),
     )  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": dict(machine_info(), numpy=np.__version__), "results": rows}, f, indent=1)
-        print(f"raw figures written to {args.json}")
+        _write_json(args.json, dict(machine_info(), numpy=np.__version__), rows)
     return 0

@@ -610,11 +610,13 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
     return cnp.PyArray_NDIM(a) == nd and cnp.PyArray_CompareLists(cnp.PyArray_DIMS(a), cnp.PyArray_DIMS(b), nd)
 
 
-cdef object _result(object out, cnp.ndarray x, int t, object other):
+cdef object _result(object out, cnp.ndarray x, int t, object other, object a=None, object b=None,
+                    object c=None, object d=None):
     """Where a canonical call writes its full-size result: a new array when
     ``out`` is None, ``out`` itself when it is canonical, writable, of x's
-    shape and is ``x``/``other`` or overlaps neither, else None (decline).
-    (The caller also declines an ``out`` that overlaps a per-channel argument.)"""
+    shape, is ``x``/``other`` or overlaps neither, and overlaps none of the
+    smaller arguments ``a``..``d`` (canonical arrays or Nones), else None
+    (decline)."""
     if out is None:
         return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), t, 0)
     if _canonical_float(out) != t:
@@ -626,7 +628,20 @@ cdef object _result(object out, cnp.ndarray x, int t, object other):
         return None
     if other is not None and out is not other and not _disjoint(o, <cnp.ndarray>other):
         return None
-    return out
+    return out if _disjoint_from(out, a, b, c, d) else None
+
+
+cdef inline bint _running_pair(object running_mean, object running_var, int t, Py_ssize_t channels,
+                               object x, object weight, object bias):
+    """Whether the running statistics are both None, or canonical writable
+    (C,) arrays of type ``t`` that overlap each other and x, weight, bias
+    nowhere."""
+    if running_mean is None:
+        return running_var is None
+    return (_channel_vector(running_mean, t, channels, True)
+            and _channel_vector(running_var, t, channels, True)
+            and _disjoint_from(running_mean, running_var, x, weight, bias)
+            and _disjoint_from(running_var, x, weight, bias, None))
 
 
 def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, out=None):
@@ -639,19 +654,12 @@ def try_forward_train(x, weight, bias, running_mean, running_var, momentum, eps,
         return None
     if not (_optional_vector(weight, t, geo.channels) and _optional_vector(bias, t, geo.channels)):
         return None
-    if running_mean is None:
-        if running_var is not None:
-            return None
-    elif not (_channel_vector(running_mean, t, geo.channels, True)
-              and _channel_vector(running_var, t, geo.channels, True)
-              and _disjoint_from(running_mean, running_var, x, weight, bias)
-              and _disjoint_from(running_var, x, weight, bias, None)):
+    if not _running_pair(running_mean, running_var, t, geo.channels, x, weight, bias):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
     cdef cnp.npy_intp channels = geo.channels
-    result = _result(out, xa, t, None)  # out is a canonical array from here on, or None
-    if result is None or (out is not None
-                          and not _disjoint_from(out, weight, bias, running_mean, running_var)):
+    result = _result(out, xa, t, None, weight, bias, running_mean, running_var)
+    if result is None:
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     cdef cnp.ndarray save_mean = cnp.PyArray_EMPTY(1, &channels, t, 0)
@@ -673,9 +681,8 @@ def try_inference(x, running_mean, running_var, weight, bias, eps, axis, out=Non
             and _optional_vector(weight, t, geo.channels) and _optional_vector(bias, t, geo.channels)):
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    result = _result(out, xa, t, None)
-    if result is None or (out is not None
-                          and not _disjoint_from(out, running_mean, running_var, weight, bias)):
+    result = _result(out, xa, t, None, running_mean, running_var, weight, bias)
+    if result is None:
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     _run_inference(geo, _dtype_of(xa), _contiguous_operand(xa, &geo), _contiguous_operand(y, &geo),
@@ -699,9 +706,8 @@ def try_backward(grad_out, x, save_mean, save_invstd, weight, training, axis, ou
             and _optional_vector(weight, t, geo.channels)):
         return None
     cdef cnp.npy_intp channels = geo.channels
-    result = _result(out, xa, t, grad_out)
-    if result is None or (out is not None
-                          and not _disjoint_from(out, save_mean, save_invstd, weight, None)):
+    result = _result(out, xa, t, grad_out, save_mean, save_invstd, weight)
+    if result is None:
         return None
     cdef cnp.ndarray grad_in = <cnp.ndarray>result
     cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, t, 0)
@@ -836,8 +842,8 @@ def try_rows_forward(x, normalized_shape, weight, bias, eps, bint rms, out=None)
     if not ((weight is None or _shaped(weight, t, k, inner_dims))
             and (bias is None or (not rms and _shaped(bias, t, k, inner_dims)))):
         return None
-    result = _result(out, xa, t, None)
-    if result is None or (out is not None and not _disjoint_from(out, weight, bias, None, None)):
+    result = _result(out, xa, t, None, weight, bias)
+    if result is None:
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     w = weight if weight is not None else _ones(d, t)
@@ -865,8 +871,8 @@ def try_rows_backward(grad_out, x, normalized_shape, mean, invstd, weight, bint 
     if not (_per_row(invstd, t, xa, k) and ((rms and mean is None) or (not rms and _per_row(mean, t, xa, k)))
             and (weight is None or _shaped(weight, t, k, inner_dims))):
         return None
-    result = _result(out, xa, t, grad_out)
-    if result is None or (out is not None and not _disjoint_from(out, mean, invstd, weight, None)):
+    result = _result(out, xa, t, grad_out, mean, invstd, weight)
+    if result is None:
         return None
     cdef cnp.ndarray grad_in = <cnp.ndarray>result
     w = weight if weight is not None else _ones(d, t)
@@ -936,19 +942,12 @@ def try_keyed_forward(x, num_groups, weight, bias, running_mean, running_var, mo
         return None
     if not (_optional_vector(weight, t, geo.channels) and _optional_vector(bias, t, geo.channels)):
         return None
-    if running_mean is None:
-        if running_var is not None:
-            return None
-    elif not (instance
-              and _channel_vector(running_mean, t, geo.channels, True)
-              and _channel_vector(running_var, t, geo.channels, True)
-              and _disjoint_from(running_mean, running_var, x, weight, bias)
-              and _disjoint_from(running_var, x, weight, bias, None)):
+    if (running_mean is not None and not instance) or not _running_pair(
+            running_mean, running_var, t, geo.channels, x, weight, bias):  # running statistics: instance norm only
         return None
     cdef cnp.ndarray xa = <cnp.ndarray>x
-    result = _result(out, xa, t, None)
-    if result is None or (out is not None
-                          and not _disjoint_from(out, weight, bias, running_mean, running_var)):
+    result = _result(out, xa, t, None, weight, bias, running_mean, running_var)
+    if result is None:
         return None
     cdef cnp.ndarray y = <cnp.ndarray>result
     cdef cnp.npy_intp n = cnp.PyArray_DIM(xa, 0)
@@ -980,8 +979,8 @@ def try_keyed_backward(grad_out, x, num_groups, mean, invstd, weight, axis, bint
     if not (_shaped(mean, t, 2, stat_dims) and _shaped(invstd, t, 2, stat_dims)
             and _optional_vector(weight, t, geo.channels)):
         return None
-    result = _result(out, xa, t, grad_out)
-    if result is None or (out is not None and not _disjoint_from(out, mean, invstd, weight, None)):
+    result = _result(out, xa, t, grad_out, mean, invstd, weight)
+    if result is None:
         return None
     cdef cnp.ndarray grad_in = <cnp.ndarray>result
     cdef cnp.npy_intp channels = geo.channels
