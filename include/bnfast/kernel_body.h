@@ -80,6 +80,24 @@ static BN_ALWAYS_INLINE ptrdiff_t BN_FN(line_peel_)(const BN_T *p)
     return a ? (ptrdiff_t)((64 - a) / sizeof(BN_T)) : 0;
 }
 
+/* Planar tasks read runs of a few tens of KB, a channel stride apart; the
+ * hardware prefetchers stop at page boundaries, so without help a task's
+ * loads keep waiting on DRAM.  The loops over planar runs ask for the line
+ * BN_PREFETCH_BYTES ahead of each they read (a prefetch never faults, also
+ * past a run's end): (64,64,112,112) NCHW training forward 0.74 of the time
+ * in float16, 0.90 in float32 (Zen 5, 2 threads). */
+#ifndef BN_PREFETCH_BYTES
+#define BN_PREFETCH_BYTES 2048
+#endif
+static BN_ALWAYS_INLINE void BN_FN(prefetch_)(const void *p, size_t bytes)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    for (size_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)p + BN_PREFETCH_BYTES + o);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
 static inline void BN_FN(stream_fence_)(int stream)
 {
 #if BN_CAN_STREAM
@@ -241,7 +259,9 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
                                      + c * k->g.channel_stride + u->offset
                                : x;
 #if BN_VECTORS
-        for (ptrdiff_t i = 0; i < body; i += BN_U * W)
+        for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
+            BN_FN(prefetch_)(x + i, BN_U * W * sizeof(BN_T));
+            if (with_g) BN_FN(prefetch_)(g + i, BN_U * W * sizeof(BN_T));
             for (int v = 0; v < BN_U; v++) {
                 const VD xr = BN_LD(x + i + v * W);
                 const VD y = BN_FN(xf_inv_v_)(xr, with_g, vinv_slope) - vs;
@@ -255,6 +275,7 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
                     memcpy(cgx + i + v * W, &pgx, sizeof pgx);
                 }
             }
+        }
 #endif
         for (ptrdiff_t i = body; i < len; i++) {
             const double y = BN_FN(xf_inv_s_)((double)BN_TO_A(x[i]), with_g, inv_slope) - shift;
@@ -464,6 +485,8 @@ static BN_ALWAYS_INLINE void BN_FN(planar_float_sums_)(const bn_context *k, cons
         const BN_T *x = first + (n - u->row0) * k->x.outer_stride;
         const BN_T *g = gfirst + (n - u->row0) * k->g.outer_stride;
         for (ptrdiff_t i = 0; i < body; i += BN_U * WA) {
+            BN_FN(prefetch_)(x + i, BN_U * WA * sizeof(BN_T));
+            if (with_g) BN_FN(prefetch_)(g + i, BN_U * WA * sizeof(BN_T));
             for (int v = 0; v < BN_U; v++) BN_STEP_(v, BN_LDA(x + i + v * WA), BN_G_(g + i + v * WA));
             BN_COUNT_STEP_()
         }
@@ -557,6 +580,7 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
         for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
             const double rs = bn_reciprocal(++steps);
             const VD r = BN_SPLAT(rs), q = BN_SPLAT(1.0) - r;
+            BN_FN(prefetch_)(x + i, BN_U * W * sizeof(BN_T));
             for (int v = 0; v < BN_U; v++) {
                 const VD d = BN_LD(x + i + v * W) - mean[v];
                 mean[v] += d * r;

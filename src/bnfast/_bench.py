@@ -162,7 +162,7 @@ def _torch_view(torch, a: np.ndarray, channels_last: bool):
 def _case_fns(op, x, g, axis, torch, channels_last):
     """{name: callable} for one case; the first is bnfast with out=."""
     C = x.shape[axis]
-    dt = x.dtype
+    dt = x.dtype if x.dtype.itemsize >= 4 else np.dtype(np.float32)  # half input: float32 per-channel arrays
     w = np.linspace(0.5, 1.5, C).astype(dt)
     b = np.linspace(-0.5, 0.5, C).astype(dt)
     rm, rv = np.zeros(C, dt), np.ones(C, dt)
