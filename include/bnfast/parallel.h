@@ -167,6 +167,16 @@ static inline bn_planar_task bn_planar_task_of(const bn_grid *g, const bn_geomet
     return u;
 }
 
+/* What a loop over run n of planar task u reads next, in elements from that
+ * run's start in an operand of outer stride `stride`: the run's next segment,
+ * the next run (row n + 1), or nothing (0) at the end of the operand. */
+static inline ptrdiff_t bn_planar_next(const bn_geometry *geo, const bn_planar_task *u, ptrdiff_t n,
+                                       ptrdiff_t stride)
+{
+    if (u->offset + u->len < geo->inner) return u->len;
+    return n + 1 < geo->outer ? stride - u->offset : 0;
+}
+
 /* Apply-phase task t of the planar channel group [c0, c1): row `row`,
  * channels [c0, c1) of it and elements [i0, i1) of each of their runs.  Short
  * runs: several consecutive channels of a row, so that the tasks follow the
