@@ -266,8 +266,8 @@ static BN_ALWAYS_INLINE void BN_FN(planar_sums_)(const bn_context *k, const bn_p
                                      + c * k->g.channel_stride + u->offset
                                : x;
 #if BN_VECTORS
-        const ptrdiff_t nx = bn_planar_next(&k->geo, u, n, k->x.outer_stride);
-        const ptrdiff_t ng = with_g ? bn_planar_next(&k->geo, u, n, k->g.outer_stride) : 0;
+        const ptrdiff_t nx = bn_planar_next(&k->geo, u, n, &k->x);
+        const ptrdiff_t ng = with_g ? bn_planar_next(&k->geo, u, n, &k->g) : 0;
         for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
             BN_FN(prefetch_)(x, i, len, nx, BN_U * W * sizeof(BN_T));
             if (with_g) BN_FN(prefetch_)(g, i, len, ng, BN_U * W * sizeof(BN_T));
@@ -493,8 +493,8 @@ static BN_ALWAYS_INLINE void BN_FN(planar_float_sums_)(const bn_context *k, cons
     for (ptrdiff_t n = u->row0; n < u->row1; n++) {
         const BN_T *x = first + (n - u->row0) * k->x.outer_stride;
         const BN_T *g = gfirst + (n - u->row0) * k->g.outer_stride;
-        const ptrdiff_t nx = bn_planar_next(&k->geo, u, n, k->x.outer_stride);
-        const ptrdiff_t ng = with_g ? bn_planar_next(&k->geo, u, n, k->g.outer_stride) : 0;
+        const ptrdiff_t nx = bn_planar_next(&k->geo, u, n, &k->x);
+        const ptrdiff_t ng = with_g ? bn_planar_next(&k->geo, u, n, &k->g) : 0;
         for (ptrdiff_t i = 0; i < body; i += BN_U * WA) {
             BN_FN(prefetch_)(x, i, len, nx, BN_U * WA * sizeof(BN_T));
             if (with_g) BN_FN(prefetch_)(g, i, len, ng, BN_U * WA * sizeof(BN_T));
@@ -588,7 +588,7 @@ static void BN_FN(stats_planar_)(const bn_context *k, ptrdiff_t t)
     for (ptrdiff_t n = u.row0; n < u.row1; n++) {
         const BN_T *x = base + n * k->x.outer_stride;
 #if BN_VECTORS
-        const ptrdiff_t nx = bn_planar_next(&k->geo, &u, n, k->x.outer_stride);
+        const ptrdiff_t nx = bn_planar_next(&k->geo, &u, n, &k->x);
         for (ptrdiff_t i = 0; i < body; i += BN_U * W) {
             const double rs = bn_reciprocal(++steps);
             const VD r = BN_SPLAT(rs), q = BN_SPLAT(1.0) - r;

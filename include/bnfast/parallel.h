@@ -167,14 +167,17 @@ static inline bn_planar_task bn_planar_task_of(const bn_grid *g, const bn_geomet
     return u;
 }
 
-/* What a loop over run n of planar task u reads next, in elements from that
- * run's start in an operand of outer stride `stride`: the run's next segment,
- * the next run (row n + 1), or nothing (0) at the end of the operand. */
+/* What a loop over run n of planar task u of operand a reads next, in
+ * elements from that run's start, in task order: the run's next segment,
+ * the next run (row n + 1, in this task or the channel's next), the next
+ * channel's first run, or nothing (0) at the end of the operand. */
 static inline ptrdiff_t bn_planar_next(const bn_geometry *geo, const bn_planar_task *u, ptrdiff_t n,
-                                       ptrdiff_t stride)
+                                       const bn_array *a)
 {
     if (u->offset + u->len < geo->inner) return u->len;
-    return n + 1 < geo->outer ? stride - u->offset : 0;
+    if (n + 1 < geo->outer) return a->outer_stride - u->offset;
+    if (u->channel + 1 < geo->channels) return a->channel_stride - n * a->outer_stride - u->offset;
+    return 0;
 }
 
 /* Apply-phase task t of the planar channel group [c0, c1): row `row`,
