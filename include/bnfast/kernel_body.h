@@ -418,17 +418,23 @@ static BN_ALWAYS_INLINE BN_FN(va_) BN_FN(pilot_mean_)(const BN_T *p, ptrdiff_t s
 }
 
 /* Whether a statistics or gradient-sums task whose lanes each sum per_lane
- * values takes the float sums: not for moments (its float64 state is the product: it keeps
- * double sums, exact to ~1e-16), nor for lanes of fewer than
- * BN_FLOAT_SUMS_MIN_BLOCKS blocks, where the task's fixed costs (pilots,
- * flushes, the lanes' reduction) outweigh the gain: measured on planar tasks
- * of 512 values and on channels-last tasks of 21 rows.  (2 blocks measured
- * 0.70-0.89 of the time on planar float32 tasks of 1024-3136 values, Zen 5,
- * but small tasks' statistics then miss tests/test_half.py's bar of one
- * float32 ulp, by up to 1.6 ulp at 40 rows.) */
+ * values takes the float sums: not for moments (its float64 state is the
+ * product: it keeps double sums, exact to ~1e-16), nor for lanes of fewer
+ * than BN_FLOAT_SUMS_MIN_BLOCKS blocks (the statistics) or
+ * BN_GRAD_FLOAT_SUMS_MIN_BLOCKS (the backward's gradient sums), where the
+ * task's fixed costs (pilots, flushes, the lanes' reduction) outweigh the
+ * gain: measured on planar tasks of 512 values and on channels-last tasks of
+ * 21 rows.  The statistics keep 8 blocks: with 2 (0.70-0.89 of the time on
+ * planar float32 tasks of 1024-3136 values, Zen 5) small tasks' statistics
+ * miss tests/test_half.py's bar of one float32 ulp, by up to 1.6 ulp at 40
+ * rows.  The gradient sums' error bound (grad_float_sums_ok_) holds for any
+ * number of blocks: from 2 on, (1,64,56,56) NCHW and (256,1024) backward take
+ * 0.83 of the time; 1 block measured no faster. */
+#define BN_GRAD_FLOAT_SUMS_MIN_BLOCKS 2
 static inline int BN_FN(float_sums_wanted_)(const bn_context *k, double per_lane)
 {
-    return k->op != BN_OP_MOMENTS && per_lane >= BN_FLOAT_SUMS_MIN_BLOCKS * BN_FLUSH;
+    const int blocks = k->op == BN_OP_BACKWARD ? BN_GRAD_FLOAT_SUMS_MIN_BLOCKS : BN_FLOAT_SUMS_MIN_BLOCKS;
+    return k->op != BN_OP_MOMENTS && per_lane >= blocks * BN_FLUSH;
 }
 
 /* v with its first WA - part lanes replaced by fill's (bitwise: an inf or
@@ -1940,6 +1946,7 @@ static int BN_FN(backward_)(const bn_backward_args *a, const bn_run *run)
 #undef BN_ROW_BLOCK
 #undef BN_FLOAT_SUMS
 #undef BN_FLOAT_SUMS_MIN_BLOCKS
+#undef BN_GRAD_FLOAT_SUMS_MIN_BLOCKS
 #undef BN_FLUSH
 #undef BN_SUM_ROWS
 #undef BN_LINE_T
