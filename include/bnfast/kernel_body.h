@@ -1725,8 +1725,26 @@ static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
 #ifdef _OPENMP
     if (nthreads > 1 && tasks > 1 && elements >= BN_PARALLEL_MIN_ELEMS) {
         const int nt = tasks < nthreads ? (int)tasks : nthreads;
+        /* run->contended: the least CPU time of a thread against the region's
+         * wall time (a wait in a barrier spins, so it counts as CPU time) */
+        int *const contended = elements >= BN_CONTENTION_MIN_ELEMS ? ks[0].run->contended : NULL;
+        const double start = contended ? bn_wtime() : 0.0;
+        double least = HUGE_VAL;
 #pragma omp parallel num_threads(nt)
-        for (ptrdiff_t i = 0; i < n; i++) BN_FN(exec_body_)(&ks[i]);
+        {
+            const double cpu0 = contended ? bn_thread_seconds() : -1.0;
+            for (ptrdiff_t i = 0; i < n; i++) BN_FN(exec_body_)(&ks[i]);
+            if (cpu0 >= 0.0) {
+#pragma omp barrier
+                const double used = bn_thread_seconds() - cpu0;
+#pragma omp critical(bn_contention)
+                if (used < least) least = used;
+            }
+        }
+        if (contended && least < HUGE_VAL) {
+            const double wall = bn_wtime() - start;
+            if (wall >= BN_CONTENTION_MIN_SECONDS) *contended = least < 0.5 * wall;
+        }
     } else
 #else
     (void)nthreads;

@@ -49,14 +49,41 @@ typedef struct {
  *   interrupted   optional: called now and then (at most every ~50 ms) by the
  *                 calling thread (OpenMP thread 0) of a long kernel with `arg`;
  *                 nonzero stops the kernel, which returns BN_ERR_INTERRUPTED
- *                 with the running statistics unchanged (outputs unspecified). */
+ *                 with the running statistics unchanged (outputs unspecified);
+ *   contended     optional output: where not NULL, a call of at least
+ *                 BN_CONTENTION_MIN_ELEMS elements whose parallel region takes
+ *                 at least BN_CONTENTION_MIN_SECONDS stores here
+ *                 whether the OS ran one of its threads for less than half of
+ *                 that time -- another process competes for the cores, and
+ *                 every barrier waits for the descheduled thread.  A fact the
+ *                 caller may act on (bnfast's Python layer runs the next calls
+ *                 on one thread for a while); the kernels never do. */
 typedef struct {
     int nthreads;
     int isa;
     long long stream_bytes;
     int (*interrupted)(void *arg);
     void *arg;
+    int *contended;
 } bn_run;
+
+/* Parallel regions shorter than this are not judged for contention: a
+ * thread's wake-up after a sleep in the pool can take tens of microseconds.
+ * Nor are calls of fewer elements than BN_CONTENTION_MIN_ELEMS (quiet, a few
+ * hundred microseconds at most): the two thread-clock reads per thread cost
+ * ~1 us, 6-8% of a 20 us call, and such calls have few barriers to wait at. */
+#define BN_CONTENTION_MIN_SECONDS 1e-3
+#define BN_CONTENTION_MIN_ELEMS (1 << 22)
+
+/* CPU seconds of the calling thread (-1 where the OS has no thread clock). */
+static inline double bn_thread_seconds(void)
+{
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+#endif
+    return -1.0;
+}
 
 /* Status codes of the entry points. */
 #define BN_OK 0

@@ -13,8 +13,10 @@ from ._functional import (
     batch_norm_backward,
     batch_norm_forward,
     batch_norm_inference,
+    get_contention_backoff,
     get_num_threads,
     moments,
+    set_contention_backoff,
     set_num_threads,
 )
 from ._normalization import (
@@ -97,8 +99,10 @@ __all__ = [
     "batch_norm_double_backward",
     "batch_norm_forward",
     "batch_norm_inference",
+    "get_contention_backoff",
     "get_num_threads",
     "moments",
+    "set_contention_backoff",
     "set_num_threads",
     "layer_norm",
     "layer_norm_forward",

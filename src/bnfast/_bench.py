@@ -43,6 +43,7 @@ from ._functional import (
     batch_norm_backward,
     batch_norm_forward,
     batch_norm_inference,
+    get_contention_backoff,
     get_num_threads,
     set_num_threads,
 )
@@ -592,6 +593,8 @@ def _main_contention(args: argparse.Namespace, threads: list[int], ops: list[str
     for line in header_lines(torch):
         print("  " + line)
     print("x quiet: the median time beside the busy process / the median time with nothing else running")
+    print("contention back-off: " + ("on" if get_contention_backoff() else "off")
+          + " (set_contention_backoff, BNFAST_CONTENTION_BACKOFF)")
     print(con.HEADER)
     print("-" * len(con.HEADER))
     rows = con.run_contention(

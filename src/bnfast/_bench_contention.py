@@ -19,7 +19,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from ._bench import _case_fns, _fmt_time, _make
-from ._functional import get_num_threads, set_num_threads
+from ._functional import get_contention_backoff, get_num_threads, set_contention_backoff, set_num_threads
 
 DEFAULT_CASES = (("train", (32, 64, 56, 56)), ("inference", (32, 64, 56, 56)), ("backward", (32, 64, 56, 56)),
                  ("train", (32, 64, 28, 28)), ("backward", (32, 64, 28, 28)))
@@ -111,6 +111,7 @@ def run_contention(cases=DEFAULT_CASES, threads=(1, 2), *, rounds: int = 30, use
                 fns = {k: f for k, f in _case_fns(op, x, g, axis, torch, False).items() if k in ("bnfast", "torch")}
                 times: dict[str, dict[str, float]] = {k: {} for k in fns}
                 for load, busy_threads in LOADS:
+                    set_contention_backoff(get_contention_backoff())  # each load from a fresh back-off state
                     with busy(busy_threads), (torch.no_grad() if torch is not None else contextlib.nullcontext()):
                         for k, t in _medians(fns, rounds).items():
                             times[k][load] = t

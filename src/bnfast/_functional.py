@@ -37,8 +37,10 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_norm_inference",
+    "get_contention_backoff",
     "get_num_threads",
     "moments",
+    "set_contention_backoff",
     "set_num_threads",
 ]
 
@@ -878,6 +880,51 @@ def get_num_threads() -> int:
         At least 1; always 1 in a child made by ``os.fork()``.
     """
     return _kernels.get_num_threads() if _kernels.openmp_enabled() else 1
+
+
+def set_contention_backoff(enabled: bool) -> None:
+    """Let parallel calls fall back to one thread while other processes hold the cores.
+
+    Parameters
+    ----------
+    enabled : bool
+        True (the default at import, unless ``BNFAST_CONTENTION_BACKOFF=0``)
+        turns the back-off on, False off.  Either way the back-off's state is
+        reset: the next call runs on `get_num_threads` threads.
+
+    Raises
+    ------
+    TypeError
+        ``enabled`` is not a bool.
+
+    Notes
+    -----
+    Every barrier of a parallel call waits for its slowest thread; when the OS
+    deschedules one (another process competes for the cores), each barrier
+    waits for a time slice, and a call of a millisecond was measured at up to
+    34 times its quiet time.  With the back-off on, a parallel call of at
+    least a millisecond and ``2**22`` elements checks whether the OS ran each
+    of its threads for at least half the call.  Where one ran less, the calls
+    of that size in the next 10 ms run on one thread, which waits for nobody;
+    while the contention lasts the period doubles, up to 1 s, and a clean
+    parallel call brings it back to 10 ms.  Smaller calls, with few barriers,
+    keep their threads.  Results are bit-identical for any thread count: the back-off
+    changes only speed.  ``python -m bnfast bench --contention`` measures it.
+    """
+    if not isinstance(enabled, (bool, np.bool_)):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _kernels.set_contention_backoff(bool(enabled))
+
+
+def get_contention_backoff() -> bool:
+    """Whether the contention back-off is on (see `set_contention_backoff`).
+
+    Returns
+    -------
+    bool
+        True when parallel calls fall back to one thread under contention.
+    """
+    return _kernels.contention_backoff()[0]
 
 
 # ------------------------------------------------- statistics from elsewhere

@@ -60,12 +60,14 @@ cdef extern from "bnfast/bnfast.h" nogil:
         Py_ssize_t partial_rows
     bn_grid bn_make_grid(const bn_geometry *)
     int BN_PARALLEL_MIN_ELEMS
+    int BN_CONTENTION_MIN_ELEMS
     ctypedef struct bn_cache_sizes:
         size_t l1d
         size_t l2
         size_t l3
     const bn_cache_sizes *bn_caches()
     size_t bn_stream_threshold_default()
+    double bn_wtime()
 
 cdef extern from "bnfast/bench.h" nogil:
     void bn_bench_traffic(bn_dtype, void *, const void *, const void *, size_t, const bn_run *)
@@ -266,6 +268,77 @@ cdef inline int _threads() noexcept:
     return n if n <= _max_threads else _max_threads
 
 
+# Contention back-off.  A parallel call reports (bn_run.contended) whether the
+# OS ran one of its threads for less than half of the call: another process
+# competes for the cores, and each barrier of the call then waits for a
+# descheduled thread -- up to 34x the quiet time measured (bench
+# --contention).  The calls of the next _solo_seconds then run on one thread
+# (those of at least BN_CONTENTION_MIN_ELEMS elements, the ones judged),
+# which waits for nobody; the period doubles while the contention lasts, up to
+# _SOLO_MAX seconds, and returns to _SOLO_MIN after a parallel call that ran
+# clean.  Results are bit-identical for any thread count: only speed changes.
+cdef bint _backoff = True
+cdef int _contended = -1   # the last report: 1, 0, or -1 (read already / none)
+cdef double _SOLO_MIN = 0.01
+cdef double _SOLO_MAX = 1.0
+cdef double _solo_seconds = 0.01
+cdef double _solo_until = -1.0
+
+
+cdef inline int _call_threads(Py_ssize_t elements) noexcept:
+    """Threads of the next call of `elements` elements: _threads(), or 1
+    during a back-off for a call the kernels would judge (the smaller ones,
+    with few barriers, keep their threads)."""
+    global _contended, _solo_seconds, _solo_until
+    cdef int n = _threads()
+    if n == 1 or not _backoff or elements < BN_CONTENTION_MIN_ELEMS:
+        return n
+    if _contended >= 0:
+        if _contended:
+            _solo_until = bn_wtime() + _solo_seconds
+            _solo_seconds = min(2.0 * _solo_seconds, _SOLO_MAX)
+        else:
+            _solo_seconds = _SOLO_MIN
+        _contended = -1
+    if _solo_until >= 0.0:
+        if bn_wtime() < _solo_until:
+            return 1
+        _solo_until = -1.0
+    return n
+
+
+def set_contention_backoff(bint enabled):
+    """Turn the contention back-off on or off (see bnfast.set_contention_backoff)."""
+    global _backoff, _contended, _solo_seconds, _solo_until
+    _backoff = enabled
+    _contended, _solo_seconds, _solo_until = -1, _SOLO_MIN, -1.0
+
+
+def _backoff_from_text(text):
+    if text not in ("0", "1"):
+        raise ValueError("want 0 (off) or 1 (on)")
+    set_contention_backoff(text == "1")
+
+
+if not _from_environment("BNFAST_CONTENTION_BACKOFF", _backoff_from_text):
+    set_contention_backoff(True)
+
+
+def _next_call_threads(report=None):
+    """For tests: take ``report`` (1 or 0) as a parallel call's contention
+    report, then give the thread count the next call would use."""
+    global _contended
+    if report is not None:
+        _contended = 1 if report else 0
+    return _call_threads(BN_CONTENTION_MIN_ELEMS)
+
+
+def contention_backoff():
+    """(enabled, seconds of one-thread calls still to run) of the back-off."""
+    left = _solo_until - bn_wtime() if _solo_until >= 0.0 else 0.0
+    return bool(_backoff), max(0.0, left)
+
+
 # Calls of at least this many elements check for Ctrl-C while they run.
 cdef Py_ssize_t _INTERRUPTIBLE_ELEMS = 1 << 22
 
@@ -285,7 +358,8 @@ cdef inline bn_run _run_config(const bn_geometry *geo) noexcept:
     """Thread count and, for long calls on the main thread (the only one
     Python's signal handlers run in), the Ctrl-C check."""
     cdef bn_run run
-    run.nthreads = _threads()
+    run.nthreads = _call_threads(geo.outer * geo.channels * geo.inner)
+    run.contended = &_contended if run.nthreads > 1 and _backoff else NULL
     run.isa = _isa
     # resolved here, once per process: the kernels' own units (setup.py)
     # would each detect the cache sizes again on their first call

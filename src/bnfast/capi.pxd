@@ -43,6 +43,7 @@ cdef extern from "bnfast/bnfast.h" nogil:
         long long stream_bytes
         int (*interrupted)(void *) noexcept nogil
         void *arg
+        int *contended
     ctypedef enum bn_activation:
         BN_ACT_NONE
         BN_ACT_IDENTITY
