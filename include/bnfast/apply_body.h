@@ -90,7 +90,7 @@ static BN_ALWAYS_INLINE void BN_AFN(span_)(const bn_context *k, const BN_T *g, c
 /* Planar task t of the channel group [c0, c1): per run, the channel's
  * constant coefficients over contiguous elements.  A training forward or
  * backward reduces the next group of channels, as many as this one, right
- * after (exec_body_, exec_blocks_): the task prefetches the same rows and
+ * after (exec_body_): beyond the cache, the task prefetches the same rows and
  * elements of the channel c1 - c0 on from each of its own, so that the
  * memory bus reads that group while this one's output is written. */
 static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptrdiff_t t)

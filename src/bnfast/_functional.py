@@ -908,8 +908,9 @@ def set_contention_backoff(enabled: bool) -> None:
     of that size in the next 10 ms run on one thread, which waits for nobody;
     while the contention lasts the period doubles, up to 1 s, and a clean
     parallel call brings it back to 10 ms.  Smaller calls, with few barriers,
-    keep their threads.  Results are bit-identical for any thread count: the back-off
-    changes only speed.  ``python -m bnfast bench --contention`` measures it.
+    keep their threads.  Results are bit-identical for any thread count: the
+    back-off changes only speed.  ``python -m bnfast bench --contention``
+    measures it.
     """
     if not isinstance(enabled, (bool, np.bool_)):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
