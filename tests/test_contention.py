@@ -77,16 +77,18 @@ def test_set_contention_backoff_takes_a_bool(bad):
 
 
 def _in_child(code: str, **env: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "BNFAST_CONTENTION_BACKOFF"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
-                          env={**os.environ, **env}, timeout=120)
+                          env={**base, **env}, timeout=120)
 
 
-def test_environment_variable():
+def test_off_by_default_and_the_environment_variable():
     code = "import bnfast; print(bnfast.get_contention_backoff())"
+    assert _in_child(code).stdout.strip() == "False"
     assert _in_child(code, BNFAST_CONTENTION_BACKOFF="0").stdout.strip() == "False"
     assert _in_child(code, BNFAST_CONTENTION_BACKOFF="1").stdout.strip() == "True"
     bad = _in_child(code, BNFAST_CONTENTION_BACKOFF="maybe")
-    assert bad.stdout.strip() == "True" and "BNFAST_CONTENTION_BACKOFF='maybe' ignored" in bad.stderr
+    assert bad.stdout.strip() == "False" and "BNFAST_CONTENTION_BACKOFF='maybe' ignored" in bad.stderr
 
 
 _SPIN = """import hashlib, sys, threading

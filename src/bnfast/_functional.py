@@ -888,9 +888,9 @@ def set_contention_backoff(enabled: bool) -> None:
     Parameters
     ----------
     enabled : bool
-        True (the default at import, unless ``BNFAST_CONTENTION_BACKOFF=0``)
-        turns the back-off on, False off.  Either way the back-off's state is
-        reset: the next call runs on `get_num_threads` threads.
+        True turns the back-off on, False (the default at import, unless
+        ``BNFAST_CONTENTION_BACKOFF=1``) off.  Either way the back-off's
+        state is reset: the next call runs on `get_num_threads` threads.
 
     Raises
     ------
@@ -909,8 +909,13 @@ def set_contention_backoff(enabled: bool) -> None:
     while the contention lasts the period doubles, up to 1 s, and a clean
     parallel call brings it back to 10 ms.  Smaller calls, with few barriers,
     keep their threads.  Results are bit-identical for any thread count: the
-    back-off changes only speed.  ``python -m bnfast bench --contention``
-    measures it.
+    back-off changes only speed.  It is off by default because it is a
+    trade-off: on a 2-core VM it removed the rare calls of 5-34 times their
+    quiet time, but one thread sharing a core is slower than two threads the
+    scheduler favours, and beside two busy threads the (32,64,56,56) backward
+    took 3.0-3.6 times its quiet time with it and 1.0-2.9 times without.
+    ``python -m bnfast bench --contention`` measures both (run it with
+    ``BNFAST_CONTENTION_BACKOFF=1`` for the back-off).
     """
     if not isinstance(enabled, (bool, np.bool_)):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")

@@ -277,7 +277,7 @@ cdef inline int _threads() noexcept:
 # which waits for nobody; the period doubles while the contention lasts, up to
 # _SOLO_MAX seconds, and returns to _SOLO_MIN after a parallel call that ran
 # clean.  Results are bit-identical for any thread count: only speed changes.
-cdef bint _backoff = True
+cdef bint _backoff = False  # off by default: see docs/performance.rst
 cdef int _contended = -1   # the last report: 1, 0, or -1 (read already / none)
 cdef double _SOLO_MIN = 0.01
 cdef double _SOLO_MAX = 1.0
@@ -321,7 +321,7 @@ def _backoff_from_text(text):
 
 
 if not _from_environment("BNFAST_CONTENTION_BACKOFF", _backoff_from_text):
-    set_contention_backoff(True)
+    set_contention_backoff(False)
 
 
 def _next_call_threads(report=None):
