@@ -13,6 +13,7 @@ import pytest
 
 import bnfast
 from bnfast import _kernels
+from bnfast._bench_contention import busy
 
 pytestmark = pytest.mark.skipif(not _kernels.openmp_enabled(), reason="serial build: no parallel calls")
 
@@ -91,33 +92,17 @@ def test_off_by_default_and_the_environment_variable():
     assert bad.stdout.strip() == "False" and "BNFAST_CONTENTION_BACKOFF='maybe' ignored" in bad.stderr
 
 
-_SPIN = """import hashlib, sys, threading
-buf = bytes(1 << 16)
-def spin():
-    while True:
-        hashlib.sha256(buf).digest()
-for _ in range(int(sys.argv[1]) - 1):
-    threading.Thread(target=spin, daemon=True).start()
-spin()
-"""
-
-
 def test_calls_beside_busy_processes_report_contention(two_threads):
     """Twice as many busy threads as CPUs: the OS deschedules the call's
     threads, and a call of milliseconds notices."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     x = np.random.default_rng(0).standard_normal((32, 64, 56, 56)).astype(np.float32)
-    spinner = subprocess.Popen([sys.executable, "-c", _SPIN, str(2 * max(cpus, 2))])
-    try:
-        time.sleep(0.3)
-        seen = False
+    seen = False
+    with busy(2 * max(cpus, 2)):
         for _ in range(40):
             bnfast.set_contention_backoff(True)  # each call runs on two threads
             bnfast.batch_norm_forward(x)
             if _kernels._next_call_threads() == 1:
                 seen = True
                 break
-    finally:
-        spinner.kill()
-        spinner.wait()
     assert seen
