@@ -1686,11 +1686,15 @@ static ptrdiff_t BN_FN(col_units_)(bn_context *k)
  * output size), cache groups, key blocks, layer norm's column slots. */
 static int BN_FN(prepare_)(bn_context *k, size_t call_bytes)
 {
-    /* both layouts: channels-last rows stream too (an earlier measurement of
-     * 3x slower no longer holds: (64,64,112,112) NHWC inference 0.79 of the
-     * time, training forward 0.86-0.89, backward 0.95; rows of 5 and 17
-     * channels 0.81-0.95; AVX-512 and AVX2, Zen 5, 2 threads) */
-    k->stream = call_bytes > bn_stream_bytes(k->run);
+    /* channels-last rows of float32/float64 stream too, except in the
+     * backward: (64,64,112,112) NHWC inference 0.79 of the time, training
+     * forward 0.86-0.89, rows of 5 and 17 channels 0.81-0.95 (AVX-512 and
+     * AVX2, Zen 5, 2 threads).  The backward (row by row, a second input)
+     * gained 0.95 in float32 but lost 1.2-1.4x in float16 and bfloat16, and
+     * half-precision inference measured 0.81-0.84 in one run, 1.12 in
+     * another: those keep ordinary stores. */
+    k->stream = call_bytes > bn_stream_bytes(k->run)
+                && !(k->grid.channels_last && (k->op == BN_OP_BACKWARD || sizeof(BN_T) < 4));
     k->group_channels = k->geo.channels;
     if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)
