@@ -1699,8 +1699,10 @@ static int BN_FN(prepare_)(bn_context *k, size_t call_bytes)
     if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)
                                    * (k->op == BN_OP_BACKWARD ? 2 : 1);
-        k->group_channels = bn_max(1, (ptrdiff_t)(BN_GROUP_BYTES / per_channel));
-        k->group_channels = bn_ceil_div(k->group_channels, k->group) * k->group; /* whole groups */
+        if (per_channel * (size_t)k->geo.channels > bn_group_min_bytes(k->run)) {
+            k->group_channels = bn_max(1, (ptrdiff_t)(BN_GROUP_BYTES / per_channel));
+            k->group_channels = bn_ceil_div(k->group_channels, k->group) * k->group; /* whole groups */
+        }
     }
     if (!k->grid.channels_last && k->grid.partial_rows == 1 && k->op != BN_OP_INFERENCE) {
         const ptrdiff_t per_group = k->geo.outer * k->geo.inner * k->group;

@@ -26,7 +26,8 @@
 /* Below this many elements a parallel region costs more than it saves. */
 #define BN_PARALLEL_MIN_ELEMS 65536
 /* Planar ops that read their input twice (training forward, backward) work
- * through groups of whole channels of about this many input bytes: the
+ * through groups of whole channels of about this many input bytes when their
+ * input exceeds the last-level cache (bn_group_min_bytes, kernels.h): the
  * statistics pass brings a group into the cache and the normalize pass reads
  * it from there, so the data crosses the memory bus once.  Grouping changes
  * the order in which tasks run, never their results. */

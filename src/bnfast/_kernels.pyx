@@ -208,7 +208,10 @@ def stream_threshold():
 
     By default twice the last-level cache (16 MiB when no cache size is
     known); ``BNFAST_STREAM_BYTES`` at import or `set_stream_threshold`
-    override it.  Streaming changes speed only, never results.
+    override it.  Half of it is the cache budget of the cache-blocked
+    schedule: channels-first training forwards and backwards whose input
+    (and gradient) exceed it go through cache-sized groups of channels.
+    Neither changes results, only speed.
     """
     return int(_stream_bytes) if _stream_bytes >= 0 else int(bn_stream_threshold_default())
 
