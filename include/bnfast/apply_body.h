@@ -97,16 +97,15 @@ static void BN_AFN(planar_)(const bn_context *k, ptrdiff_t c0, ptrdiff_t c1, ptr
 {
     const bn_apply_task u = bn_apply_task_of(&k->geo, c0, c1, t);
     const bn_array xa = k->BN_APPLY_X;
-    /* exec_body_'s groups, which it forms only beyond the last-level cache:
+    /* cache groups (prepare_ forms them only beyond the last-level cache):
      * the next group comes from DRAM (0.88-0.96 of the time for 26-100 MB
-     * that do not stream, Zen 4); exec_blocks_'s blocks measured slower with
-     * the prefetch (layer norm (4096,768) and group norm (32,256,28,28)
-     * 1.04-1.10x the time) */
-    const int reduces = (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD) && !k->key_block
-                        && k->group_channels < k->geo.channels;
+     * that do not stream, Zen 4).  exec_blocks_'s key blocks, which are not
+     * groups, measured slower with the prefetch (layer norm (4096,768) and
+     * group norm (32,256,28,28) 1.04-1.10x the time). */
+    const int grouped = k->group_channels < k->geo.channels;
     for (ptrdiff_t c = u.c0; c < u.c1; c++) {
         const ptrdiff_t cn = c + (c1 - c0); /* its channel in the next group */
-        const int ahead = reduces && cn < k->geo.channels;
+        const int ahead = grouped && cn < k->geo.channels;
         const BN_T *x = (const BN_T *)xa.data + u.row * xa.outer_stride + c * xa.channel_stride + u.i0;
         const BN_T *g = BN_APPLY_G ? (const BN_T *)k->g.data + u.row * k->g.outer_stride
                                          + c * k->g.channel_stride + u.i0

@@ -1695,18 +1695,19 @@ static int BN_FN(prepare_)(bn_context *k, size_t call_bytes)
      * another: those keep ordinary stores. */
     k->stream = call_bytes > bn_stream_bytes(k->run)
                 && !(k->grid.channels_last && (k->op == BN_OP_BACKWARD || sizeof(BN_T) < 4));
+    if (!k->grid.channels_last && k->grid.partial_rows == 1 && k->op != BN_OP_INFERENCE) {
+        const ptrdiff_t per_group = k->geo.outer * k->geo.inner * k->group;
+        k->key_block = k->group * bn_max(1, BN_BLOCK_ELEMS / per_group);
+    }
+    /* cache groups: exec_body_'s, so not with key blocks (exec_blocks_) */
     k->group_channels = k->geo.channels;
-    if (!k->grid.channels_last && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
+    if (!k->grid.channels_last && !k->key_block && (k->op == BN_OP_FORWARD || k->op == BN_OP_BACKWARD)) {
         const size_t per_channel = (size_t)(k->geo.outer * k->geo.inner) * sizeof(BN_T)
                                    * (k->op == BN_OP_BACKWARD ? 2 : 1);
         if (per_channel * (size_t)k->geo.channels > bn_group_min_bytes(k->run)) {
             k->group_channels = bn_max(1, (ptrdiff_t)(BN_GROUP_BYTES / per_channel));
             k->group_channels = bn_ceil_div(k->group_channels, k->group) * k->group; /* whole groups */
         }
-    }
-    if (!k->grid.channels_last && k->grid.partial_rows == 1 && k->op != BN_OP_INFERENCE) {
-        const ptrdiff_t per_group = k->geo.outer * k->geo.inner * k->group;
-        k->key_block = k->group * bn_max(1, BN_BLOCK_ELEMS / per_group);
     }
     if (k->op == BN_OP_BACKWARD && k->affine_inner) {
         k->colpart = (double *)malloc(sizeof(double) * 2 * (size_t)k->geo.inner * (size_t)BN_FN(col_units_)(k));
