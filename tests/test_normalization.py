@@ -636,6 +636,11 @@ PARALLEL = [
     ("group", (8, 32, 32, 32), dict(groups=4, axis=-1)),
     ("instance", (8, 32, 32, 32), dict(axis=1)),
     ("instance", (8, 32, 32, 32), dict(axis=-1)),
+    # samples per thread run whole, the rest by the team: batches of 1, 3, 5
+    ("group", (5, 32, 24, 24), dict(groups=8, axis=-1)),
+    ("group", (1, 64, 48, 48), dict(groups=16, axis=-1)),
+    ("instance", (3, 48, 24, 24), dict(axis=-1)),
+    ("instance", (2, 32, 128, 128), dict(axis=-1)),  # backward: samples beyond one thread's cache
     ("frn", (8, 32, 32, 32), dict(axis=1)),
     ("frn", (8, 32, 32, 32), dict(axis=-1)),
     ("layer", (512, 768), dict(shape=(768,))),
@@ -661,7 +666,7 @@ PARALLEL_CASES = [pytest.param(c, d, id=f"{_case_id(c)}-{np.dtype(d).name}") for
 
 
 @pytest.mark.parametrize("case,dtype", PARALLEL_CASES)
-def test_bit_identical_for_1_and_2_threads(case, dtype):
+def test_bit_identical_for_any_thread_count(case, dtype):
     m, shape, params = case
     rng = _rng(6)
     p = dict(params, eps=1e-5, momentum=0.1)
@@ -679,9 +684,9 @@ def test_bit_identical_for_1_and_2_threads(case, dtype):
         return list(fwd) + list(bwd) + ([rm, rv] if rm is not None else [])
 
     one = _with_threads(1, run)
-    two = _with_threads(2, run)
-    for i, (a, e) in enumerate(zip(two, one)):
-        same_bits(a, e, err_msg=f"array {i}")
+    for n in (2, 3, 4):
+        for i, (a, e) in enumerate(zip(_with_threads(n, run), one)):
+            same_bits(a, e, err_msg=f"array {i}, {n} threads")
 
 
 # -------------------------------------------------------- finite differences

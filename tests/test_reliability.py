@@ -456,3 +456,29 @@ def test_ctrl_c_interrupts_a_long_kernel_and_leaves_state_alone():
     with pytest.raises(KeyboardInterrupt):
         for _ in range(60):
             bnfast.moments(x)
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signals reach the main thread only")
+def test_ctrl_c_interrupts_a_long_keyed_call_and_leaves_state_alone():
+    # channels-last instance norm: one context per sample, each thread running
+    # whole samples of its own; only the caller's thread polls
+    x = np.full((512, 2**16, 4), 5.0, np.float32)  # 512 MiB, 1 MiB per sample
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    small = np.full((512, 8, 4), 5.0, np.float32)  # the same updates, complete
+    srm, srv = rm.copy(), rv.copy()
+    allowed = [(srm.copy(), srv.copy())]
+    for _ in range(60):
+        bnfast.instance_norm_forward(small, running_mean=srm, running_var=srv, axis=-1)
+        allowed.append((srm.copy(), srv.copy()))
+    y = np.empty_like(x)
+    _interrupt_soon(0.3)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt) as info:
+        for _ in range(60):
+            bnfast.instance_norm_forward(x, running_mean=rm, running_var=rv, axis=-1, out=y)
+    elapsed = time.perf_counter() - t0
+    assert _raised_in_kernel(info.value), "KeyboardInterrupt did not come from inside a kernel"
+    assert elapsed < 0.3 + 1.5
+    assert any(np.array_equal(rm, a) and np.array_equal(rv, b) for a, b in allowed), \
+        "running statistics changed by an interrupted call"

@@ -104,6 +104,7 @@ typedef struct {
     const bn_run *run;
     int stop;          /* raised when run->interrupted asked to stop */
     unsigned polls;    /* tasks seen by the calling thread since the last poll */
+    int quiet;         /* run whole by a thread other than the caller: never polls */
     double last_poll;  /* bn_wtime() of the last call to run->interrupted */
     /* op arguments */
     const void *weight, *bias, *save_mean_in, *save_invstd_in;
@@ -211,7 +212,7 @@ static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
 static inline int bn_stopped(bn_context *k)
 {
     if (bn_flag_load(&k->stop)) return 1;
-    if (!k->run->interrupted || bn_thread_num() != 0 || (++k->polls & 15u)) return 0;
+    if (!k->run->interrupted || k->quiet || bn_thread_num() != 0 || (++k->polls & 15u)) return 0;
     const double now = bn_wtime();
     if (now - k->last_poll < 0.05) return 0;
     k->last_poll = now;

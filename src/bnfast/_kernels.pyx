@@ -357,11 +357,13 @@ cdef int _interrupted(void *arg) noexcept nogil:
         return _signals_pending()
 
 
-cdef inline bn_run _run_config(const bn_geometry *geo) noexcept:
+cdef inline bn_run _run_config(const bn_geometry *geo, Py_ssize_t batch=1) noexcept:
     """Thread count and, for long calls on the main thread (the only one
-    Python's signal handlers run in), the Ctrl-C check."""
+    Python's signal handlers run in), the Ctrl-C check, from the size of the
+    whole call: ``batch`` samples of ``geo`` (a keyed call's bn_keys.batch)."""
+    cdef Py_ssize_t elements = geo.outer * geo.channels * geo.inner * (batch if batch > 1 else 1)
     cdef bn_run run
-    run.nthreads = _call_threads(geo.outer * geo.channels * geo.inner)
+    run.nthreads = _call_threads(elements)
     run.contended = &_contended if run.nthreads > 1 and _backoff else NULL
     run.isa = _isa
     # resolved here, once per process: the kernels' own units (setup.py)
@@ -369,8 +371,7 @@ cdef inline bn_run _run_config(const bn_geometry *geo) noexcept:
     run.stream_bytes = _stream_bytes if _stream_bytes >= 0 else <long long>bn_stream_threshold_default()
     run.interrupted = NULL
     run.arg = NULL
-    if (geo.outer * geo.channels * geo.inner >= _INTERRUPTIBLE_ELEMS
-            and PyThread_get_thread_ident() == _main_thread):
+    if elements >= _INTERRUPTIBLE_ELEMS and PyThread_get_thread_ident() == _main_thread:
         run.interrupted = _interrupted
     return run
 
@@ -499,7 +500,7 @@ cdef int _run_forward_train(bn_geometry geo, bn_dtype dt, bn_array x, bn_array y
     a.running_mean, a.running_var = _data(running_mean), _data(running_var)
     a.momentum, a.eps = momentum, eps
     a.save_mean, a.save_invstd = cnp.PyArray_DATA(save_mean), cnp.PyArray_DATA(save_invstd)
-    cdef bn_run run = _run_config(&geo)
+    cdef bn_run run = _run_config(&geo, a.keys.batch)
     cdef int status
     with nogil:
         status = bn_forward_train(&a, &run)
@@ -535,7 +536,7 @@ cdef int _run_backward(bn_geometry geo, bn_dtype dt, bn_array grad_out, bn_array
     a.save_mean, a.save_invstd, a.weight = _data(save_mean), _data(save_invstd), _data(weight)
     a.training = training
     a.grad_weight, a.grad_bias = cnp.PyArray_DATA(grad_weight), cnp.PyArray_DATA(grad_bias)
-    cdef bn_run run = _run_config(&geo)
+    cdef bn_run run = _run_config(&geo, a.keys.batch)
     cdef int status
     with nogil:
         status = bn_backward(&a, &run)
@@ -552,7 +553,7 @@ def moments(tuple shape, cnp.ndarray x, tuple xs, cnp.ndarray count, cnp.ndarray
     a.count = <double *>cnp.PyArray_DATA(count)
     a.mean = <double *>cnp.PyArray_DATA(mean)
     a.m2 = <double *>cnp.PyArray_DATA(m2)
-    cdef bn_run run = _run_config(&a.geo)
+    cdef bn_run run = _run_config(&a.geo, a.keys.batch)
     cdef int status
     with nogil:
         status = bn_moments(&a, &run)
