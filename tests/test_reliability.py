@@ -428,57 +428,54 @@ def _raised_in_kernel(exc):
     return any(f.filename.endswith("_kernels.pyx") for f in traceback.extract_tb(exc.__traceback__))
 
 
+def _batch_norm_step(x, rm, rv, out=None):
+    bnfast.batch_norm_forward(x, running_mean=rm, running_var=rv, out=out)
+
+
+def _instance_norm_step(x, rm, rv, out=None):
+    bnfast.instance_norm_forward(x, running_mean=rm, running_var=rv, axis=-1, out=out)
+
+
+# (step, shape of 512 MiB of float32 with 4 channels, shape of the same updates, small)
+LONG_CALLS = [
+    pytest.param(_batch_norm_step, (2**25, 4), (8, 4), id="batch_norm"),
+    # one context per sample (1 MiB each), each thread running whole samples
+    # of its own; only the caller's thread polls
+    pytest.param(_instance_norm_step, (512, 2**16, 4), (512, 8, 4), id="instance_norm-NHWC"),
+]
+
+
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                     reason="signals reach the main thread only")
-def test_ctrl_c_interrupts_a_long_kernel_and_leaves_state_alone():
-    n = 2**27  # 512 MiB of float32 per call; 4 channels
-    x = np.full((n // 4, 4), 5.0, np.float32)
+@pytest.mark.parametrize("step,shape,small_shape", LONG_CALLS)
+def test_ctrl_c_interrupts_a_long_kernel_and_leaves_state_alone(step, shape, small_shape):
+    x = np.full(shape, 5.0, np.float32)
     rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
     # the running statistics after k complete updates (mean 5, variance 0)
-    small = np.full((8, 4), 5.0, np.float32)
+    small = np.full(small_shape, 5.0, np.float32)
     srm, srv = rm.copy(), rv.copy()
     allowed = [(srm.copy(), srv.copy())]
     for _ in range(60):
-        bnfast.batch_norm_forward(small, running_mean=srm, running_var=srv)
+        step(small, srm, srv)
         allowed.append((srm.copy(), srv.copy()))
     y = np.empty_like(x)
     _interrupt_soon(0.3)
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt) as info:
         for _ in range(60):
-            bnfast.batch_norm_forward(x, running_mean=rm, running_var=rv, out=y)
+            step(x, rm, rv, out=y)
     elapsed = time.perf_counter() - t0
     assert _raised_in_kernel(info.value), "KeyboardInterrupt did not come from inside a kernel"
     assert elapsed < 0.3 + 1.5
     assert any(np.array_equal(rm, a) and np.array_equal(rv, b) for a, b in allowed), \
         "running statistics changed by an interrupted call"
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signals reach the main thread only")
+def test_ctrl_c_interrupts_long_moments():
+    x = np.full((2**25, 4), 5.0, np.float32)
     _interrupt_soon(0.2)
     with pytest.raises(KeyboardInterrupt):
         for _ in range(60):
             bnfast.moments(x)
-
-
-@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
-                    reason="signals reach the main thread only")
-def test_ctrl_c_interrupts_a_long_keyed_call_and_leaves_state_alone():
-    # channels-last instance norm: one context per sample, each thread running
-    # whole samples of its own; only the caller's thread polls
-    x = np.full((512, 2**16, 4), 5.0, np.float32)  # 512 MiB, 1 MiB per sample
-    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
-    small = np.full((512, 8, 4), 5.0, np.float32)  # the same updates, complete
-    srm, srv = rm.copy(), rv.copy()
-    allowed = [(srm.copy(), srv.copy())]
-    for _ in range(60):
-        bnfast.instance_norm_forward(small, running_mean=srm, running_var=srv, axis=-1)
-        allowed.append((srm.copy(), srv.copy()))
-    y = np.empty_like(x)
-    _interrupt_soon(0.3)
-    t0 = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt) as info:
-        for _ in range(60):
-            bnfast.instance_norm_forward(x, running_mean=rm, running_var=rv, axis=-1, out=y)
-    elapsed = time.perf_counter() - t0
-    assert _raised_in_kernel(info.value), "KeyboardInterrupt did not come from inside a kernel"
-    assert elapsed < 0.3 + 1.5
-    assert any(np.array_equal(rm, a) and np.array_equal(rv, b) for a, b in allowed), \
-        "running statistics changed by an interrupted call"

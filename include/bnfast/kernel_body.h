@@ -1718,13 +1718,13 @@ static int BN_FN(prepare_)(bn_context *k, size_t call_bytes)
 
 /* Runs context k on the calling thread alone, inside a team: a nested
  * region of one thread, to which exec_body_'s worksharing loops bind. */
+#ifdef _OPENMP
 static void BN_FN(exec_solo_)(bn_context *k)
 {
-#ifdef _OPENMP
 #pragma omp parallel num_threads(1)
-#endif
     BN_FN(exec_body_)(k);
 }
+#endif
 
 /* Runs the contexts ks[0, n) -- one per sample of a keyed call, or the one
  * of the call -- in one parallel region.  With at least as many contexts as
@@ -1734,10 +1734,10 @@ static void BN_FN(exec_solo_)(bn_context *k)
  * their phases: a sample of channels-last group norm (32,256,28,28) is 13
  * tasks, so the team's barriers cost more than its tasks save (0.80-0.99 of
  * the forward's time, 0.88-1.04 of the backward's, in noisy runs; Zen 4,
- * 2 threads).  The
- * rest run by the whole team in order: a context's last phase ends without
- * a barrier, and the next context touches other data.  Either way a context
- * runs the same tasks in the same merge order: the same bits.
+ * 2 threads).  The rest run by the whole team in order: a context's last
+ * phase ends without a barrier, and the next context touches other data.
+ * Either way a context runs the same tasks in the same merge order: the
+ * same bits.
  * Returns BN_OK, BN_ERR_NOMEM or BN_ERR_INTERRUPTED. */
 static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
 {
@@ -1755,7 +1755,7 @@ static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
     if (nthreads > 1 && (tasks > 1 || solo) && elements >= BN_PARALLEL_MIN_ELEMS) {
         const int nt = solo || tasks >= nthreads ? nthreads : (int)tasks;
         const ptrdiff_t share = solo ? n / nt : 0; /* contexts per thread run alone */
-        int halted = 0;                 /* a context run alone was interrupted */
+        int halted = 0;                 /* a context was interrupted: skip the others */
         /* run->contended: the least CPU time of a thread against the region's
          * wall time (a wait in a barrier spins, so it counts as CPU time) */
         int *const contended = elements >= BN_CONTENTION_MIN_ELEMS ? ks[0].run->contended : NULL;
@@ -1775,6 +1775,7 @@ static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
             for (ptrdiff_t i = nt * share; i < n; i++) { /* the team's: every thread takes every loop */
                 if (bn_flag_load(&halted)) bn_flag_raise(&ks[i].stop);
                 BN_FN(exec_body_)(&ks[i]);
+                if (bn_flag_load(&ks[i].stop)) bn_flag_raise(&halted);
             }
             if (cpu0 >= 0.0) {
 #pragma omp barrier
@@ -1791,7 +1792,10 @@ static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
 #else
     (void)nthreads;
 #endif
-    for (ptrdiff_t i = 0; i < n; i++) BN_FN(exec_body_)(&ks[i]);
+    for (ptrdiff_t i = 0; i < n; i++) {
+        if (i && ks[i - 1].stop) ks[i].stop = 1; /* an interrupted call skips its other samples */
+        BN_FN(exec_body_)(&ks[i]);
+    }
     for (ptrdiff_t i = 0; i < n; i++)
         if (ks[i].stop) return BN_ERR_INTERRUPTED;
     return BN_OK;
