@@ -1645,7 +1645,7 @@ static void BN_FN(exec_body_)(bn_context *k)
 #pragma omp for schedule(static)
 #endif
             for (ptrdiff_t b = c0; b < c1; b += fblock)
-                if (!bn_flag_load(&k->stop)) BN_FN(finish_block_)(k, b, bn_min(c1, b + fblock));
+                if (!bn_flag_load(k->stop)) BN_FN(finish_block_)(k, b, bn_min(c1, b + fblock));
         }
         if (!apply) continue;
         const ptrdiff_t ntasks = k->grid.channels_last ? k->grid.ntasks
@@ -1716,13 +1716,13 @@ static int BN_FN(prepare_)(bn_context *k, size_t call_bytes)
     return BN_OK;
 }
 
-/* Runs context k on the calling thread alone, inside a team: a nested
- * region of one thread, to which exec_body_'s worksharing loops bind. */
+/* Runs contexts ks[0, n) on the calling thread alone, inside a team: a
+ * nested region of one thread, to which exec_body_'s worksharing loops bind. */
 #ifdef _OPENMP
-static void BN_FN(exec_solo_)(bn_context *k)
+static void BN_FN(exec_solo_)(bn_context *ks, ptrdiff_t n)
 {
 #pragma omp parallel num_threads(1)
-    BN_FN(exec_body_)(k);
+    for (ptrdiff_t i = 0; i < n; i++) BN_FN(exec_body_)(&ks[i]);
 }
 #endif
 
@@ -1737,7 +1737,8 @@ static void BN_FN(exec_solo_)(bn_context *k)
  * 2 threads).  The rest run by the whole team in order: a context's last
  * phase ends without a barrier, and the next context touches other data.
  * Either way a context runs the same tasks in the same merge order: the
- * same bits.
+ * same bits.  The contexts share the call's stop flag, so an interrupt
+ * seen in one skips the tasks of all.
  * Returns BN_OK, BN_ERR_NOMEM or BN_ERR_INTERRUPTED. */
 static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
 {
@@ -1755,7 +1756,6 @@ static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
     if (nthreads > 1 && (tasks > 1 || solo) && elements >= BN_PARALLEL_MIN_ELEMS) {
         const int nt = solo || tasks >= nthreads ? nthreads : (int)tasks;
         const ptrdiff_t share = solo ? n / nt : 0; /* contexts per thread run alone */
-        int halted = 0;                 /* a context was interrupted: skip the others */
         /* run->contended: the least CPU time of a thread against the region's
          * wall time (a wait in a barrier spins, so it counts as CPU time) */
         int *const contended = elements >= BN_CONTENTION_MIN_ELEMS ? ks[0].run->contended : NULL;
@@ -1765,18 +1765,12 @@ static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
         {
             const double cpu0 = contended ? bn_thread_seconds() : -1.0;
             const int me = bn_thread_num();
-            for (ptrdiff_t i = me * share; i < (me + 1) * share; i++) {
-                bn_context *k = &ks[i];
-                k->quiet = me != 0; /* the caller's thread polls, as in bn_stopped */
-                if (bn_flag_load(&halted)) bn_flag_raise(&k->stop);
-                else BN_FN(exec_solo_)(k);
-                if (k->stop) bn_flag_raise(&halted);
+            if (share) {
+                bn_context *mine = ks + me * share;
+                for (ptrdiff_t i = 0; i < share; i++) mine[i].quiet = me != 0; /* the caller's thread polls */
+                BN_FN(exec_solo_)(mine, share);
             }
-            for (ptrdiff_t i = nt * share; i < n; i++) { /* the team's: every thread takes every loop */
-                if (bn_flag_load(&halted)) bn_flag_raise(&ks[i].stop);
-                BN_FN(exec_body_)(&ks[i]);
-                if (bn_flag_load(&ks[i].stop)) bn_flag_raise(&halted);
-            }
+            for (ptrdiff_t i = nt * share; i < n; i++) BN_FN(exec_body_)(&ks[i]);
             if (cpu0 >= 0.0) {
 #pragma omp barrier
                 const double used = bn_thread_seconds() - cpu0;
@@ -1792,13 +1786,8 @@ static int BN_FN(exec_all_)(bn_context *ks, ptrdiff_t n)
 #else
     (void)nthreads;
 #endif
-    for (ptrdiff_t i = 0; i < n; i++) {
-        if (i && ks[i - 1].stop) ks[i].stop = 1; /* an interrupted call skips its other samples */
-        BN_FN(exec_body_)(&ks[i]);
-    }
-    for (ptrdiff_t i = 0; i < n; i++)
-        if (ks[i].stop) return BN_ERR_INTERRUPTED;
-    return BN_OK;
+    for (ptrdiff_t i = 0; i < n; i++) BN_FN(exec_body_)(&ks[i]);
+    return *ks[0].stop ? BN_ERR_INTERRUPTED : BN_OK;
 }
 
 /* ---- the entry points of this instantiation (ops.h, the table in kernels.h)
@@ -1842,13 +1831,14 @@ static int BN_FN(run_keyed_)(const bn_geometry *sample_geo, bn_array x, ptrdiff_
     if (flat) geo.channels *= batch;
     const ptrdiff_t n = flat ? 1 : batch, C = sample_geo->channels;
     bn_context one, *ks = &one;
+    int stop = 0; /* raised in one context, it stops them all */
     double stack_[BN_STACK_DOUBLES]; /* small calls (one context) never touch malloc */
     if (n > 1 && !(ks = (bn_context *)malloc(sizeof(bn_context) * (size_t)n))) return BN_ERR_NOMEM;
     int status = BN_OK;
     ptrdiff_t made = 0;
     for (; made < n; made++) {
         bn_context *k = &ks[made];
-        *k = bn_context_new(&geo, BN_FN(sample_)(x, made), run);
+        *k = bn_context_new(&geo, BN_FN(sample_)(x, made), run, &stop);
         const int small = n == 1 && bn_context_doubles(k, partials) <= BN_STACK_DOUBLES;
         if (bn_context_alloc(k, partials, small ? stack_ : NULL) != 0) {
             status = BN_ERR_NOMEM;

@@ -102,7 +102,8 @@ typedef struct {
      * (averaged or summed per channel) by the entry point on success */
     double *next_mean, *next_var;
     const bn_run *run;
-    int stop;          /* raised when run->interrupted asked to stop */
+    int *stop;         /* the call's flag, shared by its contexts: raised when
+                          run->interrupted asked to stop */
     unsigned polls;    /* tasks seen by the calling thread since the last poll */
     int quiet;         /* run whole by a thread other than the caller: never polls */
     double last_poll;  /* bn_wtime() of the last call to run->interrupted */
@@ -136,11 +137,12 @@ enum { BN_MH, BN_ML, BN_S, BN_B, BN_A, BN_INV, BN_K1, BN_K0, BN_COEFS };
 /* Scratch small enough for the stack: tiny calls never touch malloc. */
 #define BN_STACK_DOUBLES 1024
 
-static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, const bn_run *run)
+static inline bn_context bn_context_new(const bn_geometry *geo, bn_array x, const bn_run *run, int *stop)
 {
     bn_context k;
     memset(&k, 0, sizeof k);
     k.run = run;
+    k.stop = stop;
     k.last_poll = run->interrupted ? bn_wtime() : 0.0;
     k.geo = *geo;
     k.grid = bn_make_grid(geo);
@@ -211,13 +213,13 @@ static inline int bn_context_alloc(bn_context *k, int partials, double *buf)
  * 16 tasks and at most every 50 ms) a fresh answer of run->interrupted. */
 static inline int bn_stopped(bn_context *k)
 {
-    if (bn_flag_load(&k->stop)) return 1;
+    if (bn_flag_load(k->stop)) return 1;
     if (!k->run->interrupted || k->quiet || bn_thread_num() != 0 || (++k->polls & 15u)) return 0;
     const double now = bn_wtime();
     if (now - k->last_poll < 0.05) return 0;
     k->last_poll = now;
     if (!k->run->interrupted(k->run->arg)) return 0;
-    bn_flag_raise(&k->stop);
+    bn_flag_raise(k->stop);
     return 1;
 }
 
