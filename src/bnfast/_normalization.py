@@ -292,12 +292,14 @@ def _rows_forward(x, normalized_shape, weight, bias, eps, out, rms: bool):
     w = weight.reshape(d) if weight is not None else np.ones(d, x.dtype)
     b = bias.reshape(d) if bias is not None else np.zeros(d, x.dtype)
     y, ys = _output(plan, out, (plan.x,), (weight, bias))
-    if d == 1:  # one value per row: x_hat is 0 (layer norm) or x / sqrt(x^2 + eps)
+    if d == 1:  # one value per row: x_hat is (x - x) / sqrt(eps) (layer norm) or x / sqrt(x^2 + eps)
         x64 = plan.x.astype(np.float64)
-        inv = 1.0 / np.sqrt((x64 * x64 if rms else 0.0) + eps)
+        with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0: inf and nan, as the kernels give
+            inv = 1.0 / np.sqrt((x64 * x64 if rms else 0.0) + eps)
+            x_hat = (x64 if rms else x64 - x64) * inv
         mean[...] = 0.0 if rms else x64.reshape(rows)
         invstd[...] = np.broadcast_to(inv, x.shape).reshape(rows)
-        y[...] = (x64 * inv if rms else 0.0) * w.reshape(shape) + b.reshape(shape)
+        y[...] = x_hat * w.reshape(shape) + b.reshape(shape)
     else:
         _kernels.forward_train(
             plan.shape, plan.x, plan.xs, y, ys, w, b, None, None, 0.0, eps, mean, invstd, plan.keys
