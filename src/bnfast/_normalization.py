@@ -264,6 +264,14 @@ def _grad_out(grad_out, x: np.ndarray) -> np.ndarray:
     return grad_out
 
 
+def _one_value_x_hat(x64: np.ndarray, mean, invstd: np.ndarray, rms: bool) -> np.ndarray:
+    """x_hat of rows of one value, where the kernels do not go: x * invstd
+    (RMS norm) or (x - mean) * invstd; nan where invstd is inf (eps = 0 and
+    no spread), as the kernels give."""
+    with np.errstate(invalid="ignore"):
+        return (x64 if rms else x64 - mean) * invstd
+
+
 def _empty_result(x: np.ndarray, out) -> np.ndarray:
     return out if out is not None else np.empty_like(x)
 
@@ -292,14 +300,13 @@ def _rows_forward(x, normalized_shape, weight, bias, eps, out, rms: bool):
     w = weight.reshape(d) if weight is not None else np.ones(d, x.dtype)
     b = bias.reshape(d) if bias is not None else np.zeros(d, x.dtype)
     y, ys = _output(plan, out, (plan.x,), (weight, bias))
-    if d == 1:  # one value per row: x_hat is (x - x) / sqrt(eps) (layer norm) or x / sqrt(x^2 + eps)
-        x64 = plan.x.astype(np.float64)
-        with np.errstate(divide="ignore", invalid="ignore"):  # eps = 0: inf and nan, as the kernels give
+    if d == 1:  # one value per row: the mean is x (layer norm), the mean square x^2 (RMS norm)
+        x64 = plan.x.astype(np.float64).reshape(rows)
+        with np.errstate(divide="ignore"):  # eps = 0: inf, as the kernels give
             inv = 1.0 / np.sqrt((x64 * x64 if rms else 0.0) + eps)
-            x_hat = (x64 if rms else x64 - x64) * inv
-        mean[...] = 0.0 if rms else x64.reshape(rows)
-        invstd[...] = np.broadcast_to(inv, x.shape).reshape(rows)
-        y[...] = x_hat * w.reshape(shape) + b.reshape(shape)
+        mean[...] = 0.0 if rms else x64
+        invstd[...] = inv
+        y[...] = (_one_value_x_hat(x64, mean, inv, rms) * w[0] + b[0]).reshape(y.shape)
     else:
         _kernels.forward_train(
             plan.shape, plan.x, plan.xs, y, ys, w, b, None, None, 0.0, eps, mean, invstd, plan.keys
@@ -327,13 +334,11 @@ def _rows_backward(grad_out, x, normalized_shape, mean, invstd, weight, out, rms
     g, gs = _input(plan, grad_out)
     w = weight.reshape(d) if weight is not None else np.ones(d, x.dtype)
     grad_in, gis = _output(plan, out, (plan.x, g), (mean, invstd, weight))
-    if d == 1:  # one value per row: x_hat = 0 (layer norm) or x * invstd
+    if d == 1:  # one value per row: the kernels' formula with means over one value
         rows = plan.shape[1]
         g64 = g.astype(np.float64).reshape(rows)
-        x_hat = plan.x.astype(np.float64).reshape(rows) * invstd if rms else np.zeros(rows)
-        grad_in[...] = (g64 * w[0] * invstd * (1.0 - x_hat * x_hat) if rms else 0.0 * g64).reshape(
-            x.shape
-        )
+        x_hat = _one_value_x_hat(plan.x.astype(np.float64).reshape(rows), mean, invstd, rms)
+        grad_in[...] = (g64 * w[0] * invstd * ((1.0 if rms else 0.0) - x_hat * x_hat)).reshape(x.shape)
         grad_weight[...] = (g64 * x_hat).sum()
         grad_bias[...] = g64.sum()
     else:
