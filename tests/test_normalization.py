@@ -848,6 +848,22 @@ def test_constant_row_gives_exactly_the_bias(dtype, value, shape, normalized):
     np.testing.assert_array_equal(y, np.broadcast_to(b, shape))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("d", [1, 2, 8], ids=lambda d: f"d{d}")
+def test_zero_eps_without_spread_is_nan_for_any_row_length(dtype, d):
+    """Rows of one value take their own path; it must agree with the
+    kernels (and PyTorch): 0 / sqrt(0) is nan, forward and backward."""
+    x = np.full((3, d), 2.5, dtype)
+    x[0] = np.arange(d) if d > 1 else 0.0  # a row with spread stays finite where it can
+    with np.errstate(all="raise"):  # no floating-point warnings either
+        y, mean, invstd = bnfast.layer_norm_forward(x, (d,), eps=0.0)
+        grad_in, grad_w, _ = bnfast.layer_norm_backward(np.ones_like(x), x, (d,), mean, invstd)
+    assert np.isnan(y[1:]).all() and np.isnan(grad_in[1:]).all()
+    assert np.isinf(invstd[1:]).all() and np.isnan(grad_w).all()
+    if d > 1:
+        assert np.isfinite(y[0]).all() and np.isfinite(grad_in[0]).all()
+
+
 # ------------------------------------------------------- huge and tiny values
 
 
